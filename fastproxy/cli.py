@@ -1,0 +1,63 @@
+"""The `fastproxy` command."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+
+from .config import ConfigError, load_config
+
+
+def _serve(args) -> int:
+    from .server import configure_logging, serve
+    config = load_config(args.config)
+    configure_logging(config.server.log_level)
+    return serve(config)
+
+
+def _check_config(args) -> int:
+    config = load_config(args.config)
+    print(f"{args.config}: ok ({len(config.clusters)} clusters, {len(config.access_keys)} access keys)")
+    return 0
+
+
+def _hash_key(args) -> int:
+    key = sys.stdin.readline().strip()
+    if not key:
+        raise ConfigError("hash-key: no key on standard input")
+    print(hashlib.sha256(key.encode()).hexdigest())
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastproxy", description="Multi-cluster Kubernetes API gateway")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
+    serve.set_defaults(handler=_serve)
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("config", metavar="FILE")
+    check.set_defaults(handler=_check_config)
+    hash_key = commands.add_parser("hash-key", help="print the key_sha256 of an access key read from stdin")
+    hash_key.set_defaults(handler=_hash_key)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"fastproxy: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

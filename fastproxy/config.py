@@ -1,0 +1,314 @@
+"""The TOML configuration: parsed and checked once into frozen objects, with one-line errors."""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import ssl
+import tomllib
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from .routing import CLUSTER_NAME
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded as one line that names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8443
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    workers: int = 1
+    header_timeout: float = 10.0
+    idle_timeout: float = 120.0
+    max_header_bytes: int = 65536
+    max_body_bytes: int = 0
+    shutdown_grace: float = 30.0
+    log_level: str = "info"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    name: str
+    scheme: str
+    host: str
+    port: int
+    ca_file: str | None = None
+    insecure_skip_tls_verify: bool = False
+    tls_server_name: str | None = None
+    token_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+    connect_timeout: float = 5.0
+    response_header_timeout: float = 120.0
+    max_connections: int = 20000
+    max_idle_connections: int = 128
+    idle_connection_timeout: float = 90.0
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessKeyConfig:
+    name: str
+    key_sha256: bytes = field(repr=False)
+    user: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    clusters: tuple[ClusterConfig, ...]
+    access_keys: tuple[AccessKeyConfig, ...]
+    path: str = ""
+
+
+class _Table:
+    """Reads one TOML table, remembering which keys were used so unknown ones are errors."""
+
+    def __init__(self, data: object, where: str):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: must be a table")
+        self.data, self.where, self.used = data, where, set()
+
+    def _get(self, key, kind, default, required=False):
+        self.used.add(key)
+        if key not in self.data:
+            if required:
+                raise ConfigError(f"{self.key(key)}: is required")
+            return default
+        value = self.data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{self.key(key)}: must be {_KIND_NAMES[kind]}, not {value!r}")
+        return value
+
+    def key(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def str(self, key, default=None, required=False) -> str | None:
+        return self._get(key, str, default, required)
+
+    def bool(self, key, default=False) -> bool:
+        return self._get(key, bool, default)
+
+    def positive(self, key, kind, default, *, allow_zero=False):
+        value = self._get(key, kind, default)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{self.key(key)}: must be {'>= 0' if allow_zero else '> 0'}, not {value!r}")
+        return value
+
+    def file(self, key, required=False) -> str | None:
+        path = self.str(key, required=required)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{self.key(key)}: file not found: {path}")
+        return path
+
+    def strings(self, key) -> tuple[str, ...]:
+        values = self._get(key, list, [])
+        if not all(isinstance(v, str) and v for v in values):
+            raise ConfigError(f"{self.key(key)}: must be a list of non-empty strings")
+        return tuple(values)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+_KIND_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number", list: "a list"}
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _header_safe(where: str, value: str) -> str:
+    if any(c in value for c in "\r\n\0"):
+        raise ConfigError(f"{where}: must not contain CR, LF or NUL")
+    return value
+
+
+def _check_tls(table: _Table, key: str, load) -> None:
+    try:
+        load()
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"{table.key(key)}: cannot be loaded: {exc}") from None
+
+
+def _listen(table: _Table) -> tuple[str, int]:
+    value = table.str("listen", "127.0.0.1:8443")
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not sep or not 0 <= number <= 65535:
+        raise ConfigError(f"{table.key('listen')}: must be IP:PORT (e.g. \"0.0.0.0:8443\"), not {value!r}")
+    return host, number
+
+
+def _server(data: object) -> ServerConfig:
+    t = _Table(data, "server")
+    host, port = _listen(t)
+    cert, key = t.file("tls_cert_file"), t.file("tls_key_file")
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{t.key('tls_key_file' if key is None else 'tls_cert_file')}: "
+                          "tls_cert_file and tls_key_file go together")
+    log_level = t.str("log_level", "info")
+    if log_level not in _LOG_LEVELS:
+        raise ConfigError(f"{t.key('log_level')}: must be one of {', '.join(_LOG_LEVELS)}")
+    if cert is not None:
+        _check_tls(t, "tls_cert_file", lambda: ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key))
+    server = ServerConfig(
+        host=host, port=port, tls_cert_file=cert, tls_key_file=key,
+        workers=t.positive("workers", int, 1),
+        header_timeout=t.positive("header_timeout", float, 10.0),
+        idle_timeout=t.positive("idle_timeout", float, 120.0),
+        max_header_bytes=t.positive("max_header_bytes", int, 65536),
+        max_body_bytes=t.positive("max_body_bytes", int, 0, allow_zero=True),
+        shutdown_grace=t.positive("shutdown_grace", float, 30.0, allow_zero=True),
+        log_level=log_level,
+    )
+    t.finish()
+    return server
+
+
+def _cluster(data: object, where: str) -> ClusterConfig:
+    t = _Table(data, where)
+    name = t.str("name", required=True)
+    if not CLUSTER_NAME.match(name):
+        raise ConfigError(f"{t.key('name')}: must be a lower-case DNS name, not {name!r}")
+    server = t.str("server", required=True)
+    url = urlsplit(server)
+    try:
+        port = url.port
+    except ValueError:
+        port = -1
+    if url.scheme not in ("https", "http") or not url.hostname or port == -1 or url.path not in ("", "/") \
+            or url.query or url.username:
+        raise ConfigError(f"{t.key('server')}: must be an https://HOST[:PORT] URL, not {server!r}")
+    insecure = t.bool("insecure_skip_tls_verify")
+    ca_file = t.file("ca_file")
+    if ca_file and insecure:
+        raise ConfigError(f"{t.key('insecure_skip_tls_verify')}: cannot be combined with ca_file")
+    token_file = t.file("token_file")
+    cert, key = t.file("client_cert_file"), t.file("client_key_file")
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{t.key('client_key_file' if key is None else 'client_cert_file')}: "
+                          "client_cert_file and client_key_file go together")
+    if token_file is None and cert is None:
+        raise ConfigError(f"{t.key('token_file')}: a cluster needs token_file or client_cert_file + client_key_file")
+    if ca_file is not None:
+        _check_tls(t, "ca_file", lambda: ssl.create_default_context(cafile=ca_file))
+    if cert is not None:
+        _check_tls(t, "client_cert_file", lambda: ssl.create_default_context().load_cert_chain(cert, key))
+    cluster = ClusterConfig(
+        name=name, scheme=url.scheme, host=url.hostname, port=port or (443 if url.scheme == "https" else 80),
+        ca_file=ca_file, insecure_skip_tls_verify=insecure, tls_server_name=t.str("tls_server_name"),
+        token_file=token_file, client_cert_file=cert, client_key_file=key,
+        connect_timeout=t.positive("connect_timeout", float, 5.0),
+        response_header_timeout=t.positive("response_header_timeout", float, 120.0),
+        max_connections=t.positive("max_connections", int, 20000),
+        max_idle_connections=t.positive("max_idle_connections", int, 128, allow_zero=True),
+        idle_connection_timeout=t.positive("idle_connection_timeout", float, 90.0),
+    )
+    t.finish()
+    return cluster
+
+
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _access_key(data: object, where: str) -> AccessKeyConfig:
+    t = _Table(data, where)
+    name = t.str("name", required=True)
+    digest_hex, key_file = t.str("key_sha256"), t.file("key_file")
+    if (digest_hex is None) == (key_file is None):
+        raise ConfigError(f"{t.key('key_sha256')}: give exactly one of key_sha256 or key_file")
+    if key_file is not None:
+        with open(key_file, encoding="utf-8") as f:
+            key = f.read().strip()
+        if not key:
+            raise ConfigError(f"{t.key('key_file')}: file is empty: {key_file}")
+        digest = key_digest(key)
+    else:
+        try:
+            digest = bytes.fromhex(digest_hex)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise ConfigError(f"{t.key('key_sha256')}: must be 64 hex digits (the SHA-256 of the key)")
+    user = _header_safe(t.key("user"), t.str("user", required=True))
+    groups = tuple(_header_safe(t.key("groups"), g) for g in t.strings("groups"))
+    t.finish()
+    return AccessKeyConfig(name=name, key_sha256=digest, user=user, groups=groups)
+
+
+def _list_of_tables(root: _Table, key: str) -> list:
+    value = root._get(key, list, [])
+    return [(item, f"{key}[{i}]") for i, item in enumerate(value)]
+
+
+def parse_config(data: dict, path: str = "") -> Config:
+    root = _Table(data, "")
+    server = _server(root._get("server", dict, {}))
+    clusters = tuple(_cluster(item, where) for item, where in _list_of_tables(root, "clusters"))
+    access_keys = tuple(_access_key(item, where) for item, where in _list_of_tables(root, "access_keys"))
+    root.finish()
+    names = [c.name for c in clusters]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"clusters[{i}].name: duplicate cluster name {name!r}")
+    key_names = [k.name for k in access_keys]
+    digests = [k.key_sha256 for k in access_keys]
+    for i, key in enumerate(access_keys):
+        if key.name in key_names[:i]:
+            raise ConfigError(f"access_keys[{i}].name: duplicate access key name {key.name!r}")
+        if key.key_sha256 in digests[:i]:
+            raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
+    return Config(server=server, clusters=clusters, access_keys=access_keys, path=path)
+
+
+def load_config(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    # Relative file paths in the config are relative to the config file, not the working directory.
+    base = os.path.dirname(os.path.abspath(path))
+    _resolve_paths(data, base)
+    return parse_config(data, path)
+
+
+_PATH_KEYS = ("tls_cert_file", "tls_key_file", "ca_file", "token_file", "client_cert_file",
+              "client_key_file", "key_file")
+
+
+def _resolve_paths(node: object, base: str) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _PATH_KEYS and isinstance(value, str) and value and not os.path.isabs(value):
+                node[key] = os.path.join(base, value)
+            else:
+                _resolve_paths(value, base)
+    elif isinstance(node, list):
+        for item in node:
+            _resolve_paths(item, base)

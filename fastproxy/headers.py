@@ -1,0 +1,148 @@
+"""Header rewriting between client and upstream: pure functions over lists of (name, value).
+
+Order matters for safety: the client's hop-by-hop headers (and every header its Connection
+header names) are removed first, and only then does the gateway add its own credential and
+impersonation headers, so no client header can remove or override them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .status import StatusError, status_line
+
+Headers = list[tuple[bytes, bytes]]
+
+# Hop-by-hop headers (RFC 9110 7.6.1 and the ones proxies have historically honoured).
+# Transfer-Encoding and Content-Length are not copied either: the gateway frames bodies itself.
+_HOP_BY_HOP = frozenset((
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+))
+# Never forwarded from a client: replaced by the gateway's own.
+_GATEWAY_OWNED = frozenset((b"authorization", b"host", b"content-length", b"x-forwarded-for", b"expect"))
+UPGRADE_PROTOCOLS = frozenset((b"spdy/3.1", b"websocket"))
+
+
+@dataclass(slots=True)
+class ClientHeaders:
+    """What one pass over the client's request headers found."""
+
+    kept: Headers
+    authorization: bytes | None = None
+    forwarded_for: bytes | None = None
+    upgrade: bytes | None = None
+    content_length: int | None = None
+    chunked: bool = False
+    expect_continue: bool = False
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [token.strip().lower() for token in value.split(b",") if token.strip()]
+
+
+def scan_client_headers(headers: Headers) -> ClientHeaders:
+    """Split the client's headers into what is forwarded and what the gateway acts on.
+
+    Raises StatusError for requests the gateway refuses: client-supplied impersonation (403),
+    ambiguous framing or duplicated singleton headers (400), an unsupported Expect (417).
+    """
+    kept: Headers = []
+    found = ClientHeaders(kept)
+    connection_tokens: list[bytes] = []
+    seen_host = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _HOP_BY_HOP or lname in _GATEWAY_OWNED:
+            if lname == b"connection":
+                connection_tokens += _tokens(value)
+            elif lname == b"authorization":
+                if found.authorization is not None:
+                    raise StatusError(400, "more than one Authorization header", close=True)
+                found.authorization = value
+            elif lname == b"host":
+                if seen_host:
+                    raise StatusError(400, "more than one Host header", close=True)
+                seen_host = True
+            elif lname == b"transfer-encoding":
+                # The parser already refuses Transfer-Encoding with Content-Length; anything but a
+                # single plain "chunked" would be decoded differently by different servers.
+                if found.chunked or value.strip().lower() != b"chunked":
+                    raise StatusError(400, "unsupported Transfer-Encoding", close=True)
+                found.chunked = True
+            elif lname == b"content-length":
+                found.content_length = int(value)  # the parser allows digits only, once
+            elif lname == b"x-forwarded-for":
+                found.forwarded_for = value if found.forwarded_for is None else found.forwarded_for + b", " + value
+            elif lname == b"upgrade":
+                found.upgrade = value.strip()
+            elif lname == b"expect":
+                if value.strip().lower() != b"100-continue":
+                    raise StatusError(417, "only 'Expect: 100-continue' is supported", close=True)
+                found.expect_continue = True
+            continue
+        if lname.startswith(b"impersonate-"):
+            raise StatusError(403, f"impersonation headers are not allowed: {name.decode('latin-1')}")
+        kept.append((name, value))
+    if connection_tokens:
+        named = frozenset(connection_tokens)
+        kept[:] = [(n, v) for n, v in kept if n.lower() not in named]
+    return found
+
+
+def upstream_request_head(
+    method: bytes, target: bytes, version: bytes, kept: Headers, *,
+    host: bytes, credential: bytes, impersonation: bytes, forwarded_for: bytes,
+    framing: bytes, upgrade: bytes | None,
+) -> bytes:
+    """The request head sent upstream: the client's end-to-end headers, then the gateway's own.
+
+    `credential` and `impersonation` are prebuilt header lines; `framing` is the gateway's own
+    Content-Length or Transfer-Encoding line (or empty).
+    """
+    parts = [method, b" ", target, b" HTTP/", version, b"\r\n", host]
+    for name, value in kept:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (credential, impersonation, b"X-Forwarded-For: ", forwarded_for, b"\r\n", framing)
+    if upgrade is not None:
+        parts += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+# Response headers never copied to the client. Transfer-Encoding is kept: chunked bodies are
+# relayed exactly as the upstream framed them.
+_RESPONSE_HOP_BY_HOP = frozenset((
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+    b"proxy-authorization", b"te", b"trailer", b"upgrade",
+))
+
+
+def client_response_head(status: int, headers: Headers, *, keep_alive: bool, upgrade: bool = False) -> bytes:
+    """The response head sent to the client: the upstream's end-to-end headers, our Connection."""
+    parts = [status_line(status)]
+    named: frozenset[bytes] = frozenset()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named = named | frozenset(_tokens(value))
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _RESPONSE_HOP_BY_HOP or lname in named:
+            if upgrade and lname == b"upgrade":
+                parts += (b"Upgrade: ", value, b"\r\n")
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    if upgrade:
+        parts.append(b"Connection: Upgrade\r\n\r\n")
+    else:
+        parts.append(b"\r\n" if keep_alive else b"Connection: close\r\n\r\n")
+    return b"".join(parts)
+
+
+def impersonation_headers(user: str, groups: tuple[str, ...] | list[str]) -> bytes:
+    """Prebuilt `Impersonate-User` / `Impersonate-Group` lines for an identity."""
+    for value in (user, *groups):
+        if any(c in value for c in "\r\n\0") or not value:
+            raise ValueError(f"invalid user or group name {value!r}")
+    lines = [b"Impersonate-User: " + user.encode() + b"\r\n"]
+    lines += [b"Impersonate-Group: " + group.encode() + b"\r\n" for group in groups]
+    return b"".join(lines)

@@ -1,0 +1,72 @@
+"""Kubernetes `Status` error responses, rendered once per call with orjson."""
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import orjson
+
+# HTTP code -> Kubernetes StatusReason, as the API server pairs them.
+REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    408: "Timeout",
+    413: "RequestEntityTooLarge",
+    417: "BadRequest",
+    431: "BadRequest",
+    500: "InternalError",
+    502: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
+
+STATUS_LINES = {
+    status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode())
+    for status in HTTPStatus
+}
+
+
+def status_line(code: int) -> bytes:
+    line = STATUS_LINES.get(code)
+    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % code
+
+
+class StatusError(Exception):
+    """A refusal to answer with a Kubernetes Status; `close` ends the client connection after it."""
+
+    def __init__(self, code: int, message: str, *, close: bool = False, reason: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.close = close
+        self.reason = reason or REASONS.get(code, "Unknown")
+
+
+def status_body(code: int, message: str, reason: str | None = None) -> bytes:
+    return orjson.dumps({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason or REASONS.get(code, "Unknown"),
+        "code": code,
+    })
+
+
+def status_response(code: int, message: str, *, close: bool = False, reason: str | None = None) -> bytes:
+    """A complete HTTP/1.1 response carrying a Status body."""
+    body = status_body(code, message, reason)
+    return b"".join((
+        status_line(code),
+        b"Content-Type: application/json\r\nCache-Control: no-store\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+        b"Connection: close\r\n\r\n" if close else b"\r\n",
+        body,
+    ))
+
+
+def error_response(err: StatusError) -> bytes:
+    return status_response(err.code, err.message, close=err.close, reason=err.reason)

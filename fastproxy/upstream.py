@@ -1,0 +1,293 @@
+"""Connections to a cluster's API server: the pool and the response-side protocol.
+
+The response parser only finds where each message ends; body bytes go from this transport
+to the client transport exactly as they arrived (chunked framing included).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from .flow import PEER_FULL, WRITE_HIGH_WATER, WRITE_LOW_WATER
+
+if TYPE_CHECKING:
+    from .client import Exchange
+    from .config import ClusterConfig
+
+log = logging.getLogger("fastproxy.upstream")
+
+MAX_RESPONSE_HEAD = 256 * 1024
+_HEAD_END = b"\r\n\r\n"
+
+
+class UpstreamError(Exception):
+    """The upstream broke HTTP; the exchange cannot be completed."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "pool", "transport", "parser", "exchange", "reused", "idle_since", "got_bytes",
+        "head_buffer", "heads_skipped", "status", "headers", "keep_alive", "framed",
+        "head_done", "complete", "tunnel", "closed", "reading_paused",
+    )
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.reused = False
+        self.idle_since = 0.0
+        self.closed = False
+        self.reading_paused = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.got_bytes = False
+        self.head_buffer = b""
+        self.heads_skipped = 0
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = False
+        self.framed = False
+        self.head_done = False
+        self.complete = False
+        self.tunnel = False
+
+    # --- asyncio callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstream_lost(self)
+
+    def eof_received(self) -> bool:
+        return False  # close; connection_lost tells the exchange
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.gate.close(PEER_FULL)
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.gate.open(PEER_FULL)
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            self.close()  # bytes on an idle connection: it can no longer be trusted
+            return
+        if self.tunnel:
+            exchange.client.transport.write(data)
+            return
+        self.got_bytes = True
+        if self.head_done:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                exchange.upstream_broken(self, f"invalid response body: {exc}")
+                return
+            exchange.client.transport.write(data)
+        else:
+            self._head_data(exchange, data)
+        if self.complete and self.exchange is exchange:
+            self._finish(exchange)
+
+    def _head_data(self, exchange: Exchange, data: bytes) -> None:
+        buffer = self.head_buffer + data if self.head_buffer else data
+        upgraded_at = -1
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            upgraded_at = len(buffer) - len(data) + exc.args[0]
+        except httptools.HttpParserError as exc:
+            exchange.upstream_broken(self, f"invalid response: {exc}")
+            return
+        if not self.head_done:
+            if len(buffer) > MAX_RESPONSE_HEAD:
+                exchange.upstream_broken(self, "response head too large")
+            else:
+                self.head_buffer = bytes(buffer)
+            return
+        self.head_buffer = b""
+        # Informational (1xx) heads the parser skipped come first; the final head ends after them.
+        end = -len(_HEAD_END)
+        for _ in range(self.heads_skipped + 1):
+            end = buffer.find(_HEAD_END, end + len(_HEAD_END))
+            if end < 0:
+                exchange.upstream_broken(self, "response head not terminated by CRLF CRLF")
+                return
+        body_start = end + len(_HEAD_END)
+        if upgraded_at >= 0:
+            if self.status != 101 or not exchange.plan.upgrade:
+                exchange.upstream_broken(self, "unexpected protocol switch")
+                return
+            self.tunnel = True
+            self.complete = False  # the 101 ends HTTP on this connection, not the exchange
+            exchange.upstream_switched(self, memoryview(buffer)[upgraded_at:])
+            return
+        exchange.upstream_head(self)
+        if body_start < len(buffer) and self.exchange is exchange:
+            if exchange.plan.method == b"HEAD":
+                self.keep_alive = False  # a body after a HEAD answer: out of step, never reuse
+            else:
+                exchange.client.transport.write(memoryview(buffer)[body_start:])
+
+    def _finish(self, exchange: Exchange) -> None:
+        reusable = self.keep_alive and exchange.request_done and not exchange.plan.upgrade
+        self.exchange = None
+        self._reset()
+        exchange.upstream_complete(self, reusable)
+
+    # --- parser callbacks --------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # Bytes after the end of the response, unasked for: a desynchronised upstream.
+            raise UpstreamError("data after the end of the response")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.heads_skipped += 1  # e.g. 100 Continue: the gateway answers those itself
+            self.headers = []
+            return
+        self.status = status
+        self.head_done = True
+        self.keep_alive = self.parser.should_keep_alive()
+        self.framed = status in (204, 304) or any(
+            n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
+        if self.exchange is not None and self.exchange.plan.method == b"HEAD":
+            self.complete = True  # no body follows, whatever the headers announce
+            self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_complete(self) -> None:
+        if self.head_done:
+            self.complete = True
+
+    # --- used by the exchange and the pool ---------------------------------------------------
+
+    def send(self, *parts: bytes) -> None:
+        self.transport.writelines(parts)
+
+    def pause_reading(self) -> None:
+        """The client cannot take more: stop reading the response until it can."""
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+
+class Pool:
+    """Keep-alive HTTP/1.1 connections to one cluster, shared by every request of this worker."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None):
+        self.loop = loop
+        self.cluster = cluster
+        self.ssl_context = ssl_context
+        self.server_hostname = (cluster.tls_server_name or cluster.host) if ssl_context else None
+        self.idle: list[UpstreamConnection] = []
+        self.open_count = 0
+        self.waiting: deque[Exchange] = deque()
+
+    def acquire(self, exchange: Exchange, *, fresh: bool = False) -> None:
+        """Attach a connection to `exchange` now or later (`exchange.upstream_ready`)."""
+        if not fresh:
+            now = self.loop.time()
+            while self.idle:
+                conn = self.idle.pop()
+                if not conn.closed and now - conn.idle_since < self.cluster.idle_connection_timeout:
+                    conn.reused = True
+                    exchange.upstream_ready(conn)
+                    return
+                conn.close()
+        if self.open_count < self.cluster.max_connections:
+            self.open_count += 1
+            self.loop.create_task(self._connect(exchange))
+        else:
+            self.waiting.append(exchange)
+
+    def cancel(self, exchange: Exchange) -> None:
+        try:
+            self.waiting.remove(exchange)
+        except ValueError:
+            pass
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Give back a connection whose response is complete."""
+        if conn.closed:
+            return
+        conn.resume_reading()
+        while self.waiting:
+            exchange = self.waiting.popleft()
+            if not exchange.finished:
+                conn.reused = True
+                exchange.upstream_ready(conn)
+                return
+        if len(self.idle) < self.cluster.max_idle_connections:
+            conn.idle_since = self.loop.time()
+            self.idle.append(conn)
+        else:
+            conn.close()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """A connection closed: drop it and let a waiting exchange open a new one."""
+        self.open_count -= 1
+        if conn in self.idle:
+            self.idle.remove(conn)
+        while self.waiting and self.open_count < self.cluster.max_connections:
+            exchange = self.waiting.popleft()
+            if not exchange.finished:
+                self.open_count += 1
+                self.loop.create_task(self._connect(exchange))
+
+    def expire_idle(self) -> None:
+        deadline = self.loop.time() - self.cluster.idle_connection_timeout
+        for conn in [c for c in self.idle if c.idle_since < deadline]:
+            conn.close()
+
+    def close(self) -> None:
+        for conn in list(self.idle):
+            conn.close()
+
+    async def _connect(self, exchange: Exchange) -> None:
+        cluster = self.cluster
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: UpstreamConnection(self), cluster.host, cluster.port,
+                    ssl=self.ssl_context, server_hostname=self.server_hostname),
+                cluster.connect_timeout)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            self.open_count -= 1
+            reason = "timed out connecting" if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
+            log.warning("cluster %s: %s", cluster.name, reason)
+            exchange.upstream_unreachable(f'cluster "{cluster.name}" is unreachable: {reason}')
+            return
+        if exchange.finished:
+            self.release(conn)
+        else:
+            exchange.upstream_ready(conn)

@@ -1,0 +1,125 @@
+"""Fixtures that start real processes: a TLS test upstream and the gateway in front of it."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+
+HERE = Path(__file__).parent
+ACCESS_KEY = "test-access-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def tls_files(ca, tmp_path_factory):
+    """CA bundle plus a server certificate for 127.0.0.1 / localhost."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert = ca.issue_cert("127.0.0.1", "localhost", "::1")
+    files = {"ca": folder / "ca.pem", "cert": folder / "cert.pem", "key": folder / "key.pem"}
+    ca.cert_pem.write_to_path(files["ca"])
+    cert.cert_chain_pems[0].write_to_path(files["cert"])
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(files["cert"], append=True)
+    cert.private_key_pem.write_to_path(files["key"])
+    return files
+
+
+class Process:
+    def __init__(self, popen: subprocess.Popen, port: int):
+        self.popen, self.port = popen, port
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+@pytest.fixture(scope="session")
+def upstream(tls_files):
+    popen = subprocess.Popen(
+        [sys.executable, str(HERE / "upstream_server.py"), str(tls_files["cert"]), str(tls_files["key"])],
+        stdout=subprocess.PIPE, text=True)
+    port = int(popen.stdout.readline())
+    yield Process(popen, port)
+    popen.kill()
+    popen.wait()
+
+
+def start_gateway(config_text: str, folder: Path, timeout: float = 15) -> Process:
+    """Run `fastproxy serve` on a config and wait for its 'listening on' line."""
+    config = folder / "fastproxy.toml"
+    config.write_text(textwrap.dedent(config_text))
+    log = open(folder / "gateway.log", "w+")
+    popen = subprocess.Popen([sys.executable, "-m", "fastproxy", "serve", "--config", str(config)],
+                             stderr=log, stdout=log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = (folder / "gateway.log").read_text()
+        found = re.search(r"listening on \w+://[^ ]+:(\d+)", text)
+        if found:
+            process = Process(popen, int(found.group(1)))
+            process.log = folder / "gateway.log"
+            return process
+        if popen.poll() is not None:
+            raise RuntimeError(f"gateway exited: {text}")
+        time.sleep(0.05)
+    popen.kill()
+    raise RuntimeError(f"gateway did not start: {(folder / 'gateway.log').read_text()}")
+
+
+@pytest.fixture(scope="session")
+def gateway_config(tls_files, upstream, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gateway")
+    (folder / "token").write_text("gateway-credential-for-upstream\n")
+    (folder / "key").write_text(ACCESS_KEY + "\n")
+    return folder, f"""
+        [server]
+        listen = "127.0.0.1:0"
+        tls_cert_file = "{tls_files['cert']}"
+        tls_key_file = "{tls_files['key']}"
+        header_timeout = 2
+        max_body_bytes = 10000000
+
+        [[clusters]]
+        name = "one"
+        server = "https://127.0.0.1:{upstream.port}"
+        ca_file = "{tls_files['ca']}"
+        token_file = "token"
+        response_header_timeout = 3
+
+        [[clusters]]
+        name = "down"
+        server = "https://127.0.0.1:1"
+        ca_file = "{tls_files['ca']}"
+        token_file = "token"
+
+        [[access_keys]]
+        name = "alice-key"
+        key_file = "key"
+        user = "alice"
+        groups = ["dev", "ops"]
+    """
+
+
+@pytest.fixture(scope="session")
+def gateway(gateway_config):
+    folder, text = gateway_config
+    process = start_gateway(text, folder)
+    yield process
+    process.stop()

@@ -1,0 +1,122 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fastproxy.config import ConfigError, load_config
+
+
+@pytest.fixture
+def files(tmp_path, tls_files):
+    (tmp_path / "token").write_text("t0ken\n")
+    (tmp_path / "key").write_text("k3y\n")
+    return tmp_path, tls_files
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+GOOD = """
+    [server]
+    listen = "0.0.0.0:9443"
+    tls_cert_file = "{cert}"
+    tls_key_file = "{key}"
+    workers = 2
+
+    [[clusters]]
+    name = "prod"
+    server = "https://10.0.0.1:6443"
+    ca_file = "{ca}"
+    token_file = "token"
+
+    [[access_keys]]
+    name = "admin"
+    key_file = "key"
+    user = "admin"
+    groups = ["admins"]
+
+    [[access_keys]]
+    name = "ci"
+    key_sha256 = "{digest}"
+    user = "ci"
+"""
+
+
+def good(tls, **extra):
+    import hashlib
+    return GOOD.format(cert=tls["cert"], key=tls["key"], ca=tls["ca"],
+                       digest=hashlib.sha256(b"ci-key").hexdigest(), **extra)
+
+
+def test_good_config(files):
+    tmp, tls = files
+    config = load_config(write(tmp, good(tls)))
+    assert (config.server.host, config.server.port, config.server.workers, config.server.tls) == ("0.0.0.0", 9443, 2, True)
+    cluster = config.clusters[0]
+    assert (cluster.name, cluster.host, cluster.port, cluster.authority) == ("prod", "10.0.0.1", 6443, "10.0.0.1:6443")
+    assert cluster.token_file == str(tmp / "token")  # relative to the config file
+    assert [k.user for k in config.access_keys] == ["admin", "ci"]
+    import hashlib
+    assert config.access_keys[0].key_sha256 == hashlib.sha256(b"k3y").digest()
+
+
+@pytest.mark.parametrize("change,message", [
+    (("workers = 2", "workers = 0"), "server.workers: must be > 0, not 0"),
+    (("workers = 2", "workers = \"2\""), "server.workers: must be an integer, not '2'"),
+    (("workers = 2", "wrokers = 2"), "server.wrokers: unknown key"),
+    (('listen = "0.0.0.0:9443"', 'listen = "nohost"'), "server.listen: must be IP:PORT"),
+    (('server = "https://10.0.0.1:6443"', 'server = "ftp://x"'), "clusters[0].server: must be an https://HOST[:PORT] URL"),
+    (('name = "prod"', 'name = "Prod_1"'), "clusters[0].name: must be a lower-case DNS name"),
+    (('token_file = "token"', 'token_file = "missing"'), "clusters[0].token_file: file not found"),
+    (('token_file = "token"', ''), "clusters[0].token_file: a cluster needs token_file or client_cert_file"),
+    (('user = "ci"', 'user = "ci"\nextra = 1'), "access_keys[1].extra: unknown key"),
+    (('key_file = "key"', 'key_sha256 = "abc"'), "access_keys[0].key_sha256: must be 64 hex digits"),
+    (('user = "admin"', 'user = "a\\r\\nImpersonate-User: root"'), "access_keys[0].user: must not contain CR, LF or NUL"),
+    (('name = "ci"', 'name = "admin"'), "access_keys[1].name: duplicate access key name 'admin'"),
+])
+def test_bad_values_name_the_key(files, change, message):
+    tmp, tls = files
+    text = good(tls).replace(*change)
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp, text))
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_a_certificate_that_does_not_load(files):
+    tmp, tls = files
+    text = good(tls).replace(f'tls_cert_file = "{tls["cert"]}"', 'tls_cert_file = "token"')
+    with pytest.raises(ConfigError, match=r"^server.tls_cert_file: cannot be loaded"):
+        load_config(write(tmp, text))
+
+
+def test_cli_check_config_exit_codes(files):
+    tmp, tls = files
+    ok = subprocess.run([sys.executable, "-m", "fastproxy", "check-config", write(tmp, good(tls))],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok (1 clusters, 2 access keys)" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "fastproxy", "serve", "--config", str(tmp / "nope.toml")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr == f"fastproxy: {tmp / 'nope.toml'}: file not found\n"
+    broken = subprocess.run([sys.executable, "-m", "fastproxy", "check-config", write(tmp, "[server\n")],
+                            capture_output=True, text=True)
+    assert broken.returncode == 2 and broken.stderr.count("\n") == 1 and "Traceback" not in broken.stderr
+
+
+def test_cli_bad_flag_is_one_line():
+    result = subprocess.run([sys.executable, "-m", "fastproxy", "serve", "--config", "x", "--wrokers", "2"],
+                            capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (2, "fastproxy: unrecognized arguments: --wrokers 2\n")
+    result = subprocess.run([sys.executable, "-m", "fastproxy", "serve"], capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (2, "fastproxy serve: the following arguments are required: --config\n")
+
+
+def test_hash_key():
+    result = subprocess.run([sys.executable, "-m", "fastproxy", "hash-key"], input="ci-key\n", capture_output=True, text=True)
+    import hashlib
+    assert result.stdout.strip() == hashlib.sha256(b"ci-key").hexdigest()

@@ -1,0 +1,349 @@
+"""The gateway between a real TLS client socket and a real TLS upstream process."""
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+
+import pytest
+
+from conftest import ACCESS_KEY
+from rawhttp import Client
+
+AUTH = {"Authorization": f"Bearer {ACCESS_KEY}"}
+BASE = "/kubernetes/cluster/one"
+
+
+@pytest.fixture
+def client(gateway, tls_files):
+    c = Client(gateway.port, tls_files["ca"])
+    yield c
+    c.close()
+
+
+def seen(response):
+    assert response.status == 200, response.body
+    return response.json()
+
+
+def upstream_stats(client):
+    client.request("GET", f"{BASE}/stats", AUTH)
+    return client.response().json()
+
+
+def test_impersonation_as_the_upstream_sees_it(client):
+    client.request("GET", f"{BASE}/api/v1/echo?labelSelector=app%3Dweb&limit=5",
+                   {**AUTH, "Accept": "application/json", "X-Forwarded-For": "10.9.8.7",
+                    "Connection": "Impersonate-User, Impersonate-Group, Authorization, X-Drop", "X-Drop": "1"})
+    got = seen(client.response())
+    assert got["target"] == "/api/v1/echo?labelSelector=app%3Dweb&limit=5"
+    headers = got["headers"]
+    assert ["Authorization", "Bearer gateway-credential-for-upstream"] in headers
+    assert ["Impersonate-User", "alice"] in headers
+    assert [h for h in headers if h[0] == "Impersonate-Group"] == [["Impersonate-Group", "dev"], ["Impersonate-Group", "ops"]]
+    assert ["X-Forwarded-For", "10.9.8.7, 127.0.0.1"] in headers
+    assert ["Accept", "application/json"] in headers
+    names = [h[0].lower() for h in headers]
+    assert "x-drop" not in names and "connection" not in names
+    assert names.count("authorization") == 1 and names.count("impersonate-user") == 1
+
+
+@pytest.mark.parametrize("name", ["Impersonate-User", "Impersonate-Group", "Impersonate-Uid", "Impersonate-Extra-scopes"])
+def test_client_impersonation_is_refused_and_never_reaches_upstream(client, name):
+    before = upstream_stats(client)["hits"].get("echo", 0)
+    client.request("GET", f"{BASE}/api/v1/echo", {**AUTH, name: "system:masters"})
+    response = client.response()
+    assert response.status == 403
+    assert response.json()["reason"] == "Forbidden" and name in response.json()["message"]
+    assert upstream_stats(client)["hits"].get("echo", 0) == before
+
+
+@pytest.mark.parametrize("headers,message", [
+    ({}, "a bearer access key is required"),
+    ({"Authorization": "Bearer not-the-key"}, "invalid access key"),
+    ({"Authorization": f"Basic {ACCESS_KEY}"}, "must be 'Bearer <access key>'"),
+])
+def test_401_without_a_valid_key(client, headers, message):
+    client.request("GET", f"{BASE}/api/v1/echo", headers)
+    response = client.response()
+    assert response.status == 401 and response.json()["code"] == 401 and message in response.json()["message"]
+    assert response.keep_alive  # a refusal is still a complete exchange on a live connection
+
+
+def test_keep_alive_reuses_client_and_upstream_connections(client, gateway, tls_files):
+    client.request("GET", f"{BASE}/echo", AUTH)
+    first = seen(client.response())
+    client.request("GET", f"{BASE}/echo", AUTH)
+    assert seen(client.response())["conn"] == first["conn"]
+    other = Client(gateway.port, tls_files["ca"])
+    other.request("GET", f"{BASE}/echo", AUTH)
+    assert seen(other.response())["conn"] == first["conn"]  # the pool serves every client
+    other.close()
+
+
+def test_pipelined_requests_are_answered_in_order(client):
+    batch = b"".join(
+        f"GET {BASE}/echo?n={n} HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ACCESS_KEY}\r\n\r\n".encode()
+        for n in range(3))
+    batch += f"GET {BASE}/echo?n=3 HTTP/1.1\r\nHost: g\r\n\r\n".encode()  # refused, but in its turn
+    batch += f"GET {BASE}/echo?n=4 HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ACCESS_KEY}\r\n\r\n".encode()
+    client.send(batch)
+    answers = [client.response() for _ in range(5)]
+    assert [r.status for r in answers] == [200, 200, 200, 401, 200]
+    assert [r.json()["target"] for r in answers if r.status == 200] == [f"/echo?n={n}" for n in (0, 1, 2, 4)]
+
+
+def test_watch_events_arrive_one_by_one(client):
+    client.request("GET", f"{BASE}/api/v1/watch?watch=1&count=4&interval=0.4", AUTH)
+    response = client.head()
+    assert response.status == 200 and response.header("Transfer-Encoding") == "chunked"
+    arrivals = []
+    while len(arrivals) < 4:
+        client.feed_until(lambda: len(response.chunks) > len(arrivals), "an event")
+        arrivals.append(time.time())
+        event = json.loads(response.chunks[len(arrivals) - 1])
+        assert event["object"]["n"] == len(arrivals) - 1
+        assert arrivals[-1] - event["object"]["sent"] < 0.2  # flushed at once, not buffered
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert all(gap > 0.3 for gap in gaps), gaps
+    client.feed_until(lambda: response.complete, "the end of the stream")
+
+
+def test_client_disconnect_closes_the_upstream_watch(gateway, tls_files, client):
+    before = upstream_stats(client)["closed"]
+    watcher = Client(gateway.port, tls_files["ca"])
+    watcher.request("GET", f"{BASE}/api/v1/watch?watch=true&interval=0.05", AUTH)
+    assert watcher.head().status == 200
+    watcher.close()
+    deadline = time.time() + 1.0
+    while upstream_stats(client)["closed"] == before:
+        assert time.time() < deadline, "the upstream watch was not closed within a second"
+        time.sleep(0.05)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_client_that_stops_reading_keeps_memory_bounded(gateway, tls_files):
+    stalled = Client(gateway.port, tls_files["ca"])
+    stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    before = rss_kib(gateway.popen.pid)
+    stalled.request("GET", f"{BASE}/big?size=300000000&chunked=1", AUTH)
+    time.sleep(2.0)  # the upstream could send 300 MB in this time; the gateway must not take it
+    grown = rss_kib(gateway.popen.pid) - before
+    assert grown < 20 * 1024, f"gateway RSS grew by {grown} KiB for one stalled client"
+    # The stream still completes correctly once the client reads again (first bytes suffice here).
+    response = stalled.head()
+    assert response.status == 200
+    stalled.close()
+
+
+def test_large_response_is_relayed_intact(client):
+    client.request("GET", f"{BASE}/big?size=5000000", AUTH)
+    response = client.response()
+    assert response.status == 200 and len(response.body) == 5000000
+    assert response.body[:32] == b"0123456789abcdef" * 2 and response.body[-16:] == b"0123456789abcdef"
+
+
+def test_request_bodies_stream_upstream(client):
+    body = b"x" * 300000
+    client.request("PUT", f"{BASE}/echo", AUTH, body)
+    got = seen(client.response())
+    assert got["method"] == "PUT" and got["framing"] == "length" and len(got["body"]) == len(body)
+
+
+def test_chunked_request_body_is_reframed(client):
+    client.send(f"POST {BASE}/echo HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ACCESS_KEY}\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n".encode())
+    got = seen(client.response())
+    assert (got["framing"], got["body"]) == ("chunked", "hello world")
+    assert ["Transfer-Encoding", "chunked"] in got["headers"]
+
+
+def test_expect_continue_is_answered_by_the_gateway(client):
+    client.send(f"POST {BASE}/echo HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ACCESS_KEY}\r\n"
+                "Content-Length: 4\r\nExpect: 100-continue\r\n\r\n".encode())
+    assert client.read_some().startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    client.send(b"data")
+    got = seen(client.response())
+    assert got["body"] == "data" and "expect" not in [h[0].lower() for h in got["headers"]]
+
+
+def test_upstream_hop_by_hop_response_headers_are_dropped(client):
+    client.request("GET", f"{BASE}/hopbyhop", AUTH)
+    response = client.response()
+    names = [n.lower() for n, _ in response.headers]
+    assert response.header("X-Kept") == "yes"
+    assert "x-secret" not in names and "keep-alive" not in names and "connection" not in names
+
+
+def test_head_request_then_keep_alive(client):
+    client.request("HEAD", f"{BASE}/echo", AUTH)
+    client.request("GET", f"{BASE}/echo?after-head", AUTH)
+    data = b""
+    while b"after-head" not in data:
+        data += client.read_some()
+    first, rest = data.split(b"\r\n\r\n", 1)
+    assert first.startswith(b"HTTP/1.1 200 OK") and b"Content-Length:" in first
+    assert rest.startswith(b"HTTP/1.1 200 OK")  # no body bytes between the two responses
+
+
+def test_unframed_response_ends_with_the_connection(client):
+    client.request("GET", f"{BASE}/nolength", AUTH)
+    response = client.head()
+    assert response.status == 200
+    assert client.closed_by_peer()
+    assert response.body == b"until the end"
+
+
+def test_http_1_0_request(client):
+    client.send(f"GET {BASE}/echo HTTP/1.0\r\nAuthorization: Bearer {ACCESS_KEY}\r\n\r\n".encode())
+    got = seen(client.response())
+    assert got["version"] == "HTTP/1.0"
+    assert client.closed_by_peer()
+
+
+@pytest.mark.parametrize("path,code", [
+    (f"{BASE}/../down/api", 400),
+    (f"{BASE}/%2e%2e/down/api", 400),
+    ("/kubernetes/cluster/one%2f..%2fdown/api", 400),
+    ("/kubernetes/cluster/nowhere/api", 404),
+    ("/kubernetes/management/apis/management.loft.sh/v1/users", 404),
+])
+def test_paths_that_must_not_reach_any_cluster(client, path, code):
+    client.request("GET", path, AUTH)
+    response = client.response()
+    assert response.status == code and response.json()["kind"] == "Status"
+
+
+def test_normalised_path_is_what_the_upstream_gets(client):
+    client.request("GET", f"{BASE}//api/./v1//echo?x=%2F..", AUTH)
+    assert seen(client.response())["target"] == "/api/v1/echo?x=%2F.."
+
+
+def test_upstream_down_is_503_naming_the_cluster(client):
+    client.request("GET", "/kubernetes/cluster/down/api", AUTH)
+    response = client.response()
+    assert response.status == 503 and 'cluster "down" is unreachable' in response.json()["message"]
+
+
+def test_upstream_timeout_is_504(client):
+    client.request("GET", f"{BASE}/slow?delay=6", AUTH)
+    started = time.time()
+    response = client.response()
+    assert response.status == 504 and response.json()["reason"] == "Timeout"
+    assert 2.5 < time.time() - started < 5
+
+
+def test_dead_pooled_connection_is_retried_once(client):
+    client.request("GET", f"{BASE}/echo", AUTH)  # make sure a pooled connection exists
+    seen(client.response())
+    before = upstream_stats(client)["hits"].get("close", 0)
+    client.request("GET", f"{BASE}/close", AUTH)
+    response = client.response()
+    assert response.status == 502 and "closed the connection before answering" in response.json()["message"]
+    # Sent on a reused connection, then once more on a fresh one; never a third time.
+    assert upstream_stats(client)["hits"]["close"] - before == 2
+
+
+def test_health_needs_no_key(client):
+    client.request("GET", "/healthz")
+    response = client.response()
+    assert (response.status, response.body) == (200, b"ok")
+
+
+def upgrade_request(path, protocol="SPDY/3.1"):
+    return (f"POST {BASE}/{path} HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ACCESS_KEY}\r\n"
+            f"Connection: Upgrade\r\nUpgrade: {protocol}\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n"
+            "Content-Length: 0\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("protocol", ["SPDY/3.1", "websocket"])
+def test_upgrade_becomes_a_tunnel_both_ways(client, protocol):
+    client.send(upgrade_request("api/v1/namespaces/a/pods/p/exec/upgrade", protocol))
+    data = b""
+    while b"hello from upstream\n" not in data:
+        more = client.read_some()
+        assert more, f"closed after {data!r}"
+        data += more
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 Switching Protocols")
+    assert f"Upgrade: {protocol}".encode() in head and b"Connection: Upgrade" in head
+    assert b"X-Stream-Protocol-Version: v4.channel.k8s.io" in head
+    for word in (b"ping", b"x" * 200000):
+        client.send(word)
+        echoed = b""
+        while len(echoed) < len(word):
+            data = client.read_some()
+            assert data, "tunnel closed"
+            echoed += data
+        assert echoed == word.upper()
+
+
+def test_non_101_answer_to_an_upgrade_is_relayed_and_never_pooled(client, gateway, tls_files):
+    client.send(upgrade_request("redirect"))
+    response = client.response()
+    assert response.status == 302 and response.header("Location") == "https://example.invalid/"
+    assert client.closed_by_peer()  # the redirect is not followed, the tunnel never opens
+    upgrade_conn = response.header("X-Conn")
+    other = Client(gateway.port, tls_files["ca"])
+    for _ in range(3):
+        other.request("GET", f"{BASE}/echo", AUTH)
+        assert str(seen(other.response())["conn"]) != upgrade_conn
+    other.close()
+
+
+def test_unsupported_upgrade_is_refused(client):
+    client.send(upgrade_request("upgrade", "h2c"))
+    response = client.response()
+    assert response.status == 400 and "upgrades are supported" in response.json()["message"]
+
+
+@pytest.mark.parametrize("raw", [
+    b"POST /kubernetes/cluster/one/echo HTTP/1.1\r\nHost: g\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /kubernetes/cluster/one/echo HTTP/1.1\r\nHost: g\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    b"GET /kubernetes/cluster/one/echo HTTP/1.1\r\nHost: g\r\nX-A: b\r\n c\r\n\r\n",
+    b"POST /kubernetes/cluster/one/echo HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    b"POST /kubernetes/cluster/one/echo HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"GET /kubernetes/cluster/one/echo HTTP/1.1\nHost: g\n\n",
+    b"GET /kubernetes/cluster/one/echo HTTP/1.1\r\nHost : g\r\n\r\n",
+])
+def test_smuggling_shapes_are_refused_and_closed(client, raw):
+    client.send(raw.replace(b"Host: g\r\n", b"Host: g\r\nAuthorization: Bearer " + ACCESS_KEY.encode() + b"\r\n", 1))
+    response = client.response()
+    assert response.status == 400 and response.json()["reason"] == "BadRequest"
+    assert client.closed_by_peer()
+
+
+def test_oversized_head_is_431(client):
+    client.request("GET", f"{BASE}/echo", {**AUTH, "X-Big": "a" * 70000})
+    response = client.response()
+    assert response.status == 431
+    assert client.closed_by_peer()
+
+
+def test_oversized_body_is_413(client):
+    client.send(f"POST {BASE}/echo HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ACCESS_KEY}\r\n"
+                "Content-Length: 20000000\r\n\r\n".encode())
+    response = client.response()
+    assert response.status == 413 and response.json()["reason"] == "RequestEntityTooLarge"
+
+
+def test_slow_headers_are_cut_off(client):
+    client.send(b"GET /kubernetes/cluster/one/echo HTTP/1.1\r\nHost: g\r\n")
+    started = time.time()
+    response = client.response()
+    assert response.status == 408
+    assert 1.5 < time.time() - started < 4
+    assert client.closed_by_peer()
+
+
+def test_tls_offers_http_1_1(gateway, tls_files):
+    context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", gateway.port)) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.selected_alpn_protocol() == "http/1.1"
