@@ -1,0 +1,238 @@
+"""`fastproxy user|team|accesskey ...`: manage identities in the state file.
+
+Every handler takes the parsed arguments and returns the exit status; a refused command prints
+one line naming the bad flag or value and exits with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..auth.scopes import ScopeError
+from .base import ACCESS_KEY_TYPES, StoreError
+from .sqlite import SqliteStore
+
+USAGE_ERROR = 2
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Reports a usage error as one line (no usage block) with status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add the `user`, `team` and `accesskey` command groups to a parser's subparsers."""
+    state = argparse.ArgumentParser(add_help=False)
+    state.add_argument("--state", required=True, metavar="PATH", help="the SQLite state file")
+
+    def group(name: str, help_text: str) -> Any:
+        parser = subparsers.add_parser(name, help=help_text)
+        return parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND",
+                                     parser_class=CommandParser)
+
+    def command(commands: Any, name: str, handler: Callable[[argparse.Namespace], int],
+                help_text: str) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, parents=[state], help=help_text)
+        parser.set_defaults(handler=handler)
+        return parser
+
+    users = group("user", "manage users")
+    create = command(users, "create", user_create, "create a user")
+    create.add_argument("name")
+    create.add_argument("--username", default="")
+    create.add_argument("--display-name", default="")
+    create.add_argument("--email", default="")
+    create.add_argument("--subject", default="", help="the name clusters see (default: NAME)")
+    create.add_argument("--group", action="append", default=[], metavar="GROUP", help="repeatable")
+    command(users, "list", user_list, "list users")
+    command(users, "disable", user_disable, "disable a user: none of their keys resolve").add_argument("name")
+
+    teams = group("team", "manage teams")
+    create = command(teams, "create", team_create, "create a team")
+    create.add_argument("name")
+    create.add_argument("--member", action="append", default=[], metavar="USER", help="repeatable")
+    create.add_argument("--group", action="append", default=[], metavar="GROUP", help="repeatable")
+    command(teams, "list", team_list, "list teams")
+
+    keys = group("accesskey", "manage access keys")
+    create = command(keys, "create", accesskey_create, "create an access key and print it once")
+    owner = create.add_mutually_exclusive_group(required=True)
+    owner.add_argument("--user", metavar="NAME")
+    owner.add_argument("--team", metavar="NAME")
+    create.add_argument("--name", help="the key's name (default: OWNER-<random>)")
+    lifetime = create.add_mutually_exclusive_group()
+    lifetime.add_argument("--ttl", type=_seconds, default=0, metavar="SECONDS", help="0: never expires")
+    lifetime.add_argument("--ttl-after-last-activity", type=_seconds, metavar="SECONDS",
+                          help="expire after this long without use")
+    create.add_argument("--scope", metavar="FILE", help="an AccessKeyScope as JSON")
+    create.add_argument("--type", choices=ACCESS_KEY_TYPES, default="User")
+    create.add_argument("--display-name", default="")
+    command(keys, "list", accesskey_list, "list access keys")
+    command(keys, "revoke", accesskey_revoke, "delete an access key").add_argument("name")
+
+
+def _seconds(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds")
+    return int(text)
+
+
+def _refusing(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (StoreError, ScopeError) as error:
+            message = str(error)
+        except sqlite3.Error as error:
+            message = f"--state {args.state}: {error}"
+        print(f"fastproxy: error: {message}", file=sys.stderr)
+        return USAGE_ERROR
+    return run
+
+
+def _store(args: argparse.Namespace) -> SqliteStore:
+    return SqliteStore(args.state)
+
+
+@_refusing
+def user_create(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        store.create_user(args.name, username=args.username, display_name=args.display_name,
+                          email=args.email, subject=args.subject, groups=args.group)
+    finally:
+        store.close()
+    print(f"user {args.name} created")
+    return 0
+
+
+@_refusing
+def user_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        users = store.list_users()
+    finally:
+        store.close()
+    _print_table(("NAME", "USERNAME", "SUBJECT", "EMAIL", "GROUPS", "DISABLED"),
+                 [(user.name, user.username, user.subject, user.email, ",".join(user.groups),
+                   "yes" if user.disabled else "no") for user in users])
+    return 0
+
+
+@_refusing
+def user_disable(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        store.disable_user(args.name)
+    finally:
+        store.close()
+    print(f"user {args.name} disabled")
+    return 0
+
+
+@_refusing
+def team_create(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        store.create_team(args.name, members=args.member, groups=args.group)
+    finally:
+        store.close()
+    print(f"team {args.name} created")
+    return 0
+
+
+@_refusing
+def team_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        teams = store.list_teams()
+    finally:
+        store.close()
+    _print_table(("NAME", "MEMBERS", "GROUPS"),
+                 [(team.name, ",".join(team.members), ",".join(team.groups)) for team in teams])
+    return 0
+
+
+@_refusing
+def accesskey_create(args: argparse.Namespace) -> int:
+    scope = None
+    if args.scope is not None:
+        try:
+            with open(args.scope, "rb") as file:
+                scope = file.read()
+        except OSError as error:
+            raise StoreError(f"--scope {args.scope}: {error.strerror}") from None
+    store = _store(args)
+    try:
+        key, secret = store.create_access_key(
+            user=args.user, team=args.team, name=args.name, type=args.type, display_name=args.display_name,
+            ttl=args.ttl or args.ttl_after_last_activity or 0,
+            ttl_after_last_activity=args.ttl_after_last_activity is not None, scope=scope)
+    except ScopeError as error:
+        raise StoreError(f"--scope {args.scope}: {error}") from None
+    finally:
+        store.close()
+    print(f"name: {key.name}")
+    print(f"key: {secret}")
+    print("the key is shown only this once", file=sys.stderr)
+    return 0
+
+
+@_refusing
+def accesskey_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        keys = store.list_access_keys()
+    finally:
+        store.close()
+    _print_table(("NAME", "TYPE", "OWNER", "EXPIRES", "LAST-ACTIVITY", "DISABLED", "SCOPED"),
+                 [(key.name, key.type, f"user/{key.user}" if key.user else f"team/{key.team}",
+                   _time(key.expires_at()), _time(key.last_activity), "yes" if key.disabled else "no",
+                   "yes" if key.scope is not None else "no") for key in keys])
+    return 0
+
+
+@_refusing
+def accesskey_revoke(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        store.revoke_access_key(args.name)
+    finally:
+        store.close()
+    print(f"access key {args.name} revoked")
+    return 0
+
+
+def _time(moment: float | None) -> str:
+    if moment is None:
+        return "-"
+    if moment == float("inf"):
+        return "never"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(row[column])) for row in (header, *rows)) for column in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse and run one command, as `fastproxy` will once these commands are wired into it."""
+    parser = CommandParser(prog="fastproxy")
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                       parser_class=CommandParser))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

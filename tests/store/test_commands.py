@@ -1,0 +1,143 @@
+"""The user / team / accesskey commands: output, and one-line errors with status 2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastproxy.store import SqliteStore
+from fastproxy.store.commands import run
+
+
+@pytest.fixture
+def state(tmp_path):
+    return str(tmp_path / "state.db")
+
+
+def ok(capsys, *argv):
+    assert run(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def refused(capsys, *argv):
+    """Run a command that must fail; returns its single stderr line."""
+    try:
+        status = run(list(argv))
+    except SystemExit as exit:
+        status = exit.code
+    captured = capsys.readouterr()
+    assert status == 2
+    assert "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1, captured.err
+    return captured.err.strip()
+
+
+def test_users(capsys, state):
+    assert ok(capsys, "user", "create", "alice", "--email", "a@example.com", "--group", "devs", "--group", "ops",
+              "--state", state) == "user alice created\n"
+    ok(capsys, "user", "create", "bob", "--subject", "bob@corp", "--state", state)
+    assert ok(capsys, "user", "disable", "bob", "--state", state) == "user bob disabled\n"
+    assert ok(capsys, "user", "list", "--state", state).splitlines() == [
+        "NAME   USERNAME  SUBJECT   EMAIL          GROUPS    DISABLED",
+        "alice  alice     alice     a@example.com  devs,ops  no",
+        "bob    bob       bob@corp                           yes",
+    ]
+
+
+def test_teams(capsys, state):
+    ok(capsys, "user", "create", "alice", "--state", state)
+    assert ok(capsys, "team", "create", "ops", "--member", "alice", "--group", "oncall",
+              "--state", state) == "team ops created\n"
+    assert ok(capsys, "team", "list", "--state", state).splitlines() == [
+        "NAME  MEMBERS  GROUPS", "ops   alice    oncall"]
+
+
+def test_access_keys(capsys, state, tmp_path):
+    ok(capsys, "user", "create", "alice", "--state", state)
+    scope = tmp_path / "scope.json"
+    scope.write_text('{"clusters": [{"cluster": "prod"}]}')
+    assert run(["accesskey", "create", "--user", "alice", "--name", "ci", "--ttl", "3600", "--scope", str(scope),
+                "--type", "Other", "--display-name", "CI", "--state", state]) == 0
+    captured = capsys.readouterr()
+    name_line, key_line = captured.out.splitlines()
+    assert name_line == "name: ci"
+    assert captured.err == "the key is shown only this once\n"
+    secret = key_line.removeprefix("key: ")
+    store = SqliteStore(state)
+    resolved = store.load_snapshot().resolve(secret, time.time())
+    assert resolved.identity.user == "alice"
+    assert (resolved.access_key.type, resolved.access_key.display_name, resolved.access_key.ttl) == ("Other", "CI", 3600)
+    assert resolved.identity.scope.source.to_dict() == {"clusters": [{"cluster": "prod"}]}
+    store.close()
+
+    ok(capsys, "accesskey", "create", "--user", "alice", "--name", "idle", "--ttl-after-last-activity", "60",
+       "--state", state)
+    listing = ok(capsys, "accesskey", "list", "--state", state).splitlines()
+    assert listing[0].split() == ["NAME", "TYPE", "OWNER", "EXPIRES", "LAST-ACTIVITY", "DISABLED", "SCOPED"]
+    assert listing[1].split()[:3] == ["ci", "Other", "user/alice"] and listing[1].split()[4:] == ["-", "no", "yes"]
+    assert listing[2].split()[:3] == ["idle", "User", "user/alice"] and listing[2].split()[-1] == "no"
+    assert ok(capsys, "accesskey", "revoke", "ci", "--state", state) == "access key ci revoked\n"
+    assert [line.split()[0] for line in ok(capsys, "accesskey", "list", "--state", state).splitlines()] == [
+        "NAME", "idle"]
+
+
+def test_team_key(capsys, state):
+    ok(capsys, "user", "create", "alice", "--state", state)
+    ok(capsys, "team", "create", "ops", "--member", "alice", "--state", state)
+    out = ok(capsys, "accesskey", "create", "--team", "ops", "--state", state)
+    assert out.startswith("name: ops-")
+    assert ok(capsys, "accesskey", "list", "--state", state).splitlines()[1].split()[:4] == [
+        out.split()[1], "User", "team/ops", "never"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["user", "create", "alice"], "fastproxy user create: error: the following arguments are required: --state"),
+    (["user", "create", "Alice", "--state", "{state}"],
+     "fastproxy: error: user name 'Alice' is not valid: use lower-case letters, digits, '-' and '.'"),
+    (["user", "create", "bob", "--group", "a\nb", "--state", "{state}"],
+     "fastproxy: error: group 'a\\nb' must be non-empty, without CR, LF, NUL or other control characters and "
+     "without leading or trailing spaces"),
+    (["user", "create", "alice", "--state", "{state}"], "fastproxy: error: user 'alice' already exists"),
+    (["user", "disable", "ghost", "--state", "{state}"], "fastproxy: error: user 'ghost' does not exist"),
+    (["user", "frobnicate", "--state", "{state}"],
+     "fastproxy user: error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'create', 'list', 'disable')"),
+    (["team", "create", "ops", "--member", "ghost", "--state", "{state}"],
+     "fastproxy: error: team member 'ghost' is not a user"),
+    (["accesskey", "create", "--state", "{state}"],
+     "fastproxy accesskey create: error: one of the arguments --user --team is required"),
+    (["accesskey", "create", "--user", "alice", "--team", "ops", "--state", "{state}"],
+     "fastproxy accesskey create: error: argument --team: not allowed with argument --user"),
+    (["accesskey", "create", "--user", "ghost", "--state", "{state}"], "fastproxy: error: user 'ghost' does not exist"),
+    (["accesskey", "create", "--user", "alice", "--ttl", "-5", "--state", "{state}"],
+     "fastproxy accesskey create: error: argument --ttl: '-5' is not a whole number of seconds"),
+    (["accesskey", "create", "--user", "alice", "--ttl", "5", "--ttl-after-last-activity", "5", "--state", "{state}"],
+     "fastproxy accesskey create: error: argument --ttl-after-last-activity: not allowed with argument --ttl"),
+    (["accesskey", "create", "--user", "alice", "--type", "Reset", "--state", "{state}"],
+     "fastproxy accesskey create: error: argument --type: invalid choice: 'Reset' (choose from 'Login', 'User', 'Other')"),
+    (["accesskey", "create", "--user", "alice", "--scope", "{missing}", "--state", "{state}"],
+     "fastproxy: error: --scope {missing}: No such file or directory"),
+    (["accesskey", "create", "--user", "alice", "--scope", "{bad_scope}", "--state", "{state}"],
+     "fastproxy: error: --scope {bad_scope}: scope: unknown key 'rules[0].verb'"),
+    (["accesskey", "revoke", "ghost", "--state", "{state}"], "fastproxy: error: access key 'ghost' does not exist"),
+    (["user", "list", "--state", "{not_db}"], "fastproxy: error: cannot open state file {not_db}: file is not a database"),
+    (["user", "list", "--state", "{no_dir}"],
+     "fastproxy: error: cannot open state file {no_dir}: unable to open database file"),
+])
+def test_errors_are_one_line_with_status_2(capsys, state, tmp_path, argv, message):
+    paths = {"state": state, "missing": str(tmp_path / "missing.json"), "bad_scope": str(tmp_path / "bad.json"),
+             "not_db": str(tmp_path / "not.db"), "no_dir": str(tmp_path / "no" / "state.db")}
+    (tmp_path / "bad.json").write_text('{"rules": [{"verb": ["get"]}]}')
+    (tmp_path / "not.db").write_text("hello, this is not a database file at all")
+    ok(capsys, "user", "create", "alice", "--state", state)
+    assert refused(capsys, *[part.format(**paths) for part in argv]) == message.format(**paths)
+
+
+def test_through_a_subprocess(state):
+    create = subprocess.run([sys.executable, "-m", "fastproxy.store.commands", "user", "create", "alice",
+                             "--state", state], capture_output=True, text=True)
+    assert (create.returncode, create.stdout, create.stderr) == (0, "user alice created\n", "")
+    again = subprocess.run([sys.executable, "-m", "fastproxy.store.commands", "user", "create", "alice",
+                            "--state", state], capture_output=True, text=True)
+    assert (again.returncode, again.stdout, again.stderr) == (2, "", "fastproxy: error: user 'alice' already exists\n")
