@@ -8,7 +8,7 @@ other servers may decode differently) are refused.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .status import StatusError
 
@@ -33,8 +33,7 @@ CLUSTER = "cluster"
 HEALTH = "health"
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
     kind: str
     cluster: str = ""
     path: str = "/"    # what the upstream receives: the normalised rest of the path
