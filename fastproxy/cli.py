@@ -21,6 +21,11 @@ def _check_config(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(args.dir, args.listen, args.activity_rate)
+
+
 def _hash_key(args) -> int:
     key = sys.stdin.readline().strip()
     if not key:
@@ -43,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("config", metavar="FILE")
     check.set_defaults(handler=_check_config)
+    demo = commands.add_parser("demo", help="run a simulated cluster behind the gateway, with keys and a kubeconfig")
+    demo.add_argument("--dir", default=".fastproxy", help="state folder (default ./.fastproxy)")
+    demo.add_argument("--listen", default="127.0.0.1:8443", metavar="HOST:PORT")
+    demo.add_argument("--activity-rate", type=float, default=1.0, metavar="N",
+                      help="object changes per second in the simulated cluster (default 1)")
+    demo.set_defaults(handler=_demo)
     hash_key = commands.add_parser("hash-key", help="print the key_sha256 of an access key read from stdin")
     hash_key.set_defaults(handler=_hash_key)
     return parser

@@ -1,0 +1,133 @@
+"""`fastproxy demo`: a simulated cluster, the gateway in front of it, keys and a kubeconfig."""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import textwrap
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+log = logging.getLogger("fastproxy.demo")
+
+CLUSTER = "demo"
+# The restricted key's user may read pods, logs and configmaps in team-a, nothing else.
+VIEWER_RULES = [{"groups": ["demo:viewers"], "verbs": ["get", "list", "watch"],
+                 "resources": ["pods", "pods/log", "configmaps"], "namespaces": ["team-a"], "apiGroups": [""]}]
+
+
+def _write_secret(path: Path, text: str) -> None:
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"--listen {host}:{port}: cannot listen there: {exc.strerror}") from None
+
+
+def prepare(state: Path, cluster_url: str, cluster_ca: Path, gateway_token: Path, listen: str) -> Path:
+    """Write the gateway's TLS files, access keys, config and kubeconfig; return the config path."""
+    from .devcluster.certs import ensure_credentials  # the demo's throwaway CA comes from there too
+    tls = ensure_credentials(state / "gateway-tls")
+    _write_secret(state / "admin.key", "fpk-" + secrets.token_urlsafe(32))
+    _write_secret(state / "viewer.key", "fpk-" + secrets.token_urlsafe(32))
+    config = state / "fastproxy.toml"
+    config.write_text(textwrap.dedent(f"""\
+        # Written by `fastproxy demo`; see README.md for every key.
+        [server]
+        listen = "{listen}"
+        tls_cert_file = "{tls.server_cert_file}"
+        tls_key_file = "{tls.server_key_file}"
+
+        [[clusters]]
+        name = "{CLUSTER}"
+        server = "{cluster_url}"
+        ca_file = "{cluster_ca}"
+        token_file = "{gateway_token}"
+
+        [[access_keys]]
+        name = "admin"
+        key_file = "admin.key"
+        user = "admin"
+        groups = ["system:masters"]
+
+        [[access_keys]]
+        name = "viewer"
+        key_file = "viewer.key"
+        user = "viewer"
+        groups = ["demo:viewers"]
+    """))
+    server = f"https://{listen}/kubernetes/cluster/{CLUSTER}"
+    users = "".join(f"""
+        - name: {name}
+          user:
+            token: {(state / f"{name}.key").read_text().strip()}""" for name in ("admin", "viewer"))
+    contexts = "".join(f"""
+        - name: {name}
+          context:
+            cluster: {CLUSTER}
+            user: {name}
+            namespace: team-a""" for name in ("admin", "viewer"))
+    kubeconfig = state / "kubeconfig"
+    kubeconfig.write_text(textwrap.dedent(f"""\
+        apiVersion: v1
+        kind: Config
+        clusters:
+        - name: {CLUSTER}
+          cluster:
+            server: {server}
+            certificate-authority: {tls.ca_file}
+        users:{users}
+        contexts:{contexts}
+        current-context: admin
+    """))
+    kubeconfig.chmod(0o600)
+    return config
+
+
+def instructions(state: Path) -> str:
+    kubeconfig = state / "kubeconfig"
+    return textwrap.dedent(f"""
+        fastproxy demo is running. In another terminal:
+
+          export KUBECONFIG={kubeconfig}
+          kubectl get pods -A                          # admin access key, through the gateway
+          kubectl auth whoami                          # the cluster sees the key's user
+          kubectl get configmaps -w                    # a watch; the cluster changes objects every second
+          kubectl logs -f web-5d4f8c7b9-h7k2m          # a followed log stream
+          kubectl exec web-5d4f8c7b9-h7k2m -- echo hi  # exec through the gateway
+          kubectl --context viewer get pods            # the restricted key: allowed in team-a...
+          kubectl --context viewer get secrets         # ...and Forbidden here
+          kubectl --as system:admin get pods           # refused: clients cannot choose who they are
+
+        Ctrl-C stops everything.
+    """)
+
+
+def run_demo(state_dir: str, listen: str, activity_rate: float) -> int:
+    from .devcluster.process import start_devcluster
+    from .server import configure_logging, serve
+    configure_logging("info")
+    host, _, port = listen.rpartition(":")
+    try:
+        _check_port_free(host, int(port))
+    except ValueError:
+        raise ConfigError(f"--listen: must be HOST:PORT, not {listen!r}") from None
+    state = Path(state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    cluster = start_devcluster(state / "cluster", rules=VIEWER_RULES, activity_rate=activity_rate)
+    try:
+        config = load_config(str(prepare(state, cluster.url, cluster.ca_file, cluster.gateway_token_file, listen)))
+        log.info("simulated cluster %r at %s (pid %d)", CLUSTER, cluster.url, cluster.pid)
+        print(instructions(state), flush=True)
+        return serve(config)
+    finally:
+        cluster.stop()
