@@ -1,20 +1,16 @@
 """Fixtures that start real processes: a TLS test upstream and the gateway in front of it."""
 from __future__ import annotations
 
-import os
-import re
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import trustme
 
+from tests.helpers import ACCESS_KEY, Process, start_gateway
+
 HERE = Path(__file__).parent
-ACCESS_KEY = "test-access-key-0123456789"
 
 
 @pytest.fixture(scope="session")
@@ -36,20 +32,6 @@ def tls_files(ca, tmp_path_factory):
     return files
 
 
-class Process:
-    def __init__(self, popen: subprocess.Popen, port: int):
-        self.popen, self.port = popen, port
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
 @pytest.fixture(scope="session")
 def upstream(tls_files):
     popen = subprocess.Popen(
@@ -59,28 +41,6 @@ def upstream(tls_files):
     yield Process(popen, port)
     popen.kill()
     popen.wait()
-
-
-def start_gateway(config_text: str, folder: Path, timeout: float = 15) -> Process:
-    """Run `fastproxy serve` on a config and wait for its 'listening on' line."""
-    config = folder / "fastproxy.toml"
-    config.write_text(textwrap.dedent(config_text))
-    log = open(folder / "gateway.log", "w+")
-    popen = subprocess.Popen([sys.executable, "-m", "fastproxy", "serve", "--config", str(config)],
-                             stderr=log, stdout=log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = (folder / "gateway.log").read_text()
-        found = re.search(r"listening on \w+://[^ ]+:(\d+)", text)
-        if found:
-            process = Process(popen, int(found.group(1)))
-            process.log = folder / "gateway.log"
-            return process
-        if popen.poll() is not None:
-            raise RuntimeError(f"gateway exited: {text}")
-        time.sleep(0.05)
-    popen.kill()
-    raise RuntimeError(f"gateway did not start: {(folder / 'gateway.log').read_text()}")
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from conftest import ACCESS_KEY
-from rawhttp import Client
+from tests.helpers import ACCESS_KEY
+from tests.rawhttp import Client
 
 AUTH = {"Authorization": f"Bearer {ACCESS_KEY}"}
 BASE = "/kubernetes/cluster/one"
