@@ -103,7 +103,8 @@ def start_devcluster(directory: str | os.PathLike, *, rules: RulesArg = None,
         if ready is not None and ready.get("pid") == process.pid:
             break
         if process.poll() is not None:
-            raise DevClusterError(f"devcluster exited with code {process.returncode}:\n{log_file.read_text()}")
+            raise DevClusterError(
+                f"devcluster exited with code {process.returncode}:\n{log_file.read_text()}")
         if time.monotonic() > deadline:
             process.kill()
             process.wait()

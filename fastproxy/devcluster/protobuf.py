@@ -88,8 +88,8 @@ KINDS: dict[str, Schema] = {
                                    (2, "spec", SUBJECT_ACCESS_REVIEW_SPEC, False)),
 }
 
-_ENVELOPE = _fields((1, "typeMeta", _fields((1, "apiVersion", "string", False), (2, "kind", "string", False)), False),
-                    (2, "raw", "bytes", False))
+_TYPE_META = _fields((1, "apiVersion", "string", False), (2, "kind", "string", False))
+_ENVELOPE = _fields((1, "typeMeta", _TYPE_META, False), (2, "raw", "bytes", False))
 
 
 def decode(body: bytes) -> dict[str, Any]:

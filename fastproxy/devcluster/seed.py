@@ -30,7 +30,8 @@ def seed_store(store: Store) -> None:
         store.create(NAMESPACES, "", {"metadata": {"name": namespace}})
     web_labels = {"app": "web", "pod-template-hash": "5d4f8c7b9"}
     for pod in (
-        _pod("kube-system", "coredns-7db6d8ff4d-x2kfp", {"k8s-app": "kube-dns"}, ("coredns", "registry.k8s.io/coredns/coredns:v1.11.3")),
+        _pod("kube-system", "coredns-7db6d8ff4d-x2kfp", {"k8s-app": "kube-dns"},
+             ("coredns", "registry.k8s.io/coredns/coredns:v1.11.3")),
         _pod("default", "hello", {"app": "hello"}, ("hello", "busybox:1.36")),
         _pod("team-a", "web-5d4f8c7b9-h7k2m", web_labels, ("nginx", "nginx:1.27")),
         _pod("team-a", "web-5d4f8c7b9-q9w4z", web_labels, ("nginx", "nginx:1.27")),
@@ -48,10 +49,10 @@ def seed_store(store: Store) -> None:
         store.create(CONFIGMAPS, configmap["metadata"]["namespace"], configmap)
     store.create(SECRETS, "team-a", {"metadata": {"name": "db-credentials"},
                                      "data": {"username": "YXBw", "password": "czNjcjN0"}})
-    store.create(SERVICES, "default", {"metadata": {"name": "kubernetes", "labels": {"component": "apiserver"}},
-                                       "spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"],
-                                                "ports": [{"name": "https", "port": 443, "protocol": "TCP",
-                                                           "targetPort": 6443}]}})
+    store.create(SERVICES, "default", {
+        "metadata": {"name": "kubernetes", "labels": {"component": "apiserver"}},
+        "spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"],
+                 "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}})
     store.create(SERVICES, "team-a", {"metadata": {"name": "web"},
                                       "spec": {"selector": {"app": "web"},
                                                "ports": [{"port": 80, "protocol": "TCP", "targetPort": 80}]}})

@@ -113,11 +113,6 @@ class FieldSelector:
     def matches(self, obj: dict[str, Any]) -> bool:
         return all(req.matches(obj) for req in self.requirements)
 
-    def single_name(self) -> str | None:
-        """The name a `metadata.name=X` selector pins the request to (authorised as that name)."""
-        names = [r.value for r in self.requirements if r.path == "metadata.name" and r.equal]
-        return names[0] if len(names) == 1 else None
-
 
 @dataclass(frozen=True)
 class Selection:
@@ -126,10 +121,6 @@ class Selection:
 
     def matches(self, obj: dict[str, Any]) -> bool:
         return self.labels.matches(obj["metadata"].get("labels")) and self.fields.matches(obj)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.labels.requirements and not self.fields.requirements
 
 
 EVERYTHING = Selection(LabelSelector(), FieldSelector())

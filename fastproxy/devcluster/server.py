@@ -75,7 +75,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     identity = cluster.authenticator.authenticate(
         request.headers.get("Authorization"), transport.get_extra_info("peercert") if transport else None)
     identity = impersonate(request.headers, identity, cluster.authorizer)
-    attrs = request_attributes(request.method, request.path, request.query)
+    attrs = request_attributes(request.method, request.rel_url.raw_path, request.query)
     cluster.authorizer.check(identity, attrs)
     if not attrs.is_resource:
         return serve_non_resource(request, attrs)
@@ -299,8 +299,9 @@ async def serve_watch(request: web.Request, cluster: Cluster, rt: ResourceType, 
             if now >= next_bookmark:
                 next_bookmark = now + BOOKMARK_INTERVAL
                 if watcher.idle:  # every change up to the store's version has been sent
+                    version = str(cluster.store.resource_version)
                     await send("BOOKMARK", {"kind": rt.kind, "apiVersion": rt.api_version,
-                                            "metadata": {"resourceVersion": str(cluster.store.resource_version)}})
+                                            "metadata": {"resourceVersion": version}})
                 continue
             event = await watcher.next_event(min(deadline, next_bookmark) - now)
             if event is not None:
@@ -353,8 +354,9 @@ async def serve_review(request: web.Request, cluster: Cluster, rt: ResourceType,
         if not spec.get("user") and not spec.get("groups"):
             raise errors.invalid(rt.kind, "", "spec.user: Invalid value: \"\": at least one of user or "
                                  "group must be specified", rt.group)
-        subject = Identity(str(spec.get("user", "")), tuple(spec.get("groups") or ()), str(spec.get("uid", "")),
-                           {k: tuple(v) for k, v in (spec.get("extra") or {}).items()})
+        extra = {key: tuple(values) for key, values in (spec.get("extra") or {}).items()}
+        subject = Identity(str(spec.get("user", "")), tuple(spec.get("groups") or ()),
+                           str(spec.get("uid", "")), extra)
         status = _access_review_status(cluster.authorizer, subject, rt, spec)
     return json_response({"kind": rt.kind, "apiVersion": rt.api_version,
                           "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}, 201)

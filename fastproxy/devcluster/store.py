@@ -235,8 +235,9 @@ class Store:
         _check_preconditions(current, preconditions or {})
         if rt is NAMESPACES:
             if name in PROTECTED_NAMESPACES:
-                raise errors.ApiError(403, f"namespaces \"{name}\" is forbidden: this namespace may not be deleted",
-                                      name=name, kind="namespaces")
+                raise errors.ApiError(
+                    403, f'namespaces "{name}" is forbidden: this namespace may not be deleted',
+                    name=name, kind="namespaces")
             for contained in STORED_RESOURCES:
                 if contained.namespaced:
                     for contained_key, _ in list(self._sorted(contained, name)):
@@ -272,8 +273,8 @@ class Store:
 
     def _generate_name(self, rt: ResourceType, namespace: str, prefix: str) -> str:
         if not prefix:
-            raise errors.invalid(rt.kind, "", "metadata.name: Required value: name or generateName is required",
-                                 rt.group)
+            raise errors.invalid(rt.kind, "", "metadata.name: Required value: name or generateName is "
+                                 "required", rt.group)
         while True:
             name = prefix + "".join(random.choices(_NAME_SUFFIX_ALPHABET, k=5))
             if not self.exists(rt, namespace, name):
@@ -401,8 +402,8 @@ def _validate(rt: ResourceType, obj: Object) -> None:
         values = meta.get(field)
         if values is not None and not (isinstance(values, dict)
                                        and all(isinstance(v, str) for v in values.values())):
-            raise errors.invalid(rt.kind, name, f"metadata.{field}: Invalid value: must map strings to strings",
-                                 rt.group)
+            raise errors.invalid(rt.kind, name, f"metadata.{field}: Invalid value: must map strings to "
+                                 "strings", rt.group)
     if rt.kind == "Pod" and not obj.get("spec", {}).get("containers"):
         raise errors.invalid(rt.kind, name, "spec.containers: Required value", rt.group)
 

@@ -102,6 +102,11 @@ def api(cluster) -> Api:
     return Api(cluster)
 
 
+@pytest.fixture(scope="session")
+def bob_token() -> str:
+    return BOB_TOKEN
+
+
 @pytest.fixture
 def api_for():
     """Makes an Api for a devcluster a test starts itself."""

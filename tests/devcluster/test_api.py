@@ -237,3 +237,17 @@ def test_python_client_watch(cluster, namespace):
         core.create_namespaced_config_map(namespace, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="from-python")))
         reader.join(5)
         assert events == [("ADDED", "from-python")]
+
+
+def test_pod_subresources_are_authorised_and_need_the_pod(api, bob_token):
+    status, body = api.request("POST", "/api/v1/namespaces/default/pods/missing/exec?command=ls")
+    assert (status, body["message"]) == (404, 'pods "missing" not found')
+    status, body = api.request("POST", "/api/v1/namespaces/team-a/pods/web-5d4f8c7b9-h7k2m/exec?command=ls",
+                               token=bob_token)
+    assert (status, body["message"]) == (403, 'pods "web-5d4f8c7b9-h7k2m" is forbidden: User "bob" cannot '
+                                              'create resource "pods/exec" in API group "" in the namespace "team-a"')
+    status, body = api.request("PUT", "/api/v1/namespaces/default/pods/hello/exec")
+    assert (status, body["reason"]) == (405, "MethodNotAllowed")
+    status, text = api.request("GET", "/api/v1/namespaces/team-a/pods/web-5d4f8c7b9-h7k2m/log?tailLines=1",
+                               token=bob_token)
+    assert (status, text) == (200, "web-5d4f8c7b9-h7k2m/nginx: log line 10\n")

@@ -34,18 +34,23 @@ def test_restart_reuses_credentials_and_stops_cleanly(tmp_path, api_for):
         assert api_for(second).request("GET", "/version")[0] == 200
 
 
-def test_sigterm_ends_open_watches_and_exits_within_a_second(tmp_path, api_for):
+def test_sigterm_ends_open_streams_and_exits_within_a_second(tmp_path, api_for):
     with start_devcluster(tmp_path) as cluster:
-        stream = api_for(cluster).watch("/api/v1/namespaces/default/configmaps?watch=1")
+        api = api_for(cluster)
+        watch = api.watch("/api/v1/namespaces/default/configmaps?watch=1")
+        follow = api.watch("/api/v1/namespaces/default/pods/hello/log?follow=true&tailLines=1")
         try:
-            assert stream.next_event()["type"] == "ADDED"
+            assert watch.next_event()["type"] == "ADDED"
+            assert follow.response.readline() == b"hello/hello: log line 10\n"
             started = time.monotonic()
             cluster.process.send_signal(signal.SIGTERM)
             assert cluster.process.wait(2) == 0
             assert time.monotonic() - started < 1.0
-            assert stream.next_event() is None
+            assert watch.next_event() is None
+            assert follow.response.read() in (b"", b"hello/hello: log line 11\n")
         finally:
-            stream.close()
+            watch.close()
+            follow.close()
 
 
 def test_too_old_watch_version_is_expired(tmp_path, api_for):
