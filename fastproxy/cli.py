@@ -5,7 +5,9 @@ import argparse
 import hashlib
 import sys
 
+from .auth.commands import add_token_commands
 from .config import ConfigError, load_config
+from .store.commands import add_commands
 
 
 def _serve(args) -> int:
@@ -56,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
     hash_key = commands.add_parser("hash-key", help="print the key_sha256 of an access key read from stdin")
     hash_key.set_defaults(handler=_hash_key)
+    add_commands(commands)        # user, team, accesskey: identities in the state file
+    add_token_commands(commands)  # token issue, jwks, revoke
     return parser
 
 

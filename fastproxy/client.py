@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from . import headers as hdrs
-from .flow import AWAITING_PEER, PENDING_LIMIT, PIPELINED, ReadGate, WRITE_HIGH_WATER, WRITE_LOW_WATER
+from .flow import AWAITING_PEER, PEER_FULL, PENDING_LIMIT, PIPELINED, ReadGate, WRITE_HIGH_WATER, WRITE_LOW_WATER
 from .gateway import Plan, RequestHead
 from .routing import HEALTH
 from .status import StatusError, status_response
@@ -38,12 +38,13 @@ class Exchange:
     """One request and its response."""
 
     __slots__ = (
-        "client", "plan", "keep_alive", "canned", "upstream", "pending", "pending_size", "sent",
+        "client", "sink", "plan", "keep_alive", "canned", "upstream", "pending", "pending_size", "sent",
         "sent_size", "retried", "request_done", "response_started", "finished", "tunnel", "body_size",
     )
 
     def __init__(self, client: ClientConnection, plan: Plan | None, keep_alive: bool, canned: bytes = b""):
         self.client = client
+        self.sink = client.transport      # where the upstream connection writes response bytes
         self.plan = plan
         self.keep_alive = keep_alive
         self.canned = canned              # a response the gateway gives itself (plan is None)
@@ -63,14 +64,30 @@ class Exchange:
 
     def start(self) -> None:
         client = self.client
-        if self.plan is None:
+        plan = self.plan
+        if plan is None:
             client.transport.write(self.canned)
             self.finish()
             return
-        if self.plan.expect_continue:
+        if not plan.long_running and not plan.upgrade:
+            client.set_deadline(AWAITING_RESPONSE, plan.upstream.cluster.response_header_timeout)
+        if plan.nested is not None:
+            # The connection holds this exchange (and those behind it) until the cluster answers.
+            client.gateway.review_impersonation(plan, self.impersonation_reviewed)
+            return
+        if plan.expect_continue:
             client.transport.write(CONTINUE)
-        if not self.plan.long_running and not self.plan.upgrade:
-            client.set_deadline(AWAITING_RESPONSE, self.plan.upstream.cluster.response_header_timeout)
+        plan.upstream.pool.acquire(self)
+
+    def impersonation_reviewed(self, refusal: StatusError | None) -> None:
+        if self.finished:
+            return  # timed out or the client left meanwhile
+        if refusal is not None:
+            # A client still holding back its body (Expect) cannot go on with this connection.
+            self.fail(refusal.code, refusal.message, close=self.plan.expect_continue and not self.request_done)
+            return
+        if self.plan.expect_continue:
+            self.client.transport.write(CONTINUE)
         self.plan.upstream.pool.acquire(self)
 
     def request_body(self, data: bytes) -> None:
@@ -120,6 +137,13 @@ class Exchange:
             self.client.gate.close(AWAITING_PEER)
 
     # --- driven by the pool and the upstream connection --------------------------------------
+
+    def peer_full(self, full: bool) -> None:
+        """The upstream's write buffer crossed a water mark: stop or resume reading the client."""
+        if full:
+            self.client.gate.close(PEER_FULL)
+        else:
+            self.client.gate.open(PEER_FULL)
 
     def upstream_ready(self, conn: UpstreamConnection) -> None:
         self.upstream = conn

@@ -9,6 +9,8 @@ import tomllib
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import orjson
+
 from .routing import CLUSTER_NAME
 
 
@@ -69,11 +71,33 @@ class AccessKeyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StateConfig:
+    path: str  # the SQLite state file shared by every worker and the operator commands
+
+
+# As fastproxy.auth.tokens.SUPPORTED_ALGORITHMS (not imported: it loads the crypto libraries).
+TOKEN_ALGORITHMS = ("RS256", "ES256")
+
+
+@dataclass(frozen=True, slots=True)
+class TokensConfig:
+    """Direct Cluster Endpoint tokens: signed here (signing_keys_dir) or only verified (jwks_file)."""
+
+    issuer: str
+    signing_keys_dir: str | None = None
+    jwks_file: str | None = None
+    revocation_file: str | None = None
+    algorithms: tuple[str, ...] = TOKEN_ALGORITHMS  # the first is used for newly generated keys
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     clusters: tuple[ClusterConfig, ...]
     access_keys: tuple[AccessKeyConfig, ...]
     path: str = ""
+    state: StateConfig | None = None    # None: only the static access keys exist
+    tokens: TokensConfig | None = None  # None: tokens are neither issued nor accepted
 
 
 class _Table:
@@ -130,7 +154,8 @@ class _Table:
             raise ConfigError(f"{self.key(unknown[0])}: unknown key")
 
 
-_KIND_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number", list: "a list"}
+_KIND_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number", list: "a list",
+               dict: "a table"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -259,6 +284,60 @@ def _access_key(data: object, where: str) -> AccessKeyConfig:
     return AccessKeyConfig(name=name, key_sha256=digest, user=user, groups=groups)
 
 
+def _writable_path(table: _Table, key: str, *, directory: bool = False, required: bool = False) -> str | None:
+    """A file or directory the gateway may create: its parent folder must exist."""
+    path = table.str(key, required=required)
+    if path is None:
+        return None
+    if os.path.exists(path) and os.path.isdir(path) != directory:
+        raise ConfigError(f"{table.key(key)}: {path} is {'not ' if directory else ''}a directory")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ConfigError(f"{table.key(key)}: folder not found: {os.path.dirname(path)}")
+    return path
+
+
+def _state(data: object) -> StateConfig:
+    t = _Table(data, "state")
+    state = StateConfig(path=_writable_path(t, "path", required=True))
+    t.finish()
+    return state
+
+
+def _tokens(data: object) -> TokensConfig:
+    t = _Table(data, "tokens")
+    issuer = t.str("issuer", required=True)
+    if not issuer:
+        raise ConfigError(f"{t.key('issuer')}: must not be empty")
+    algorithms = t.strings("algorithms") if "algorithms" in t.data else TOKEN_ALGORITHMS
+    unknown = [a for a in algorithms if a not in TOKEN_ALGORITHMS]
+    if unknown or not algorithms:
+        raise ConfigError(f"{t.key('algorithms')}: must list some of {', '.join(TOKEN_ALGORITHMS)}"
+                          + (f", not {unknown[0]!r}" if unknown else ""))
+    keys_dir = _writable_path(t, "signing_keys_dir", directory=True)
+    jwks_file = t.file("jwks_file")
+    if (keys_dir is None) == (jwks_file is None):
+        raise ConfigError(f"{t.key('signing_keys_dir')}: give exactly one of signing_keys_dir (this gateway "
+                          "signs tokens) or jwks_file (it only verifies them)")
+    if jwks_file is not None:
+        _check_jwks(t, jwks_file, algorithms)
+    tokens = TokensConfig(issuer=issuer, signing_keys_dir=keys_dir, jwks_file=jwks_file,
+                          revocation_file=_writable_path(t, "revocation_file"), algorithms=tuple(algorithms))
+    t.finish()
+    return tokens
+
+
+def _check_jwks(table: _Table, path: str, algorithms: tuple[str, ...]) -> None:
+    try:
+        with open(path, "rb") as f:
+            jwks = orjson.loads(f.read())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise ConfigError(f"{table.key('jwks_file')}: cannot be read: {exc}") from None
+    keys = jwks.get("keys") if isinstance(jwks, dict) else None
+    if not isinstance(keys, list) or not any(
+            isinstance(k, dict) and k.get("alg") in algorithms and isinstance(k.get("kid"), str) for k in keys):
+        raise ConfigError(f"{table.key('jwks_file')}: holds no key with a kid for {', '.join(algorithms)}")
+
+
 def _list_of_tables(root: _Table, key: str) -> list:
     value = root._get(key, list, [])
     return [(item, f"{key}[{i}]") for i, item in enumerate(value)]
@@ -269,6 +348,8 @@ def parse_config(data: dict, path: str = "") -> Config:
     server = _server(root._get("server", dict, {}))
     clusters = tuple(_cluster(item, where) for item, where in _list_of_tables(root, "clusters"))
     access_keys = tuple(_access_key(item, where) for item, where in _list_of_tables(root, "access_keys"))
+    state = _state(root._get("state", dict, None)) if "state" in root.data else None
+    tokens = _tokens(root._get("tokens", dict, None)) if "tokens" in root.data else None
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):
@@ -281,7 +362,7 @@ def parse_config(data: dict, path: str = "") -> Config:
             raise ConfigError(f"access_keys[{i}].name: duplicate access key name {key.name!r}")
         if key.key_sha256 in digests[:i]:
             raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
-    return Config(server=server, clusters=clusters, access_keys=access_keys, path=path)
+    return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens)
 
 
 def load_config(path: str) -> Config:
@@ -299,7 +380,7 @@ def load_config(path: str) -> Config:
 
 
 _PATH_KEYS = ("tls_cert_file", "tls_key_file", "ca_file", "token_file", "client_cert_file",
-              "client_key_file", "key_file")
+              "client_key_file", "key_file", "path", "signing_keys_dir", "jwks_file", "revocation_file")
 
 
 def _resolve_paths(node: object, base: str) -> None:

@@ -1,16 +1,21 @@
 """Per-worker gateway state and the pure-ish request plan: route, authenticate, rewrite."""
 from __future__ import annotations
 
-import hashlib
-import hmac
+import asyncio
+import base64
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from . import headers as hdrs
+from .auth.credentials import Authenticator
 from .auth.identity import Identity
+from .auth.impersonation import ImpersonationReviewer, NestedIdentity, parse_impersonation
+from .auth.requestinfo import request_info
+from .auth.scopes import check_scope
 from .config import Config, ClusterConfig
 from .routing import CLUSTER, Route, route
 from .status import StatusError
@@ -20,6 +25,7 @@ log = logging.getLogger("fastproxy.gateway")
 
 _NO_BODY_METHODS = frozenset((b"GET", b"HEAD", b"DELETE", b"OPTIONS"))
 _LONG_RUNNING_PARAMS = frozenset(("watch", "follow"))
+_BASE64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
 @dataclass(slots=True)
@@ -47,6 +53,7 @@ class Plan:
     upgrade: bool = False
     long_running: bool = False  # watch / follow: no response-head timeout
     expect_continue: bool = False
+    nested: NestedIdentity | None = None  # asked-for impersonation the cluster must allow first
 
 
 class Upstream:
@@ -94,27 +101,6 @@ def upstream_ssl_context(cluster: ClusterConfig) -> ssl.SSLContext | None:
     return context
 
 
-class StaticKeys:
-    """Access keys from the configuration, looked up by the SHA-256 of the presented key."""
-
-    def __init__(self, config: Config):
-        self.by_digest: dict[bytes, tuple[bytes, Identity]] = {
-            key.key_sha256: (key.key_sha256, Identity(
-                user=key.user, groups=key.groups, source=key.name,
-                impersonation=hdrs.impersonation_headers(key.user, key.groups)))
-            for key in config.access_keys
-        }
-
-    def resolve(self, token: bytes) -> Identity | None:
-        # Keys are found by their digest, so lookup timing says nothing about a stored key;
-        # the final comparison is constant-time all the same.
-        digest = hashlib.sha256(token).digest()
-        found = self.by_digest.get(digest)
-        if found is not None and hmac.compare_digest(found[0], digest):
-            return found[1]
-        return None
-
-
 class Gateway:
     """Everything one worker needs to answer requests; pools are usable from any handler."""
 
@@ -125,20 +111,14 @@ class Gateway:
             cluster.name: Upstream(cluster, Pool(loop, cluster, upstream_ssl_context(cluster)))
             for cluster in config.clusters
         }
-        self.keys = StaticKeys(config)
+        self.authenticator = Authenticator(config)
+        self.reviewer = ImpersonationReviewer()
+        self.reviews: set[asyncio.Task] = set()  # running impersonation reviews, kept from collection
         self.connections: set = set()  # open client connections, for deadlines and shutdown
 
-    def authenticate(self, authorization: bytes | None) -> Identity:
-        if authorization is None:
-            raise StatusError(401, "Unauthorized: a bearer access key is required")
-        scheme, _, token = authorization.strip().partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
-            raise StatusError(401, "Unauthorized: the Authorization header must be 'Bearer <access key>'")
-        identity = self.keys.resolve(token)
-        if identity is None:
-            raise StatusError(401, "Unauthorized: invalid access key")
-        return identity
+    def start(self) -> None:
+        """Begin the background work: keeping the state store's snapshot fresh."""
+        self.authenticator.start(self.loop)
 
     def plan(self, head: RequestHead) -> Plan:
         """Decide what happens to a request, or raise StatusError. No I/O."""
@@ -155,10 +135,20 @@ class Gateway:
             if found.upgrade is None or found.upgrade.lower() not in hdrs.UPGRADE_PROTOCOLS:
                 raise StatusError(400, "only SPDY/3.1 and websocket upgrades are supported", close=True)
             upgrade = found.upgrade
-        identity = self.authenticate(found.authorization)
+        identity = self.authenticator.authenticate(bearer_credential(found, upgrade), where.cluster)
+        if identity.scope is not None:
+            denial = check_scope(identity.scope, request_info(method.decode("latin-1"), where.path, where.query),
+                                 "Cluster", where.cluster)
+            if denial is not None:
+                raise StatusError(403, denial)
         upstream = self.upstreams.get(where.cluster)
         if upstream is None:
             raise StatusError(404, f'cluster "{where.cluster}" not found')
+        if found.impersonation is None:
+            nested, impersonation = None, identity.impersonation
+        else:
+            nested = parse_impersonation(found.impersonation)
+            impersonation = nested.headers()  # sent only once the cluster allows it
         content_length = found.content_length
         limit = self.config.server.max_body_bytes
         if limit and content_length is not None and content_length > limit:
@@ -179,23 +169,66 @@ class Gateway:
             head=hdrs.upstream_request_head(
                 method, upstream_target.encode("latin-1"), version, found.kept,
                 host=upstream.host_line, credential=upstream.credential,
-                impersonation=identity.impersonation, forwarded_for=forwarded_for,
+                impersonation=impersonation, forwarded_for=forwarded_for,
                 framing=framing, upgrade=upgrade),
             chunked=found.chunked,
             upgrade=upgrade is not None,
             long_running=is_long_running(where.query),
             expect_continue=found.expect_continue and version == b"1.1",
+            nested=nested,
         )
 
+    def review_impersonation(self, plan: Plan, done: Callable[[StatusError | None], None]) -> None:
+        """Ask the cluster whether plan.identity may act as plan.nested; `done` gets the refusal or None."""
+        review = self.loop.create_task(self.reviewer.refusal(plan.upstream, plan.identity, plan.nested))
+        self.reviews.add(review)
+
+        def reviewed(task: asyncio.Task) -> None:
+            self.reviews.discard(task)
+            if task.cancelled():
+                return  # shutting down
+            try:
+                refusal = task.result()
+            except Exception:
+                log.exception("cluster %s: impersonation review failed", plan.route.cluster)
+                refusal = StatusError(500, "impersonation could not be checked")
+            done(refusal)
+        review.add_done_callback(reviewed)
+
     def tick(self) -> None:
-        """Once a second or so: expire idle upstream connections, pick up rotated tokens."""
+        """Once a second or so: expire idle upstream connections, pick up rotated tokens,
+        write batched key activity, re-read changed revocation lists."""
         for upstream in self.upstreams.values():
             upstream.pool.expire_idle()
             upstream.refresh_credential()
+        self.authenticator.tick()
 
     def close(self) -> None:
         for upstream in self.upstreams.values():
             upstream.pool.close()
+        self.authenticator.close()
+
+
+def bearer_credential(found: hdrs.ClientHeaders, upgrade: bytes | None) -> bytes:
+    """The key or token the client presents: `Authorization: Bearer`, or for a WebSocket without
+    one, the bearer token subprotocol (browsers cannot set headers on a WebSocket)."""
+    authorization = found.authorization
+    if authorization is None:
+        encoded = found.bearer_subprotocol
+        if encoded is None or upgrade is None or upgrade.lower() != b"websocket":
+            raise StatusError(401, "Unauthorized: a bearer access key is required")
+        # Checked first: the decoder would skip characters outside the alphabet.
+        if encoded.translate(None, _BASE64URL) or len(encoded) % 4 == 1:
+            raise StatusError(401, "Unauthorized: the bearer token subprotocol is not base64url")
+        token = base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4))
+        if not token:
+            raise StatusError(401, "Unauthorized: the bearer token subprotocol is empty")
+        return token
+    scheme, _, token = authorization.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        raise StatusError(401, "Unauthorized: the Authorization header must be 'Bearer <access key>'")
+    return token
 
 
 def is_long_running(query: str) -> bool:

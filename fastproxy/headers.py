@@ -20,7 +20,12 @@ _HOP_BY_HOP = frozenset((
 ))
 # Never forwarded from a client: replaced by the gateway's own.
 _GATEWAY_OWNED = frozenset((b"authorization", b"host", b"content-length", b"x-forwarded-for", b"expect"))
+_WEBSOCKET_PROTOCOL = b"sec-websocket-protocol"
+# Every header the scan acts on, so that the many it only copies cost one set lookup.
+_INSPECTED = _HOP_BY_HOP | _GATEWAY_OWNED | {_WEBSOCKET_PROTOCOL}
 UPGRADE_PROTOCOLS = frozenset((b"spdy/3.1", b"websocket"))
+# How browsers, which cannot set Authorization on a WebSocket, send a bearer token instead.
+BEARER_SUBPROTOCOL_PREFIX = b"base64url.bearer.authorization.k8s.io."
 
 
 @dataclass(slots=True)
@@ -29,6 +34,8 @@ class ClientHeaders:
 
     kept: Headers
     authorization: bytes | None = None
+    bearer_subprotocol: bytes | None = None  # the base64url token from Sec-WebSocket-Protocol
+    impersonation: Headers | None = None     # Impersonate-* headers, names lower-cased
     forwarded_for: bytes | None = None
     upgrade: bytes | None = None
     content_length: int | None = None
@@ -43,17 +50,25 @@ def _tokens(value: bytes) -> list[bytes]:
 def scan_client_headers(headers: Headers) -> ClientHeaders:
     """Split the client's headers into what is forwarded and what the gateway acts on.
 
-    Raises StatusError for requests the gateway refuses: client-supplied impersonation (403),
-    ambiguous framing or duplicated singleton headers (400), an unsupported Expect (417).
+    Impersonate-* headers and a bearer token subprotocol are taken out, never kept: the gateway
+    decides what, if anything, goes upstream in their place. Headers the client's Connection
+    header names are hop-by-hop and dropped first, impersonation included.
+    Raises StatusError for requests the gateway refuses: ambiguous framing or duplicated
+    singleton headers (400), an unsupported Expect (417).
     """
     kept: Headers = []
     found = ClientHeaders(kept)
     connection_tokens: list[bytes] = []
+    impersonation: Headers = []
     seen_host = False
     for name, value in headers:
         lname = name.lower()
-        if lname in _HOP_BY_HOP or lname in _GATEWAY_OWNED:
-            if lname == b"connection":
+        if lname in _INSPECTED:
+            if lname == _WEBSOCKET_PROTOCOL:
+                value = _take_bearer_subprotocol(found, value)
+                if value:
+                    kept.append((name, value))
+            elif lname == b"connection":
                 connection_tokens += _tokens(value)
             elif lname == b"authorization":
                 if found.authorization is not None:
@@ -81,12 +96,32 @@ def scan_client_headers(headers: Headers) -> ClientHeaders:
                 found.expect_continue = True
             continue
         if lname.startswith(b"impersonate-"):
-            raise StatusError(403, f"impersonation headers are not allowed: {name.decode('latin-1')}")
+            impersonation.append((lname, value))
+            continue
         kept.append((name, value))
     if connection_tokens:
         named = frozenset(connection_tokens)
         kept[:] = [(n, v) for n, v in kept if n.lower() not in named]
+        impersonation = [(n, v) for n, v in impersonation if n not in named]
+    if impersonation:
+        found.impersonation = impersonation
     return found
+
+
+def _take_bearer_subprotocol(found: ClientHeaders, value: bytes) -> bytes:
+    """Remove a bearer token entry from a Sec-WebSocket-Protocol value; the other entries stay."""
+    if BEARER_SUBPROTOCOL_PREFIX not in value.lower():  # in any case: a token is never forwarded
+        return value
+    others = []
+    for entry in value.split(b","):
+        entry = entry.strip()
+        if entry[:len(BEARER_SUBPROTOCOL_PREFIX)].lower() == BEARER_SUBPROTOCOL_PREFIX:
+            if found.bearer_subprotocol is not None:
+                raise StatusError(400, "more than one bearer token subprotocol", close=True)
+            found.bearer_subprotocol = entry[len(BEARER_SUBPROTOCOL_PREFIX):]
+        elif entry:
+            others.append(entry)
+    return b", ".join(others)
 
 
 def upstream_request_head(

@@ -13,6 +13,7 @@ import time
 
 import uvloop
 
+from .auth.credentials import Authenticator
 from .client import ClientConnection
 from .config import Config, ServerConfig
 from .gateway import Gateway
@@ -75,6 +76,7 @@ class Worker:
             self.loop.add_signal_handler(signum, self.stopping.set)
         server = await self.loop.create_server(
             lambda: ClientConnection(self.gateway), sock=self.sock, ssl=context, backlog=4096)
+        self.gateway.start()
         self.loop.call_later(SWEEP_INTERVAL, self._sweep)
         await self.stopping.wait()
         server.close()
@@ -110,6 +112,9 @@ def serve(config: Config) -> int:
             log.warning("cluster %s: plain http:// upstream; its credential crosses the network in clear text", cluster.name)
         if cluster.insecure_skip_tls_verify:
             log.warning("cluster %s: insecure_skip_tls_verify: the cluster's identity is not checked", cluster.name)
+    # Open the state store and the signing keys once here, so that a problem with them is one
+    # line and exit status 2 instead of workers failing one after another.
+    Authenticator(config).close()
     if server.workers == 1:
         sock = listening_socket(server.host, server.port)
         log.info("listening on %s://%s:%d (1 worker, pid %d)", scheme, server.host, sock.getsockname()[1], os.getpid())

@@ -1,7 +1,9 @@
 """Connections to a cluster's API server: the pool and the response-side protocol.
 
 The response parser only finds where each message ends; body bytes go from this transport
-to the client transport exactly as they arrived (chunked framing included).
+to the exchange's `sink` (the client transport, for a proxied request) exactly as they arrived,
+chunked framing included. An exchange is anything with the methods called on it here and in
+Pool: client.Exchange for proxied requests, upstream_client.InternalExchange for the gateway's own.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from .flow import PEER_FULL, WRITE_HIGH_WATER, WRITE_LOW_WATER
+from .flow import WRITE_HIGH_WATER, WRITE_LOW_WATER
 
 if TYPE_CHECKING:
     from .client import Exchange
@@ -77,11 +79,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
-            self.exchange.client.gate.close(PEER_FULL)
+            self.exchange.peer_full(True)
 
     def resume_writing(self) -> None:
         if self.exchange is not None:
-            self.exchange.client.gate.open(PEER_FULL)
+            self.exchange.peer_full(False)
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
@@ -89,7 +91,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # bytes on an idle connection: it can no longer be trusted
             return
         if self.tunnel:
-            exchange.client.transport.write(data)
+            exchange.sink.write(data)
             return
         self.got_bytes = True
         if self.head_done:
@@ -98,7 +100,7 @@ class UpstreamConnection(asyncio.Protocol):
             except httptools.HttpParserError as exc:
                 exchange.upstream_broken(self, f"invalid response body: {exc}")
                 return
-            exchange.client.transport.write(data)
+            exchange.sink.write(data)
         else:
             self._head_data(exchange, data)
         if self.complete and self.exchange is exchange:
@@ -142,7 +144,7 @@ class UpstreamConnection(asyncio.Protocol):
             if exchange.plan.method == b"HEAD":
                 self.keep_alive = False  # a body after a HEAD answer: out of step, never reuse
             else:
-                exchange.client.transport.write(memoryview(buffer)[body_start:])
+                exchange.sink.write(memoryview(buffer)[body_start:])
 
     def _finish(self, exchange: Exchange) -> None:
         reusable = self.keep_alive and exchange.request_done and not exchange.plan.upgrade

@@ -120,3 +120,85 @@ def test_hash_key():
     result = subprocess.run([sys.executable, "-m", "fastproxy", "hash-key"], input="ci-key\n", capture_output=True, text=True)
     import hashlib
     assert result.stdout.strip() == hashlib.sha256(b"ci-key").hexdigest()
+
+
+IDENTITY = """
+    [state]
+    path = "state/fastproxy.db"
+
+    [tokens]
+    issuer = "https://gw.example"
+    {mode}
+    revocation_file = "revoked.txt"
+    {algorithms}
+"""
+
+
+def identity_config(tmp, tls, mode='signing_keys_dir = "keys"', algorithms=""):
+    (tmp / "state").mkdir(exist_ok=True)
+    return good(tls) + IDENTITY.format(mode=mode, algorithms=algorithms)
+
+
+def test_state_and_central_tokens(files):
+    tmp, tls = files
+    config = load_config(write(tmp, identity_config(tmp, tls)))
+    assert config.state.path == str(tmp / "state" / "fastproxy.db")  # relative to the config file
+    tokens = config.tokens
+    assert (tokens.issuer, tokens.signing_keys_dir, tokens.jwks_file, tokens.revocation_file, tokens.algorithms) == (
+        "https://gw.example", str(tmp / "keys"), None, str(tmp / "revoked.txt"), ("RS256", "ES256"))
+
+
+def test_edge_tokens_read_a_jwks_file(files):
+    tmp, tls = files
+    (tmp / "jwks.json").write_text('{"keys": [{"kty": "EC", "kid": "k1", "alg": "ES256", "crv": "P-256"}]}')
+    config = load_config(write(tmp, identity_config(tmp, tls, 'jwks_file = "jwks.json"', 'algorithms = ["ES256"]')))
+    assert (config.tokens.jwks_file, config.tokens.signing_keys_dir, config.tokens.algorithms) == (
+        str(tmp / "jwks.json"), None, ("ES256",))
+
+
+def test_without_state_and_tokens_only_static_keys_exist(files):
+    tmp, tls = files
+    config = load_config(write(tmp, good(tls)))
+    assert config.state is None and config.tokens is None
+
+
+def test_token_algorithms_match_the_verifier():
+    from fastproxy.auth.tokens import SUPPORTED_ALGORITHMS
+    from fastproxy.config import TOKEN_ALGORITHMS
+    assert TOKEN_ALGORITHMS == SUPPORTED_ALGORITHMS
+
+
+@pytest.mark.parametrize("change,message", [
+    (('path = "state/fastproxy.db"', 'path = "nowhere/fastproxy.db"'), "state.path: folder not found: "),
+    (('path = "state/fastproxy.db"', 'path = "state"'), "state.path: "),
+    (('path = "state/fastproxy.db"', 'path = "state/x.db"\ncache = 1'), "state.cache: unknown key"),
+    (('path = "state/fastproxy.db"', ''), "state.path: is required"),
+    (('issuer = "https://gw.example"', ''), "tokens.issuer: is required"),
+    (('issuer = "https://gw.example"', 'issuer = ""'), "tokens.issuer: must not be empty"),
+    (('signing_keys_dir = "keys"', ''), "tokens.signing_keys_dir: give exactly one of signing_keys_dir"),
+    (('signing_keys_dir = "keys"', 'signing_keys_dir = "keys"\njwks_file = "key"'),
+     "tokens.signing_keys_dir: give exactly one of signing_keys_dir"),
+    (('signing_keys_dir = "keys"', 'signing_keys_dir = "token"'), "tokens.signing_keys_dir: "),
+    (('signing_keys_dir = "keys"', 'jwks_file = "missing.json"'), "tokens.jwks_file: file not found"),
+    (('signing_keys_dir = "keys"', 'jwks_file = "token"'), "tokens.jwks_file: cannot be read"),
+    (('signing_keys_dir = "keys"', 'jwks_file = "empty.json"'), "tokens.jwks_file: holds no key with a kid for RS256, ES256"),
+    (('revocation_file = "revoked.txt"', 'revocation_file = "gone/revoked.txt"'), "tokens.revocation_file: folder not found"),
+    (('revocation_file = "revoked.txt"', 'algorithms = ["HS256"]'), "tokens.algorithms: must list some of RS256, ES256, not 'HS256'"),
+    (('revocation_file = "revoked.txt"', 'algorithms = []'), "tokens.algorithms: must list some of RS256, ES256"),
+    (('revocation_file = "revoked.txt"', 'algorithm = "RS256"'), "tokens.algorithm: unknown key"),
+])
+def test_bad_identity_values_name_the_key(files, change, message):
+    tmp, tls = files
+    (tmp / "empty.json").write_text('{"keys": []}')
+    text = identity_config(tmp, tls).replace(*change)
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp, text))
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["state", "tokens"])
+def test_identity_sections_must_be_tables(key):
+    from fastproxy.config import parse_config
+    with pytest.raises(ConfigError, match=rf"^{key}: must be a table, not 1$"):
+        parse_config({key: 1})

@@ -18,10 +18,42 @@ def test_end_to_end_headers_are_kept_and_gateway_owned_are_taken():
 
 
 @pytest.mark.parametrize("name", ["Impersonate-User", "impersonate-group", "Impersonate-Uid", "Impersonate-Extra-scopes"])
-def test_client_impersonation_is_refused(name):
+def test_client_impersonation_is_taken_out_never_kept(name):
+    found = scan(("Authorization", "Bearer k"), (name, "system:admin"), ("Accept", "*/*"))
+    assert found.kept == [(b"Accept", b"*/*")]
+    assert found.impersonation == [(name.lower().encode(), b"system:admin")]
+
+
+def test_no_impersonation_headers_means_none():
+    assert scan(("Authorization", "Bearer k"), ("Accept", "*/*")).impersonation is None
+
+
+def test_impersonation_named_in_connection_is_hop_by_hop():
+    # Named in Connection, a header is for the gateway only: dropped before anything acts on it.
+    found = scan(("Impersonate-User", "bob"), ("Impersonate-Group", "ops"), ("Connection", "Impersonate-User"))
+    assert found.impersonation == [(b"impersonate-group", b"ops")]
+    assert scan(("Impersonate-User", "bob"), ("Connection", "impersonate-user")).impersonation is None
+
+
+@pytest.mark.parametrize("value,kept,token", [
+    ("base64url.bearer.authorization.k8s.io.dG9rZW4, v5.channel.k8s.io", b"v5.channel.k8s.io", b"dG9rZW4"),
+    ("v5.channel.k8s.io,base64url.bearer.authorization.k8s.io.dG9rZW4,v4.channel.k8s.io",
+     b"v5.channel.k8s.io, v4.channel.k8s.io", b"dG9rZW4"),
+    ("BASE64URL.Bearer.Authorization.K8S.io.dG9rZW4", None, b"dG9rZW4"),
+    ("v5.channel.k8s.io", b"v5.channel.k8s.io", None),
+])
+def test_bearer_subprotocol_is_taken_out_and_the_others_kept(value, kept, token):
+    found = scan(("Sec-WebSocket-Protocol", value), ("Accept", "*/*"))
+    assert found.bearer_subprotocol == token
+    expected = [(b"Sec-WebSocket-Protocol", kept)] if kept else []
+    assert found.kept == [*expected, (b"Accept", b"*/*")]
+
+
+def test_two_bearer_subprotocols_are_refused():
     with pytest.raises(StatusError) as err:
-        scan(("Authorization", "Bearer k"), (name, "system:admin"))
-    assert err.value.code == 403 and name in err.value.message
+        scan(("Sec-WebSocket-Protocol", "base64url.bearer.authorization.k8s.io.YQ"),
+             ("Sec-WebSocket-Protocol", "base64url.bearer.authorization.k8s.io.Yg"))
+    assert err.value.code == 400 and "more than one bearer token subprotocol" in err.value.message
 
 
 def test_hop_by_hop_and_connection_named_headers_are_dropped():

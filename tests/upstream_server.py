@@ -1,7 +1,8 @@
 """A small HTTP/1.1 upstream for the gateway's integration tests, run as its own process.
 
-It reports what it received, streams watch-like chunked events, switches protocols, and
-misbehaves on request, so tests can observe the gateway from the cluster's side.
+It reports what it received, streams watch-like chunked events, switches protocols, answers
+SubjectAccessReviews from a fixed rule (and records them), and misbehaves on request, so tests
+can observe the gateway from the cluster's side.
 Usage: python upstream_server.py CERT KEY  (prints the port it listens on, then serves).
 """
 from __future__ import annotations
@@ -17,6 +18,21 @@ from urllib.parse import parse_qs, urlsplit
 connection_ids = itertools.count(1)
 watches = {"open": 0, "closed": 0}
 hits: dict[str, int] = {}
+reviews: list[dict] = []  # every SubjectAccessReview received: its headers and body
+
+
+def review(body: bytes) -> tuple[str, bytes]:
+    """The rule: "alice" may impersonate any user, group, uid, extra value or service account
+    whose name starts with "allowed-"; a name "sar-fails" makes the review itself fail."""
+    spec = json.loads(body)["spec"]
+    attributes = spec["resourceAttributes"]
+    if attributes.get("name") == "sar-fails":
+        return "500 Internal Server Error", json.dumps({"kind": "Status", "code": 500, "message": "etcd is down"}).encode()
+    allowed = (spec["user"] == "alice" and attributes["verb"] == "impersonate"
+               and attributes.get("name", "").startswith("allowed-"))
+    answer = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec,
+              "status": {"allowed": allowed, **({} if allowed else {"reason": "no RBAC rule allows it"})}}
+    return "201 Created", json.dumps(answer).encode()
 
 
 async def read_head(reader):
@@ -71,7 +87,8 @@ async def watch(writer, query):
 
 async def tunnel(reader, writer, headers):
     writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: "
-                 + header(headers, "upgrade").encode() + b"\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n")
+                 + header(headers, "upgrade").encode() + b"\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n"
+                 + b"X-Received: " + json.dumps(headers).encode() + b"\r\n\r\n")
     writer.write(b"hello from upstream\n")
     while data := await reader.read(65536):
         writer.write(data.upper())
@@ -94,7 +111,18 @@ async def handle(reader, writer):
                 await tunnel(reader, writer, headers)
                 return
             body, framing = await read_body(reader, headers)
-            if path == "watch":
+            if path == "subjectaccessreviews" and method == "POST":
+                reviews.append({"headers": headers, "body": json.loads(body)})
+                status, answer = review(body)
+                half = len(answer) // 2  # chunked, as API servers often answer
+                writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                             "Transfer-Encoding: chunked\r\n\r\n".encode())
+                for piece in (answer[:half], answer[half:]):
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                writer.write(b"0\r\n\r\n")
+            elif path == "reviews":
+                respond(writer, "200 OK", json.dumps(reviews).encode())
+            elif path == "watch":
                 await watch(writer, query)
             elif path == "big":
                 size = int(query["size"][0])

@@ -138,6 +138,15 @@ def build_identity(user: str, groups: Iterable[str], source: str, scope: Compile
     return Identity(user, unique, source, impersonation_headers(user, unique), scope)
 
 
+def user_groups(user: User, teams: Iterable[Team]) -> list[str]:
+    """The groups of a user's identity: its own, those of `teams` (the ones it is a member of,
+    by name), and the groups every user has."""
+    groups = [*user.groups]
+    for team in teams:
+        groups += [*team.groups, f"loft:team:{team.name}"]
+    return [*groups, *BASE_GROUPS, f"loft:user:{user.name}"]
+
+
 def build_snapshot(version: int, users: Iterable[User], teams: Iterable[Team], keys: Iterable[AccessKey],
                    revoked_tokens: Iterable[str], now: float, *,
                    project_namespace_prefix: str = DEFAULT_PROJECT_NAMESPACE_PREFIX) -> Snapshot:
@@ -164,11 +173,8 @@ def build_snapshot(version: int, users: Iterable[User], teams: Iterable[Team], k
             user = users_by_name.get(key.user)
             if user is None or user.disabled:
                 continue
-            groups = [*user.groups]
-            for team in teams_of.get(user.name, ()):
-                groups += [*team.groups, f"loft:team:{team.name}"]
-            identity = build_identity(user.subject or user.name,
-                                      [*groups, *BASE_GROUPS, f"loft:user:{user.name}"], key.name, scope)
+            identity = build_identity(user.subject or user.name, user_groups(user, teams_of.get(user.name, ())),
+                                      key.name, scope)
         else:
             team = teams_by_name.get(key.team)
             if team is None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..auth.scopes import ScopeError
+from ..config import ConfigError, load_config
 from .base import ACCESS_KEY_TYPES, StoreError
 from .sqlite import SqliteStore
 
@@ -30,7 +31,8 @@ class CommandParser(argparse.ArgumentParser):
 def add_commands(subparsers: Any) -> None:
     """Add the `user`, `team` and `accesskey` command groups to a parser's subparsers."""
     state = argparse.ArgumentParser(add_help=False)
-    state.add_argument("--state", required=True, metavar="PATH", help="the SQLite state file")
+    state.add_argument("--state", metavar="PATH", help="the SQLite state file (default: --config's [state] path)")
+    state.add_argument("--config", metavar="FILE", help="a gateway configuration with a [state] path")
 
     def group(name: str, help_text: str) -> Any:
         parser = subparsers.add_parser(name, help=help_text)
@@ -75,6 +77,7 @@ def add_commands(subparsers: Any) -> None:
     create.add_argument("--type", choices=ACCESS_KEY_TYPES, default="User")
     create.add_argument("--display-name", default="")
     command(keys, "list", accesskey_list, "list access keys")
+    command(keys, "disable", accesskey_disable, "disable an access key: it stops resolving").add_argument("name")
     command(keys, "revoke", accesskey_revoke, "delete an access key").add_argument("name")
 
 
@@ -98,7 +101,23 @@ def _refusing(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpars
     return run
 
 
+def state_path(args: argparse.Namespace) -> str:
+    """--state, else the [state] path of --config; raises StoreError naming the flag."""
+    if args.state is not None:
+        return args.state
+    if args.config is None:
+        raise StoreError("--state: required (or --config FILE with a [state] path)")
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        raise StoreError(f"--config: {error}") from None
+    if config.state is None:
+        raise StoreError(f"--config: {args.config} has no [state] path; give --state")
+    return config.state.path
+
+
 def _store(args: argparse.Namespace) -> SqliteStore:
+    args.state = state_path(args)
     return SqliteStore(args.state)
 
 
@@ -197,6 +216,17 @@ def accesskey_list(args: argparse.Namespace) -> int:
                  [(key.name, key.type, f"user/{key.user}" if key.user else f"team/{key.team}",
                    _time(key.expires_at()), _time(key.last_activity), "yes" if key.disabled else "no",
                    "yes" if key.scope is not None else "no") for key in keys])
+    return 0
+
+
+@_refusing
+def accesskey_disable(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        store.disable_access_key(args.name)
+    finally:
+        store.close()
+    print(f"access key {args.name} disabled")
     return 0
 
 

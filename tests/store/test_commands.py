@@ -93,7 +93,7 @@ def test_team_key(capsys, state):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["user", "create", "alice"], "fastproxy user create: error: the following arguments are required: --state"),
+    (["user", "create", "alice"], "fastproxy: error: --state: required (or --config FILE with a [state] path)"),
     (["user", "create", "Alice", "--state", "{state}"],
      "fastproxy: error: user name 'Alice' is not valid: use lower-case letters, digits, '-' and '.'"),
     (["user", "create", "bob", "--group", "a\nb", "--state", "{state}"],
@@ -141,3 +141,34 @@ def test_through_a_subprocess(state):
     again = subprocess.run([sys.executable, "-m", "fastproxy.store.commands", "user", "create", "alice",
                             "--state", state], capture_output=True, text=True)
     assert (again.returncode, again.stdout, again.stderr) == (2, "", "fastproxy: error: user 'alice' already exists\n")
+
+
+def test_state_defaults_to_the_configs_state_path(capsys, tmp_path):
+    (tmp_path / "token").write_text("t\n")
+    config = tmp_path / "fastproxy.toml"
+    config.write_text('[state]\npath = "state.db"\n\n[[clusters]]\nname = "prod"\n'
+                      'server = "https://10.0.0.1:6443"\ntoken_file = "token"\n')
+    ok(capsys, "user", "create", "alice", "--config", str(config))
+    secret = ok(capsys, "accesskey", "create", "--user", "alice", "--name", "k", "--config", str(config)).split()[-1]
+    assert ok(capsys, "accesskey", "disable", "k", "--config", str(config)) == "access key k disabled\n"
+    store = SqliteStore(tmp_path / "state.db")  # relative to the configuration file
+    assert [key.disabled for key in store.list_access_keys()] == [True]
+    assert store.load_snapshot().resolve(secret, time.time()) is None
+    store.close()
+
+
+@pytest.mark.parametrize("config_text,message", [
+    ('[[clusters]]\nname = "prod"\nserver = "https://10.0.0.1:6443"\ntoken_file = "token"\n',
+     "fastproxy: error: --config: {config} has no [state] path; give --state"),
+    ('[state]\npath = "nowhere/state.db"\n', "fastproxy: error: --config: state.path: folder not found: "),
+])
+def test_a_config_without_a_usable_state_path_is_refused(capsys, tmp_path, config_text, message):
+    (tmp_path / "token").write_text("t\n")
+    config = tmp_path / "fastproxy.toml"
+    config.write_text(config_text)
+    assert refused(capsys, "user", "list", "--config", str(config)).startswith(message.format(config=config))
+
+
+def test_disable_an_unknown_key(capsys, state):
+    assert refused(capsys, "accesskey", "disable", "ghost", "--state", state) == (
+        "fastproxy: error: access key 'ghost' does not exist")
