@@ -163,14 +163,17 @@ class Exchange:
         if not self.finished:
             self.fail(503, message)
 
-    def upstream_head(self, conn: UpstreamConnection) -> None:
+    def upstream_head(self, conn: UpstreamConnection, body: memoryview | None) -> None:
         self.sent = None
         self.client.clear_deadline(AWAITING_RESPONSE)
         # Without framing the response ends when the upstream closes, and so must the client's.
         self.keep_alive = self.keep_alive and conn.framed and not self.plan.upgrade
         self.response_started = True
-        self.client.transport.write(
-            hdrs.client_response_head(conn.status, conn.headers, keep_alive=self.keep_alive))
+        head = hdrs.relay_response_head(conn.head, keep_alive=self.keep_alive)
+        if body is None:
+            self.sink.write(head)
+        else:
+            self.sink.writelines((head, body))  # one send for a small response
 
     def upstream_switched(self, conn: UpstreamConnection, early: memoryview) -> None:
         self.sent = None
@@ -179,7 +182,7 @@ class Exchange:
         self.tunnel = True
         self.keep_alive = False
         transport = self.client.transport
-        transport.write(hdrs.client_response_head(101, conn.headers, keep_alive=False, upgrade=True))
+        transport.write(hdrs.client_response_head(101, hdrs.response_headers(conn.head), keep_alive=False, upgrade=True))
         if early:
             transport.write(early)
         if self.pending:
@@ -189,10 +192,7 @@ class Exchange:
 
     def upstream_complete(self, conn: UpstreamConnection, reusable: bool) -> None:
         self.upstream = None
-        if reusable:
-            self.plan.upstream.pool.release(conn)
-        else:
-            conn.close()
+        self.plan.upstream.pool.give_back(conn, reusable)
         self.finish()
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:

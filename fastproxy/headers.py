@@ -6,6 +6,7 @@ impersonation headers, so no client header can remove or override them.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .status import StatusError, status_line
@@ -150,6 +151,38 @@ _RESPONSE_HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
     b"proxy-authorization", b"te", b"trailer", b"upgrade",
 ))
+# Hop-by-hop header lines as they stand in a raw head (the parser refused obs-fold, so every
+# field is one CRLF-led line): relaying a head is one regex pass, not a Python call per header.
+_RESPONSE_HOP_BY_HOP_LINE = re.compile(
+    b"\r\n(?:" + b"|".join(re.escape(name) for name in _RESPONSE_HOP_BY_HOP) + b"):[^\r\n]*", re.IGNORECASE)
+_CONNECTION_VALUE = re.compile(b"\r\nconnection:([^\r\n]*)", re.IGNORECASE)
+_FRAMING_LINE = re.compile(b"\r\n(?:content-length|transfer-encoding):", re.IGNORECASE)
+_CONNECTION_OPTIONS = frozenset((b"keep-alive", b"close"))
+
+
+def response_headers(raw: bytes) -> Headers:
+    """The header fields of a response head the parser already accepted."""
+    lines = raw.split(b"\r\n")[1:]
+    return [(name, value.strip()) for name, _, value in (line.partition(b":") for line in lines if line)]
+
+
+def has_framing(raw: bytes) -> bool:
+    """Whether a response head says where its body ends (else it ends when the connection does)."""
+    return _FRAMING_LINE.search(raw) is not None
+
+
+def relay_response_head(raw: bytes, *, keep_alive: bool) -> bytes:
+    """The upstream's response head as the client gets it: usually the same bytes, or the same
+    bytes less their hop-by-hop lines; rebuilt only when Connection names other headers."""
+    if raw.startswith(b"HTTP/1.1 "):
+        relayed = raw
+        if _RESPONSE_HOP_BY_HOP_LINE.search(raw) is not None:
+            named = [t for value in _CONNECTION_VALUE.findall(raw) for t in _tokens(value)]
+            relayed = _RESPONSE_HOP_BY_HOP_LINE.sub(b"", raw) if _CONNECTION_OPTIONS.issuperset(named) else None
+        if relayed is not None:
+            return relayed if keep_alive else relayed[:-2] + b"Connection: close\r\n\r\n"
+    status = int(raw[9:12])
+    return client_response_head(status, response_headers(raw), keep_alive=keep_alive)
 
 
 def client_response_head(status: int, headers: Headers, *, keep_alive: bool, upgrade: bool = False) -> bytes:

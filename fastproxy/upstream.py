@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from .flow import WRITE_HIGH_WATER, WRITE_LOW_WATER
+from .headers import has_framing
 
 if TYPE_CHECKING:
     from .client import Exchange
@@ -34,7 +35,7 @@ class UpstreamError(Exception):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "transport", "parser", "exchange", "reused", "idle_since", "got_bytes",
-        "head_buffer", "heads_skipped", "status", "headers", "keep_alive", "framed",
+        "head_buffer", "heads_skipped", "status", "head", "keep_alive", "framed",
         "head_done", "complete", "tunnel", "closed", "reading_paused",
     )
 
@@ -54,7 +55,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_buffer = b""
         self.heads_skipped = 0
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.head = b""  # the final response head as received, CRLF CRLF included
         self.keep_alive = False
         self.framed = False
         self.head_done = False
@@ -124,13 +125,17 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.head_buffer = b""
         # Informational (1xx) heads the parser skipped come first; the final head ends after them.
-        end = -len(_HEAD_END)
+        start, end = 0, -len(_HEAD_END)
         for _ in range(self.heads_skipped + 1):
-            end = buffer.find(_HEAD_END, end + len(_HEAD_END))
+            start = end + len(_HEAD_END)
+            end = buffer.find(_HEAD_END, start)
             if end < 0:
                 exchange.upstream_broken(self, "response head not terminated by CRLF CRLF")
                 return
         body_start = end + len(_HEAD_END)
+        self.head = buffer[start:body_start]
+        # The parser keeps a connection alive only when the body is delimited; otherwise look.
+        self.framed = self.keep_alive or self.status in (204, 304) or has_framing(self.head)
         if upgraded_at >= 0:
             if self.status != 101 or not exchange.plan.upgrade:
                 exchange.upstream_broken(self, "unexpected protocol switch")
@@ -139,12 +144,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.complete = False  # the 101 ends HTTP on this connection, not the exchange
             exchange.upstream_switched(self, memoryview(buffer)[upgraded_at:])
             return
-        exchange.upstream_head(self)
-        if body_start < len(buffer) and self.exchange is exchange:
+        body = None
+        if body_start < len(buffer):
             if exchange.plan.method == b"HEAD":
                 self.keep_alive = False  # a body after a HEAD answer: out of step, never reuse
             else:
-                exchange.sink.write(memoryview(buffer)[body_start:])
+                body = memoryview(buffer)[body_start:]
+        exchange.upstream_head(self, body)
 
     def _finish(self, exchange: Exchange) -> None:
         reusable = self.keep_alive and exchange.request_done and not exchange.plan.upgrade
@@ -159,20 +165,14 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes after the end of the response, unasked for: a desynchronised upstream.
             raise UpstreamError("data after the end of the response")
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self.heads_skipped += 1  # e.g. 100 Continue: the gateway answers those itself
-            self.headers = []
             return
         self.status = status
         self.head_done = True
         self.keep_alive = self.parser.should_keep_alive()
-        self.framed = status in (204, 304) or any(
-            n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
         if self.exchange is not None and self.exchange.plan.method == b"HEAD":
             self.complete = True  # no body follows, whatever the headers announce
             self.parser = httptools.HttpResponseParser(self)
@@ -252,6 +252,13 @@ class Pool:
         if len(self.idle) < self.cluster.max_idle_connections:
             conn.idle_since = self.loop.time()
             self.idle.append(conn)
+        else:
+            conn.close()
+
+    def give_back(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """The exchange is done with `conn`: pool it if its last response left it reusable."""
+        if reusable:
+            self.release(conn)
         else:
             conn.close()
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import httptools
 
+from .headers import response_headers
+
 if TYPE_CHECKING:
     from .gateway import Upstream
     from .upstream import UpstreamConnection
@@ -140,19 +142,18 @@ class InternalExchange:
     def peer_full(self, full: bool) -> None:
         """Nothing to hold back: the whole request was handed to the transport at once."""
 
-    def upstream_head(self, conn: UpstreamConnection) -> None:
+    def upstream_head(self, conn: UpstreamConnection, body: memoryview | None) -> None:
         self.status = conn.status
-        if any(n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in conn.headers):
+        if any(n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in response_headers(conn.head)):
             # The connection relays chunked framing as it arrived; a parser of our own removes it.
             self.decoder = httptools.HttpResponseParser(self)
             self.decoder.feed_data(_CHUNKED_HEAD)
+        if body is not None:
+            self.write(body)
 
     def upstream_complete(self, conn: UpstreamConnection, reusable: bool) -> None:
         self.upstream = None
-        if reusable:
-            self.plan.upstream.pool.release(conn)
-        else:
-            conn.close()
+        self.plan.upstream.pool.give_back(conn, reusable)
         self._succeed()
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:

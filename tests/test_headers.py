@@ -1,6 +1,7 @@
 import pytest
 
-from fastproxy.headers import client_response_head, impersonation_headers, scan_client_headers, upstream_request_head
+from fastproxy.headers import (client_response_head, has_framing, impersonation_headers, relay_response_head,
+                               scan_client_headers, upstream_request_head)
 from fastproxy.status import StatusError
 
 
@@ -132,3 +133,33 @@ def test_response_head_close_and_upgrade():
 def test_impersonation_headers_refuse_injection(user, groups):
     with pytest.raises(ValueError):
         impersonation_headers(user, groups)
+
+
+def test_relay_keeps_a_clean_head_byte_for_byte():
+    raw = b"HTTP/1.1 200 OK\r\nAudit-Id: 1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n"
+    assert relay_response_head(raw, keep_alive=True) is raw
+    assert relay_response_head(raw, keep_alive=False) == raw[:-2] + b"Connection: close\r\n\r\n"
+
+
+def test_relay_strips_hop_by_hop_lines():
+    raw = (b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Keepalive-Info: kept\r\n"
+           b"TE: trailers\r\nProxy-Connection: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert relay_response_head(raw, keep_alive=True) == (
+        b"HTTP/1.1 200 OK\r\nX-Keepalive-Info: kept\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+
+def test_relay_removes_headers_named_by_connection():
+    raw = b"HTTP/1.1 200 OK\r\nConnection: X-Secret\r\nX-Secret: 1\r\nX-Public: 2\r\nContent-Length: 0\r\n\r\n"
+    assert relay_response_head(raw, keep_alive=False) == (
+        b"HTTP/1.1 200 OK\r\nX-Public: 2\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+def test_relay_rewrites_an_http_1_0_status_line():
+    raw = b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+    assert relay_response_head(raw, keep_alive=True) == b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_framing_detection():
+    assert has_framing(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+    assert has_framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert not has_framing(b"HTTP/1.1 200 OK\r\nX-Content-Length: 5\r\n\r\n")

@@ -1,0 +1,1 @@
+"""Load-test harness for fastproxy against kubectl proxy, nginx and a direct upstream (run `scripts/bench`)."""

