@@ -10,7 +10,8 @@ import functools
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from ..auth.scopes import ScopeError
@@ -116,30 +117,29 @@ def state_path(args: argparse.Namespace) -> str:
     return config.state.path
 
 
-def _store(args: argparse.Namespace) -> SqliteStore:
+@contextmanager
+def _store(args: argparse.Namespace) -> Iterator[SqliteStore]:
     args.state = state_path(args)
-    return SqliteStore(args.state)
+    store = SqliteStore(args.state)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 @_refusing
 def user_create(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
+    with _store(args) as store:
         store.create_user(args.name, username=args.username, display_name=args.display_name,
                           email=args.email, subject=args.subject, groups=args.group)
-    finally:
-        store.close()
     print(f"user {args.name} created")
     return 0
 
 
 @_refusing
 def user_list(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
+    with _store(args) as store:
         users = store.list_users()
-    finally:
-        store.close()
     _print_table(("NAME", "USERNAME", "SUBJECT", "EMAIL", "GROUPS", "DISABLED"),
                  [(user.name, user.username, user.subject, user.email, ",".join(user.groups),
                    "yes" if user.disabled else "no") for user in users])
@@ -148,33 +148,24 @@ def user_list(args: argparse.Namespace) -> int:
 
 @_refusing
 def user_disable(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
+    with _store(args) as store:
         store.disable_user(args.name)
-    finally:
-        store.close()
     print(f"user {args.name} disabled")
     return 0
 
 
 @_refusing
 def team_create(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
+    with _store(args) as store:
         store.create_team(args.name, members=args.member, groups=args.group)
-    finally:
-        store.close()
     print(f"team {args.name} created")
     return 0
 
 
 @_refusing
 def team_list(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
+    with _store(args) as store:
         teams = store.list_teams()
-    finally:
-        store.close()
     _print_table(("NAME", "MEMBERS", "GROUPS"),
                  [(team.name, ",".join(team.members), ",".join(team.groups)) for team in teams])
     return 0
@@ -189,16 +180,14 @@ def accesskey_create(args: argparse.Namespace) -> int:
                 scope = file.read()
         except OSError as error:
             raise StoreError(f"--scope {args.scope}: {error.strerror}") from None
-    store = _store(args)
     try:
-        key, secret = store.create_access_key(
-            user=args.user, team=args.team, name=args.name, type=args.type, display_name=args.display_name,
-            ttl=args.ttl or args.ttl_after_last_activity or 0,
-            ttl_after_last_activity=args.ttl_after_last_activity is not None, scope=scope)
+        with _store(args) as store:
+            key, secret = store.create_access_key(
+                user=args.user, team=args.team, name=args.name, type=args.type, display_name=args.display_name,
+                ttl=args.ttl or args.ttl_after_last_activity or 0,
+                ttl_after_last_activity=args.ttl_after_last_activity is not None, scope=scope)
     except ScopeError as error:
         raise StoreError(f"--scope {args.scope}: {error}") from None
-    finally:
-        store.close()
     print(f"name: {key.name}")
     print(f"key: {secret}")
     print("the key is shown only this once", file=sys.stderr)
@@ -207,11 +196,8 @@ def accesskey_create(args: argparse.Namespace) -> int:
 
 @_refusing
 def accesskey_list(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
+    with _store(args) as store:
         keys = store.list_access_keys()
-    finally:
-        store.close()
     _print_table(("NAME", "TYPE", "OWNER", "EXPIRES", "LAST-ACTIVITY", "DISABLED", "SCOPED"),
                  [(key.name, key.type, f"user/{key.user}" if key.user else f"team/{key.team}",
                    _time(key.expires_at()), _time(key.last_activity), "yes" if key.disabled else "no",
@@ -221,22 +207,16 @@ def accesskey_list(args: argparse.Namespace) -> int:
 
 @_refusing
 def accesskey_disable(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
+    with _store(args) as store:
         store.disable_access_key(args.name)
-    finally:
-        store.close()
     print(f"access key {args.name} disabled")
     return 0
 
 
 @_refusing
 def accesskey_revoke(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
+    with _store(args) as store:
         store.revoke_access_key(args.name)
-    finally:
-        store.close()
     print(f"access key {args.name} revoked")
     return 0
 
