@@ -19,7 +19,7 @@ from .auth.scopes import check_scope
 from .config import Config, ClusterConfig
 from .routing import CLUSTER, Route, route
 from .status import StatusError
-from .upstream import Pool
+from .upstream import Pool, ResumingContext
 
 log = logging.getLogger("fastproxy.gateway")
 
@@ -88,10 +88,14 @@ class Upstream:
         self.credential = b"Authorization: Bearer " + token + b"\r\n"
 
 
-def upstream_ssl_context(cluster: ClusterConfig) -> ssl.SSLContext | None:
+def upstream_ssl_context(cluster: ClusterConfig) -> ResumingContext | None:
     if cluster.scheme != "https":
         return None
-    context = ssl.create_default_context(cafile=cluster.ca_file)
+    context = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and host name
+    if cluster.ca_file:
+        context.load_verify_locations(cluster.ca_file)
+    else:
+        context.load_default_certs()
     context.set_alpn_protocols(["http/1.1"])  # upgrades (exec, port-forward) need HTTP/1.1
     if cluster.insecure_skip_tls_verify:
         context.check_hostname = False

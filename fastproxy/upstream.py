@@ -203,10 +203,30 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+class ResumingContext(ssl.SSLContext):
+    """A client TLS context that offers the latest session it learnt to every new connection.
+
+    Each watch holds its own upstream connection, so clients opening many watches cost the
+    gateway a TLS handshake each; resuming a session skips the certificate exchange and its
+    verification. The session comes from a connection that verified this same cluster.
+    """
+
+    latest_session: ssl.SSLSession | None = None
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session or self.latest_session)
+
+    def learn_session(self, transport: asyncio.Transport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        session = ssl_object.session if ssl_object is not None else None
+        if session is not None:
+            self.latest_session = session
+
+
 class Pool:
     """Keep-alive HTTP/1.1 connections to one cluster, shared by every request of this worker."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None):
+    def __init__(self, loop: asyncio.AbstractEventLoop, cluster: ClusterConfig, ssl_context: ResumingContext | None):
         self.loop = loop
         self.cluster = cluster
         self.ssl_context = ssl_context
@@ -242,6 +262,9 @@ class Pool:
         """Give back a connection whose response is complete."""
         if conn.closed:
             return
+        if not conn.reused and self.ssl_context is not None:
+            # A TLS 1.3 session ticket arrives after the handshake: by now it has.
+            self.ssl_context.learn_session(conn.transport)
         conn.resume_reading()
         while self.waiting:
             exchange = self.waiting.popleft()

@@ -72,6 +72,24 @@ def test_keep_alive_reuses_client_and_upstream_connections(client, gateway, tls_
     other.close()
 
 
+def test_new_upstream_connections_resume_the_tls_session(client, gateway, tls_files):
+    client.request("GET", f"{BASE}/echo", AUTH)
+    first = seen(client.response())
+    # Hold every pooled connection with a watch, so the next request needs a new one.
+    watchers = []
+    for _ in range(3):
+        watcher = Client(gateway.port, tls_files["ca"])
+        watcher.request("GET", f"{BASE}/api/v1/watch?watch=1&interval=0.2&count=20", AUTH)
+        assert watcher.head().status == 200
+        watchers.append(watcher)
+    other = Client(gateway.port, tls_files["ca"])
+    other.request("GET", f"{BASE}/echo", AUTH)
+    fresh = seen(other.response())
+    assert fresh["conn"] != first["conn"] and fresh["tls_resumed"] is True
+    for c in (*watchers, other):
+        c.close()
+
+
 def test_pipelined_requests_are_answered_in_order(client):
     batch = b"".join(
         f"GET {BASE}/echo?n={n} HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ACCESS_KEY}\r\n\r\n".encode()

@@ -163,7 +163,8 @@ async def handle(reader, writer):
                 respond(writer, "200 OK", json.dumps({**watches, "hits": hits}).encode())
             else:
                 seen = {"conn": conn_id, "method": method, "target": target, "version": version,
-                        "headers": headers, "body": body.decode("latin-1"), "framing": framing}
+                        "headers": headers, "body": body.decode("latin-1"), "framing": framing,
+                        "tls_resumed": writer.get_extra_info("ssl_object").session_reused}
                 respond(writer, "200 OK", json.dumps(seen).encode(), head_only=method == "HEAD")
             await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError):
