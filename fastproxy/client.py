@@ -284,7 +284,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "gateway", "transport", "gate", "parser", "client_ip", "url", "headers", "head_size",
         "parsing_head", "began_in_feed", "receiving", "active", "queue", "upgraded", "broken",
-        "deadline", "deadline_kind", "write_paused",
+        "deadline", "deadline_kind", "write_paused", "tls",
     )
 
     def __init__(self, gateway: Gateway):
@@ -306,12 +306,14 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.deadline_kind = 0
         self.write_paused = False
+        self.tls = False
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.gate = ReadGate(transport)
+        self.tls = transport.get_extra_info("sslcontext") is not None
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if isinstance(peer, tuple) else b"unix"
@@ -333,6 +335,17 @@ class ClientConnection(asyncio.Protocol):
                 exchange.abandon()
         self.active = self.receiving = None
         self.queue.clear()
+
+    def eof_received(self) -> bool:
+        """The client finished sending (a half-close): answer what it asked, then close.
+
+        TLS has no half-close, so there the connection simply ends."""
+        self.broken = True
+        answering = self.active is not None and not self.active.tunnel and not self.tls
+        if answering:
+            for exchange in (self.active, *self.queue):
+                exchange.keep_alive = False
+        return answering
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -400,7 +413,8 @@ class ClientConnection(asyncio.Protocol):
         head = RequestHead(parser.get_method(), self.url, parser.get_http_version().encode(),
                            self.headers, self.client_ip, parser.should_upgrade())
         self.headers = []
-        keep_alive = parser.should_keep_alive()
+        # After an upgrade request the parser takes no further requests on this connection.
+        keep_alive = parser.should_keep_alive() and not head.upgrade
         try:
             plan = self.gateway.plan(head)
         except StatusError as err:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.helpers import ACCESS_KEY
+from tests.helpers import ACCESS_KEY, start_gateway
 from tests.rawhttp import Client
 
 AUTH = {"Authorization": f"Bearer {ACCESS_KEY}"}
@@ -355,3 +355,32 @@ def test_tls_offers_http_1_1(gateway, tls_files):
     with socket.create_connection(("127.0.0.1", gateway.port)) as raw:
         with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             assert tls.selected_alpn_protocol() == "http/1.1"
+
+
+def test_refused_upgrade_closes_the_connection(client):
+    client.send(upgrade_request("upgrade").replace(f"Authorization: Bearer {ACCESS_KEY}\r\n".encode(), b""))
+    response = client.response()
+    assert response.status == 401 and not response.keep_alive
+    assert client.closed_by_peer()  # the bytes after an upgrade request are not HTTP any more
+
+
+@pytest.fixture(scope="module")
+def plain_gateway(gateway_config, tmp_path_factory):
+    folder, text = gateway_config
+    plain = tmp_path_factory.mktemp("plain")
+    for name in ("token", "key"):
+        (plain / name).write_text((folder / name).read_text())
+    text = "\n".join(line for line in text.splitlines() if "tls_cert_file" not in line and "tls_key_file" not in line)
+    process = start_gateway(text, plain)
+    yield process
+    process.stop()
+
+
+def test_half_closed_client_still_gets_its_answer(plain_gateway):
+    conn = Client(plain_gateway.port)
+    conn.request("GET", f"{BASE}/slow?delay=0.3", AUTH)
+    conn.sock.shutdown(socket.SHUT_WR)
+    response = conn.response()
+    assert response.status == 200 and response.header("Connection") == "close"
+    assert conn.closed_by_peer()
+    conn.close()
