@@ -54,7 +54,7 @@ def gateway_config(tls_files, upstream, tmp_path_factory):
         tls_cert_file = "{tls_files['cert']}"
         tls_key_file = "{tls_files['key']}"
         header_timeout = 2
-        max_body_bytes = 10000000
+        max_body_bytes = 100000000
 
         [[clusters]]
         name = "one"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import socket
 import ssl
 import time
@@ -335,7 +336,7 @@ def test_oversized_head_is_431(client):
 
 def test_oversized_body_is_413(client):
     client.send(f"POST {BASE}/echo HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ACCESS_KEY}\r\n"
-                "Content-Length: 20000000\r\n\r\n".encode())
+                "Content-Length: 200000000\r\n\r\n".encode())
     response = client.response()
     assert response.status == 413 and response.json()["reason"] == "RequestEntityTooLarge"
 
@@ -384,3 +385,21 @@ def test_half_closed_client_still_gets_its_answer(plain_gateway):
     assert response.status == 200 and response.header("Connection") == "close"
     assert conn.closed_by_peer()
     conn.close()
+
+
+def test_an_upstream_that_stops_reading_keeps_memory_bounded(gateway, tls_files):
+    uploader = Client(gateway.port, tls_files["ca"], timeout=30)
+    size, block = 64 * 1024 * 1024, b"u" * (1024 * 1024)
+    uploader.send(f"PUT {BASE}/stall?delay=2 HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ACCESS_KEY}\r\n"
+                  f"Content-Length: {size}\r\n\r\n".encode())
+    before = rss_kib(gateway.popen.pid)
+    sender = threading.Thread(target=lambda: [uploader.sock.sendall(block) for _ in range(size // len(block))])
+    sender.start()
+    time.sleep(1.5)  # the upstream reads nothing yet; the gateway must stop reading the client
+    grown = rss_kib(gateway.popen.pid) - before
+    assert grown < 20 * 1024, f"gateway RSS grew by {grown} KiB while the upstream did not read"
+    assert sender.is_alive()  # the client is held back, not buffered for
+    response = uploader.response()
+    sender.join()
+    assert response.status == 200 and response.json() == {"received": size}
+    uploader.close()

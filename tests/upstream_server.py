@@ -110,6 +110,15 @@ async def handle(reader, writer):
             if path == "upgrade" and header(headers, "upgrade"):
                 await tunnel(reader, writer, headers)
                 return
+            if path == "stall":  # reads the request body only after a pause, in small pieces
+                await asyncio.sleep(float(query["delay"][0]))
+                remaining, size = int(header(headers, "content-length")), 0
+                while remaining:
+                    piece = await reader.read(min(remaining, 65536))
+                    remaining, size = remaining - len(piece), size + len(piece)
+                respond(writer, "200 OK", json.dumps({"received": size}).encode())
+                await writer.drain()
+                continue
             body, framing = await read_body(reader, headers)
             if path == "subjectaccessreviews" and method == "POST":
                 reviews.append({"headers": headers, "body": json.loads(body)})
