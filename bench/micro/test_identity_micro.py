@@ -5,13 +5,10 @@ The targets: a cached state-store key and a cached token each cost under 5 µs t
 """
 from __future__ import annotations
 
-import hashlib
-
-import httptools
 import pytest
 
+from bench.micro.support import gateway_config, parse_head
 from fastproxy.auth.tokens import KeySet, issue_token
-from fastproxy.config import parse_config
 from fastproxy.gateway import Gateway, RequestHead
 from fastproxy.store import SqliteStore
 
@@ -25,7 +22,6 @@ SCOPE = {"clusters": [{"cluster": "staging"}],
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("identity-micro")
-    (folder / "token").write_text("gateway-token")
     store = SqliteStore(folder / "state.db")
     store.create_user("alice", groups=["devs"])
     keys = {}
@@ -34,13 +30,8 @@ def setup(tmp_path_factory):
         keys.setdefault("store", key)
     _, keys["scoped"] = store.create_access_key(user="alice", name="scoped", scope=SCOPE)
     store.close()
-    config = parse_config({
-        "clusters": [{"name": "prod", "server": "https://10.0.0.1:6443", "token_file": str(folder / "token")}],
-        "access_keys": [{"name": "static", "key_sha256": hashlib.sha256(STATIC_KEY.encode()).hexdigest(),
-                         "user": "bench-user", "groups": ["dev"]}],
-        "state": {"path": str(folder / "state.db")},
-        "tokens": {"issuer": ISSUER, "signing_keys_dir": str(folder / "keys")},
-    })
+    config = gateway_config(folder, STATIC_KEY, groups=["dev"], state={"path": str(folder / "state.db")},
+                            tokens={"issuer": ISSUER, "signing_keys_dir": str(folder / "keys")})
     gateway = Gateway(config, loop=None)
     keys["token"] = issue_token(KeySet(folder / "keys"), issuer=ISSUER, subject="alice", audience="prod",
                                 groups=["devs"], ttl=3600)
@@ -74,24 +65,11 @@ def test_authenticate_cached_token(benchmark, setup):
     assert identity.source.startswith("token:")
 
 
-class Collector:
-    def __init__(self):
-        self.url, self.headers = b"", []
-
-    def on_url(self, url):
-        self.url += url
-
-    def on_header(self, name, value):
-        self.headers.append((name, value))
-
-
 def head(key: str) -> RequestHead:
-    collector = Collector()
-    httptools.HttpRequestParser(collector).feed_data(
+    return parse_head(
         b"GET /kubernetes/cluster/prod/api/v1/namespaces/qa/pods?limit=500 HTTP/1.1\r\nHost: gw\r\n"
         b"User-Agent: kubectl/v1.32.4\r\nAccept: application/json\r\nAuthorization: Bearer "
         + key.encode() + b"\r\n\r\n")
-    return RequestHead(b"GET", collector.url, b"1.1", collector.headers, b"10.0.0.7")
 
 
 @pytest.mark.parametrize("kind", ["static", "store", "scoped"])

@@ -4,13 +4,10 @@ Run: .venv/bin/pytest bench/micro --benchmark-enable
 """
 from __future__ import annotations
 
-import hashlib
-
-import httptools
 import pytest
 
-from fastproxy.config import parse_config
-from fastproxy.gateway import Gateway, RequestHead
+from bench.micro.support import gateway_config, parse_head
+from fastproxy.gateway import Gateway
 from fastproxy.headers import client_response_head, scan_client_headers
 from fastproxy.routing import route
 
@@ -33,37 +30,13 @@ RESPONSE_HEADERS = [
 ]
 
 
-class Collector:
-    """The callbacks the client protocol registers, collecting the head the same way."""
-
-    def __init__(self):
-        self.url = b""
-        self.headers = []
-
-    def on_url(self, url):
-        self.url += url
-
-    def on_header(self, name, value):
-        self.headers.append((name, value))
-
-
 def parsed_head():
-    collector = Collector()
-    parser = httptools.HttpRequestParser(collector)
-    parser.feed_data(KUBECTL_HEAD)
-    return RequestHead(parser.get_method(), collector.url, b"1.1", collector.headers, b"10.0.0.7")
+    return parse_head(KUBECTL_HEAD)
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("micro")
-    (folder / "token").write_text("gateway-token")
-    config = parse_config({
-        "clusters": [{"name": "prod", "server": "https://10.0.0.1:6443", "token_file": str(folder / "token")}],
-        "access_keys": [{"name": "bench", "key_sha256": hashlib.sha256(KEY.encode()).hexdigest(),
-                         "user": "bench-user", "groups": ["dev", "ops"]}],
-    })
-    return Gateway(config, loop=None)
+    return Gateway(gateway_config(tmp_path_factory.mktemp("micro"), KEY, groups=["dev", "ops"]), loop=None)
 
 
 def test_parse_request_head(benchmark):

@@ -4,13 +4,12 @@ Run: .venv/bin/pytest bench/micro --benchmark-enable
 """
 from __future__ import annotations
 
-import hashlib
 import time
 
 import pytest
 
 from fastproxy.client import ClientConnection, Exchange
-from fastproxy.config import parse_config
+from bench.micro.support import gateway_config
 from fastproxy.gateway import Gateway, RequestHead
 from fastproxy.upstream import UpstreamConnection
 
@@ -43,14 +42,7 @@ class Clock:
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("relay")
-    (folder / "token").write_text("gateway-token")
-    config = parse_config({
-        "clusters": [{"name": "prod", "server": "https://10.0.0.1:6443", "token_file": str(folder / "token")}],
-        "access_keys": [{"name": "bench", "key_sha256": hashlib.sha256(KEY.encode()).hexdigest(),
-                         "user": "bench-user"}],
-    })
-    gateway = Gateway(config, Clock())
+    gateway = Gateway(gateway_config(tmp_path_factory.mktemp("relay"), KEY), Clock())
     client = ClientConnection(gateway)
     client.connection_made(NullTransport())
     upstream = gateway.upstreams["prod"]
