@@ -94,7 +94,7 @@ class Exchange:
         if self.finished or self.plan is None:
             return  # a body nobody will read: parsed and dropped
         self.body_size += len(data)
-        limit = self.client.gateway.config.server.max_body_bytes
+        limit = self.client.limits.max_body_bytes
         if limit and self.body_size > limit:
             self.fail(413, f"request body larger than {limit} bytes", close=True)
             return
@@ -284,11 +284,12 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "gateway", "transport", "gate", "parser", "client_ip", "url", "headers", "head_size",
         "parsing_head", "began_in_feed", "receiving", "active", "queue", "upgraded", "broken",
-        "deadline", "deadline_kind", "write_paused", "tls",
+        "deadline", "deadline_kind", "write_paused", "tls", "limits",
     )
 
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
+        self.limits = gateway.config.server  # read on every header and body piece
         self.transport: asyncio.Transport | None = None
         self.gate: ReadGate | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -325,7 +326,7 @@ class ClientConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
         self.gateway.connections.add(self)
-        self.set_deadline(AWAITING_HEAD, self.gateway.config.server.header_timeout)
+        self.set_deadline(AWAITING_HEAD, self.limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gateway.connections.discard(self)
@@ -383,7 +384,7 @@ class ClientConnection(asyncio.Protocol):
         if self.parsing_head:
             if not self.began_in_feed:
                 self.head_size += len(data)  # bytes the parser holds for a head not finished yet
-            if self.head_size > self.gateway.config.server.max_header_bytes:
+            if self.head_size > self.limits.max_header_bytes:
                 self._refuse_stream(431, "request header fields too large")
 
     # --- parser callbacks --------------------------------------------------------------------
@@ -394,7 +395,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_size = 0
         self.url = b""
         if self.active is None:
-            self.set_deadline(AWAITING_HEAD, self.gateway.config.server.header_timeout)
+            self.set_deadline(AWAITING_HEAD, self.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -403,7 +404,7 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
         self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.gateway.config.server.max_header_bytes:
+        if self.head_size > self.limits.max_header_bytes:
             raise StatusError(431, "request header fields too large")
 
     def on_headers_complete(self) -> None:
@@ -463,9 +464,9 @@ class ClientConnection(asyncio.Protocol):
             self.active = nxt
             nxt.start()
         elif self.parsing_head:
-            self.set_deadline(AWAITING_HEAD, self.gateway.config.server.header_timeout)
+            self.set_deadline(AWAITING_HEAD, self.limits.header_timeout)
         else:
-            self.set_deadline(IDLE, self.gateway.config.server.idle_timeout)
+            self.set_deadline(IDLE, self.limits.idle_timeout)
 
     def _refuse_stream(self, code: int, message: str) -> None:
         """The byte stream itself is bad: answer after the responses already owed, then close."""
