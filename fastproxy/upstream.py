@@ -17,6 +17,7 @@ import httptools
 
 from .flow import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from .headers import has_framing
+from .tlssocket import open_tls_connection
 
 if TYPE_CHECKING:
     from .client import Exchange
@@ -204,7 +205,7 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class ResumingContext(ssl.SSLContext):
-    """A client TLS context that offers the latest session it learnt to every new connection.
+    """A client TLS context that remembers the latest session it learnt, for new connections to offer.
 
     Each watch holds its own upstream connection, so clients opening many watches cost the
     gateway a TLS handshake each; resuming a session skips the certificate exchange and its
@@ -212,9 +213,6 @@ class ResumingContext(ssl.SSLContext):
     """
 
     latest_session: ssl.SSLSession | None = None
-
-    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):
-        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session or self.latest_session)
 
     def learn_session(self, transport: asyncio.Transport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
@@ -308,11 +306,7 @@ class Pool:
     async def _connect(self, exchange: Exchange) -> None:
         cluster = self.cluster
         try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: UpstreamConnection(self), cluster.host, cluster.port,
-                    ssl=self.ssl_context, server_hostname=self.server_hostname),
-                cluster.connect_timeout)
+            conn = await asyncio.wait_for(self._open(), cluster.connect_timeout)
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
             self.open_count -= 1
             reason = "timed out connecting" if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
@@ -323,3 +317,13 @@ class Pool:
             self.release(conn)
         else:
             exchange.upstream_ready(conn)
+
+    async def _open(self) -> UpstreamConnection:
+        cluster, context = self.cluster, self.ssl_context
+        conn = UpstreamConnection(self)
+        if context is None:
+            await self.loop.create_connection(lambda: conn, cluster.host, cluster.port)
+        else:
+            await open_tls_connection(self.loop, lambda: conn, cluster.host, cluster.port,
+                                      context, self.server_hostname, context.latest_session)
+        return conn
