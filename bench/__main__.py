@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import report
 from .processes import LOAD_CPU, PROXY_CPU, Unavailable
-from .targets import TARGETS, Setup, build_go_proxy
+from .targets import TARGETS, Setup, baseline_target, build_go_proxy
 from .upstream import Upstream, make_tls_files
 from .workloads import FULL_PLAN, QUICK_PLAN, Plan, WorkloadFailed, chunked_list, small_get, watch_fanout
 
@@ -40,6 +40,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tls", action="store_true", help="also measure every workload with TLS on the client side")
     parser.add_argument("--targets", default=",".join(target.name for target in TARGETS),
                         help="comma list of targets (default: all)")
+    parser.add_argument("--baseline", metavar="REVISION",
+                        help="also measure fastproxy as of this git revision (e.g. HEAD~1), interleaved with the rest")
     parser.add_argument("--list-mb", type=float, default=50, help="size of the chunked LIST answer")
     parser.add_argument("--watch-events-per-second", type=float, default=10_000,
                         help="total event rate the upstream offers, split over however many watches are open")
@@ -190,6 +192,8 @@ def main() -> int:
     versions = environment()  # before the run: the checkout may move on while it lasts
     with tempfile.TemporaryDirectory(prefix="fastproxy-bench-") as workdir:
         setup = prepare(Path(workdir), args, max_open_files)
+        if args.baseline:
+            args.targets.insert(1, baseline_target(args.baseline, Path(workdir)))
         try:
             cells = run_matrix(setup, args, plan, cases, unavailable)
         finally:

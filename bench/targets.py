@@ -5,6 +5,7 @@ process whose CPU and memory are measured (None for "direct", the upstream itsel
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from .processes import PROXY_CPU, Process, Unavailable, free_port, wait_until_re
 from .upstream import SMALL_PATH, TLS_NAME, TlsFiles, Upstream, nginx_preamble, start_nginx
 
 GO_PROXY_SOURCE = Path(__file__).with_name("goproxy") / "main.go"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -57,7 +59,8 @@ def _ready(endpoint: Endpoint, setup: Setup, probe_url: str | None = None) -> En
     return endpoint
 
 
-def start_fastproxy(setup: Setup, client_tls: bool) -> Endpoint:
+def start_fastproxy(setup: Setup, client_tls: bool, source: Path | None = None) -> Endpoint:
+    """The gateway as installed, or the `fastproxy` package found in `source` (a baseline build)."""
     port = free_port()
     scheme = "https" if client_tls else "http"
     client_tls_settings = (
@@ -71,8 +74,9 @@ def start_fastproxy(setup: Setup, client_tls: bool) -> Endpoint:
         f'[[access_keys]]\nname = "bench"\nkey_file = "{setup.access_key_file}"\n'
         f'user = "bench-user"\ngroups = ["bench"]\n'
     )
-    executable = Path(sys.executable).with_name("fastproxy")
-    process = Process("fastproxy", [str(executable), "serve", "--config", str(config)], PROXY_CPU, setup.workdir)
+    argv = [sys.executable, "-P", "-m", "fastproxy", "serve", "--config", str(config)]  # -P: no cwd on the path
+    env = {**os.environ, "PYTHONPATH": str(source)} if source else None
+    process = Process("fastproxy", argv, PROXY_CPU, setup.workdir, env=env)
     endpoint = Endpoint(
         f"{scheme}://127.0.0.1:{port}/kubernetes/cluster/bench",
         {"Authorization": f"Bearer {setup.access_key}"},
@@ -173,6 +177,17 @@ TARGETS = [
     Target("go-proxy", start_go_proxy),
     Target("direct", start_direct),
 ]
+
+
+def baseline_target(revision: str, workdir: Path) -> Target:
+    """fastproxy as of a git revision, from the same environment: compares builds in one run."""
+    source = workdir / "baseline"
+    source.mkdir()
+    archive = subprocess.run(["git", "archive", revision, "fastproxy"], cwd=REPO, capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"scripts/bench: --baseline {revision}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+    return Target(f"fastproxy@{revision}", functools.partial(start_fastproxy, source=source))
 
 
 def build_go_proxy(workdir: Path) -> Path:
