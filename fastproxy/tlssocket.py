@@ -161,11 +161,8 @@ class TLSSocketTransport(asyncio.Transport):
             self._maybe_pause_protocol()
 
     def writelines(self, parts) -> None:
-        parts = list(parts)
-        if len(parts) == 1:
-            self.write(parts[0])
-        elif parts:
-            self.write(b"".join(parts))  # one record and one send for a head and a small body
+        # One record and one send for a head and a small body; joining a single bytes is free.
+        self.write(b"".join(parts))
 
     def _start_writer(self) -> None:
         if not self._writer_on:
@@ -226,12 +223,6 @@ class TLSSocketTransport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         return self._buffer_size
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._low, self._high
-
-    def can_write_eof(self) -> bool:
-        return False  # TLS has no half-close
 
     # --- closing -----------------------------------------------------------------------------
 
@@ -318,12 +309,6 @@ class TLSSocketTransport(asyncio.Transport):
         info = {"peername": sock.getpeername, "sockname": sock.getsockname, "peercert": sock.getpeercert,
                 "cipher": sock.cipher}.get(name)
         return info() if info is not None else default
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._protocol = protocol
 
 
 async def open_tls_connection(
