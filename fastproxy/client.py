@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections import deque
 from typing import TYPE_CHECKING
 
 import httptools
@@ -301,7 +300,7 @@ class ClientConnection(asyncio.Protocol):
         self.began_in_feed = False
         self.receiving: Exchange | None = None  # the exchange whose request is being parsed
         self.active: Exchange | None = None     # the exchange whose response is being written
-        self.queue: deque[Exchange] = deque()
+        self.queue: list[Exchange] = []  # pipelined requests; a list is 600 bytes smaller than a deque
         self.upgraded = False
         self.broken = False
         self.deadline = 0.0
@@ -458,7 +457,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
             return
         if self.queue:
-            nxt = self.queue.popleft()
+            nxt = self.queue.pop(0)
             if not self.queue:
                 self.gate.open(PIPELINED)
             self.active = nxt

@@ -18,6 +18,7 @@ from .auth.credentials import Authenticator
 from .client import ClientConnection
 from .config import Config, ServerConfig
 from .gateway import Gateway
+from .tlssocket import TLSListener
 
 log = logging.getLogger("fastproxy")
 
@@ -92,8 +93,13 @@ class Worker:
         self.stopping = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.stopping.set)
-        server = await self.loop.create_server(
-            lambda: ClientConnection(self.gateway), sock=self.sock, ssl=context, backlog=4096)
+        def connection() -> ClientConnection:
+            return ClientConnection(self.gateway)
+        if context is None:
+            server = await self.loop.create_server(connection, sock=self.sock, backlog=4096)
+        else:
+            # A client gets the request-head timeout to finish its handshake as well.
+            server = TLSListener(self.loop, self.sock, context, connection, server_config.header_timeout)
         self.gateway.start()
         self.loop.call_later(SWEEP_INTERVAL, self._sweep)
         await self.stopping.wait()

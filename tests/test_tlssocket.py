@@ -1,4 +1,5 @@
-"""The upstream TLS transport against a real TLS server (uvloop's own TLS, an independent implementation)."""
+"""The TLS socket transport against real peers: as a client, uvloop's own TLS server (an independent
+implementation); as a server (TLSListener), clients on blocking ssl sockets in a thread."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,7 @@ import threading
 import pytest
 import uvloop
 
-from fastproxy.tlssocket import READ_BUDGET, open_tls_connection
+from fastproxy.tlssocket import READ_BUDGET, TLSListener, open_tls_connection
 
 
 class Recorder(asyncio.Protocol):
@@ -240,3 +241,144 @@ def test_a_certificate_for_another_name_is_refused(tls_files):
         with pytest.raises(ssl.SSLCertVerificationError):
             await open_tls_connection(loop, Recorder, "127.0.0.1", port, client_context(tls_files), "api.example.com")
     run(tls_files, echo, scenario)
+
+
+def server_context(tls_files) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(tls_files["cert"]), str(tls_files["key"]))
+    return context
+
+
+def listen(tls_files, scenario, handshake_timeout=10.0):
+    """Run `scenario(port, accepted, listener)` against a TLSListener; `accepted` holds a Recorder per connection."""
+    async def main():
+        accepted: list[Recorder] = []
+
+        def factory():
+            accepted.append(Recorder())
+            return accepted[-1]
+        sock = socket.create_server(("127.0.0.1", 0))
+        listener = TLSListener(asyncio.get_running_loop(), sock, server_context(tls_files), factory, handshake_timeout)
+        try:
+            return await scenario(sock.getsockname()[1], accepted, listener)
+        finally:
+            listener.close()
+    loop = uvloop.new_event_loop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def blocking_client(tls_files, port: int) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return ssl.create_default_context(cafile=str(tls_files["ca"])).wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+async def in_thread(function, *args):
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+def test_listener_serves_a_client_both_ways(tls_files):
+    payload = os.urandom(3 * 1024 * 1024)
+
+    def client(port):
+        with blocking_client(tls_files, port) as conn:
+            conn.sendall(payload)
+            got = bytearray()
+            while len(got) < len(payload):
+                got += conn.recv(65536)
+            return bytes(got)
+
+    async def scenario(port, accepted, listener):
+        echoed = asyncio.ensure_future(in_thread(client, port))
+        while not accepted:
+            await asyncio.sleep(0.01)
+        server = accepted[0]
+        assert server.transport.get_extra_info("sslcontext") is not None
+        assert server.transport.get_extra_info("peername")[0] == "127.0.0.1"
+        await server.wait_for_bytes(len(payload))
+        server.transport.write(bytes(server.data))
+        assert await asyncio.wait_for(echoed, 10) == payload
+    listen(tls_files, scenario)
+
+
+def test_a_client_that_sends_then_closes_its_side_loses_nothing(tls_files):
+    payload = os.urandom(4 * 1024 * 1024)
+
+    def client(port):
+        conn = blocking_client(tls_files, port)
+        conn.sendall(payload)
+        raw = conn.unwrap()  # close_notify while most of the payload is still in flight
+        raw.shutdown(socket.SHUT_WR)
+        ended = raw.recv(65536)  # what is left once the server closes
+        raw.close()
+        return ended
+
+    async def scenario(port, accepted, listener):
+        assert await in_thread(client, port) == b""
+        while not accepted:
+            await asyncio.sleep(0.01)
+        server = accepted[0]
+        assert await asyncio.wait_for(server.lost, 10) is None
+        assert len(server.data) == len(payload)
+        assert bytes(server.data) == payload
+        assert server.events == ["eof", "lost"]
+    listen(tls_files, scenario)
+
+
+def test_a_stalled_handshake_is_dropped_and_plain_http_is_refused(tls_files):
+    def silent(port):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            return raw.recv(1)  # b"" once the listener gives up on the handshake
+
+    def plain_http(port):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                while raw.recv(65536):
+                    pass  # a TLS alert, then the end
+            except ConnectionResetError:
+                pass
+            return True
+
+    def greeting(port):
+        with blocking_client(tls_files, port) as conn:
+            return conn.recv(100)
+
+    async def scenario(port, accepted, listener):
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        assert await asyncio.wait_for(in_thread(silent, port), 5) == b""
+        assert 0.4 <= loop.time() - began < 3
+        assert await asyncio.wait_for(in_thread(plain_http, port), 5)
+        assert accepted == []  # neither reached the protocol
+        served = asyncio.ensure_future(in_thread(greeting, port))
+        while not accepted:
+            await asyncio.sleep(0.01)
+        accepted[0].transport.write(b"still serving")
+        assert await asyncio.wait_for(served, 5) == b"still serving"
+    listen(tls_files, scenario, handshake_timeout=0.5)
+
+
+def test_a_closed_listener_refuses_new_clients_and_keeps_established_ones(tls_files):
+    def refused(port):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    async def scenario(port, accepted, listener):
+        conn = await in_thread(blocking_client, tls_files, port)
+        try:
+            while not accepted:
+                await asyncio.sleep(0.01)
+            listener.close()
+            assert await in_thread(refused, port)
+            await in_thread(conn.sendall, b"after close")
+            await accepted[0].wait_for_bytes(len(b"after close"))
+            assert bytes(accepted[0].data) == b"after close"
+        finally:
+            conn.close()
+    listen(tls_files, scenario)
