@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import resource
 import socket
 import ssl
 import threading
@@ -12,7 +14,7 @@ import threading
 import pytest
 import uvloop
 
-from fastproxy.tlssocket import READ_BUDGET, TLSListener, open_tls_connection
+from fastproxy.tlssocket import ACCEPT_PAUSE, READ_BUDGET, TLSListener, open_tls_connection
 
 
 class Recorder(asyncio.Protocol):
@@ -382,3 +384,34 @@ def test_a_closed_listener_refuses_new_clients_and_keeps_established_ones(tls_fi
         finally:
             conn.close()
     listen(tls_files, scenario)
+
+
+def test_out_of_file_descriptors_pauses_accepting_then_serves_the_waiting_client(tls_files, caplog):
+    def handshake_and_send(raw):
+        with ssl.create_default_context(cafile=str(tls_files["ca"])).wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+            conn.sendall(b"waited")
+            return conn.recv(2)
+
+    async def scenario(port, accepted, listener):
+        loop = asyncio.get_running_loop()
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)  # queued in the backlog
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.open(os.devnull, os.O_RDONLY)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no descriptor left to accept with
+        try:
+            began = loop.time()
+            while "cannot accept clients" not in caplog.text:
+                assert loop.time() - began < 5, "accept never failed"
+                await asyncio.sleep(0.01)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        served = asyncio.ensure_future(in_thread(handshake_and_send, raw))
+        while not accepted:
+            await asyncio.sleep(0.01)
+        assert loop.time() - began >= ACCEPT_PAUSE * 0.9  # accepting rested instead of spinning
+        await accepted[0].wait_for_bytes(6)
+        accepted[0].transport.write(b"ok")
+        assert await asyncio.wait_for(served, 10) == b"ok"
+    with caplog.at_level(logging.ERROR, logger="fastproxy"):
+        listen(tls_files, scenario)
