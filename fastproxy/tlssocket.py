@@ -268,7 +268,9 @@ class TLSSocketTransport(asyncio.Transport):
         """Everything is sent: say so, then drop what the peer still sends until it closes too.
 
         Closing a socket with unread bytes in it (a late session ticket, say) sends a reset,
-        and the peer may then lose data it received but had not read yet.
+        and the peer may then lose data it received but had not read yet. The protocol is told
+        the connection is lost at once: it is done with it, and a drain or a pool should not
+        wait on a peer that is slow to close.
         """
         self._stop_writer()
         sock = self._sock
@@ -281,7 +283,8 @@ class TLSSocketTransport(asyncio.Transport):
         except OSError:
             self._shutdown(None)
             return
-        self._drain_timer = self._loop.call_later(DRAIN_TIMEOUT, self._shutdown, None)
+        self._tell_lost(None)
+        self._drain_timer = self._loop.call_later(DRAIN_TIMEOUT, self._close_socket)
         self._loop.add_reader(self._fd, self._drain)
 
     def _drain(self) -> None:
@@ -292,20 +295,29 @@ class TLSSocketTransport(asyncio.Transport):
             return
         except OSError:
             pass
-        self._shutdown(None)
+        self._close_socket()
 
     def _shutdown(self, exc: BaseException | None) -> None:
+        self._tell_lost(exc)
+        self._close_socket()
+
+    def _tell_lost(self, exc: BaseException | None) -> None:
         if self._closed:
             return
         self._closed = True
+        self._stop_writer()
+        self._buffer.clear()
+        self._buffer_size = 0
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    def _close_socket(self) -> None:
+        if self._sock.fileno() < 0:
+            return  # already closed
         if self._drain_timer is not None:
             self._drain_timer.cancel()
         self._loop.remove_reader(self._fd)
         self._stop_writer()
-        self._buffer.clear()
-        self._buffer_size = 0
         self._sock.close()
-        self._loop.call_soon(self._protocol.connection_lost, exc)
 
     def get_extra_info(self, name: str, default=None):
         sock = self._sock

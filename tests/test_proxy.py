@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import socket
 import ssl
@@ -403,3 +404,25 @@ def test_an_upstream_that_stops_reading_keeps_memory_bounded(gateway, tls_files)
     sender.join()
     assert response.status == 200 and response.json() == {"received": size}
     uploader.close()
+
+
+def test_sigterm_stops_accepting_closes_idle_clients_and_finishes_requests_in_flight(gateway_config, tls_files):
+    folder, text = gateway_config
+    gateway = start_gateway(text, folder)
+    try:
+        idle = Client(gateway.port, tls_files["ca"])
+        idle.request("GET", f"{BASE}/api/v1/echo", AUTH)
+        assert idle.response().status == 200
+        busy = Client(gateway.port, tls_files["ca"])
+        busy.request("GET", f"{BASE}/api/v1/slow?delay=1.5", AUTH)
+        time.sleep(0.3)  # the request is with the upstream
+        gateway.popen.send_signal(signal.SIGTERM)
+        assert idle.closed_by_peer()  # within its 5 s socket timeout
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", gateway.port), timeout=2).close()
+        assert busy.response().status == 200  # finished, though it ends after the signal
+        assert gateway.popen.wait(5) == 0
+        idle.close()
+        busy.close()
+    finally:
+        gateway.stop()

@@ -10,6 +10,7 @@ import resource
 import socket
 import ssl
 import threading
+import time
 
 import pytest
 import uvloop
@@ -174,15 +175,18 @@ def test_peer_close_is_an_eof_then_a_clean_loss(tls_files):
     run(tls_files, serve, scenario)
 
 
-def test_close_sends_everything_buffered_first(tls_files):
+def test_close_sends_everything_buffered_first_and_does_not_wait_for_the_peer(tls_files):
     payload = os.urandom(4 * 1024 * 1024)
     received = []
+    moments = {}
 
     def serve(conn):
         chunks = []
         while data := conn.recv(65536):  # until the client's close_notify
             chunks.append(data)
         received.append(b"".join(chunks))
+        time.sleep(1.0)  # a peer slow to close its side
+        moments["peer_closed"] = time.monotonic()
 
     async def scenario(port):
         client = await connect(port, tls_files)
@@ -191,10 +195,12 @@ def test_close_sends_everything_buffered_first(tls_files):
         assert client.transport.is_closing()
         client.transport.write(b"after close")  # dropped, as asyncio transports do
         assert await asyncio.wait_for(client.lost, 10) is None
+        moments["lost"] = time.monotonic()
     with blocking_server(tls_files, serve) as port:
         run(tls_files, echo, lambda _: scenario(port))
     assert len(received[0]) == len(payload)
     assert received == [payload]
+    assert moments["lost"] < moments["peer_closed"]  # the protocol was not kept waiting
 
 
 @contextlib.contextmanager
