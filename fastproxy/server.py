@@ -18,6 +18,7 @@ from .auth.credentials import Authenticator
 from .client import ClientConnection
 from .config import Config, ServerConfig
 from .gateway import Gateway
+from .status import status_response
 from .tlssocket import TLSListener
 
 log = logging.getLogger("fastproxy")
@@ -99,7 +100,8 @@ class Worker:
             server = await self.loop.create_server(connection, sock=self.sock, backlog=4096)
         else:
             # A client gets the request-head timeout to finish its handshake as well.
-            server = TLSListener(self.loop, self.sock, context, connection, server_config.header_timeout)
+            server = TLSListener(self.loop, self.sock, context, connection, server_config.header_timeout,
+                                 status_response(400, "this port speaks HTTPS; the client sent plain HTTP", close=True))
         self.gateway.start()
         self.loop.call_later(SWEEP_INTERVAL, self._sweep)
         await self.stopping.wait()

@@ -34,7 +34,7 @@ log = logging.getLogger("fastproxy")
 class TLSSocketTransport(asyncio.Transport):
     __slots__ = (
         "_loop", "_sock", "_fd", "_protocol", "_read", "_send", "_pending", "_buffer", "_buffer_size", "_high", "_low",
-        "_reading", "_writer_on", "_write_waits_read", "_protocol_paused", "_closing", "_closed", "_drain_timer",
+        "_reading", "_writer_on", "_write_waits_read", "_protocol_paused", "_closing", "_closed",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, protocol: asyncio.Protocol):
@@ -57,7 +57,6 @@ class TLSSocketTransport(asyncio.Transport):
         self._protocol_paused = False
         self._closing = False
         self._closed = False
-        self._drain_timer: asyncio.TimerHandle | None = None
         protocol.connection_made(self)
         if self._reading:
             loop.add_reader(self._fd, self._read_ready)
@@ -265,59 +264,32 @@ class TLSSocketTransport(asyncio.Transport):
         self.abort()
 
     def _half_close(self) -> None:
-        """Everything is sent: say so, then drop what the peer still sends until it closes too.
+        """Everything is sent: say so, and tell the protocol the connection is over.
 
-        Closing a socket with unread bytes in it (a late session ticket, say) sends a reset,
-        and the peer may then lose data it received but had not read yet. The protocol is told
-        the connection is lost at once: it is done with it, and a drain or a pool should not
-        wait on a peer that is slow to close.
+        The protocol is told at once: it is done with the connection, and a drain or a pool
+        should not wait on a peer that is slow to close. The socket lingers on its own.
         """
         self._stop_writer()
-        sock = self._sock
         try:
-            sock.unwrap()  # close_notify; the peer's own is not waited for
+            self._sock.unwrap()  # close_notify; the peer's own is not waited for
         except (OSError, ValueError, ssl.SSLError):
             pass
-        try:
-            sock.shutdown(socket.SHUT_WR)  # from here on the socket reads raw bytes
-        except OSError:
-            self._shutdown(None)
-            return
         self._tell_lost(None)
-        self._drain_timer = self._loop.call_later(DRAIN_TIMEOUT, self._close_socket)
-        self._loop.add_reader(self._fd, self._drain)
-
-    def _drain(self) -> None:
-        try:
-            if self._sock.recv(65536):
-                return
-        except BlockingIOError:
-            return
-        except OSError:
-            pass
-        self._close_socket()
+        linger(self._loop, self._sock)
 
     def _shutdown(self, exc: BaseException | None) -> None:
+        if self._closed:
+            return  # told already; a lingering socket closes by itself
         self._tell_lost(exc)
-        self._close_socket()
+        self._loop.remove_reader(self._fd)
+        self._sock.close()
 
     def _tell_lost(self, exc: BaseException | None) -> None:
-        if self._closed:
-            return
         self._closed = True
         self._stop_writer()
         self._buffer.clear()
         self._buffer_size = 0
         self._loop.call_soon(self._protocol.connection_lost, exc)
-
-    def _close_socket(self) -> None:
-        if self._sock.fileno() < 0:
-            return  # already closed
-        if self._drain_timer is not None:
-            self._drain_timer.cancel()
-        self._loop.remove_reader(self._fd)
-        self._stop_writer()
-        self._sock.close()
 
     def get_extra_info(self, name: str, default=None):
         sock = self._sock
@@ -332,11 +304,45 @@ class TLSSocketTransport(asyncio.Transport):
         return info() if info is not None else default
 
 
+def linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float = DRAIN_TIMEOUT) -> None:
+    """Half-close `sock`, drop what the peer still sends until it closes too (or `timeout`), then close.
+
+    Closing a socket with unread bytes in it (a late session ticket, the rest of a request)
+    sends a reset, and the peer may then lose data it received but had not read yet.
+    """
+    fd = sock.fileno()
+    try:
+        sock.shutdown(socket.SHUT_WR)  # an SSLSocket reads raw bytes from here on
+    except OSError:
+        sock.close()
+        return
+
+    def close() -> None:
+        if sock.fileno() >= 0:
+            timer.cancel()
+            loop.remove_reader(fd)
+            sock.close()
+
+    def drain() -> None:
+        try:
+            if sock.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        close()
+
+    timer = loop.call_later(timeout, close)
+    loop.add_reader(fd, drain)
+
+
 class TLSListener:
     """Accepts clients on a listening socket, completes each TLS handshake, then starts a transport.
 
     A handshake is a few callbacks on the socket's readiness, not a task; a client that has not
-    finished it within `handshake_timeout` seconds is dropped.
+    finished it within `handshake_timeout` seconds is dropped. A client that sends plain HTTP
+    gets `plain_http_answer` in the clear, so that it can tell its user what went wrong.
     """
 
     def __init__(
@@ -346,12 +352,14 @@ class TLSListener:
         context: ssl.SSLContext,
         protocol_factory: Callable[[], asyncio.Protocol],
         handshake_timeout: float,
+        plain_http_answer: bytes = b"",
     ):
         self._loop = loop
         self._listener = listener
         self._context = context
         self._protocol_factory = protocol_factory
         self._handshake_timeout = handshake_timeout
+        self._plain_http_answer = plain_http_answer
         self._resume: asyncio.TimerHandle | None = None
         listener.setblocking(False)
         loop.add_reader(listener.fileno(), self._accept)
@@ -416,7 +424,11 @@ class _ServerHandshake:
             return
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.debug("TLS handshake failed: %s", exc)  # scanners and plain-HTTP clients: routine
-            self._drop()
+            answer = self._listener._plain_http_answer
+            if answer and getattr(exc, "reason", None) == "HTTP_REQUEST":
+                self._answer_in_clear(answer)
+            else:
+                self._drop()
             return
         self._unwatch()
         self._timer.cancel()
@@ -437,6 +449,15 @@ class _ServerHandshake:
         self._unwatch()
         self._timer.cancel()
         self._sock.close()
+
+    def _answer_in_clear(self, answer: bytes) -> None:
+        self._unwatch()
+        self._timer.cancel()
+        try:
+            socket.socket.send(self._sock, answer)  # the plain socket's send: no TLS on this one
+        except OSError:
+            pass
+        linger(self._listener._loop, self._sock)  # the rest of the request is still unread
 
 
 async def open_tls_connection(

@@ -426,3 +426,15 @@ def test_sigterm_stops_accepting_closes_idle_clients_and_finishes_requests_in_fl
         busy.close()
     finally:
         gateway.stop()
+
+
+def test_plain_http_to_the_https_port_gets_a_readable_400(gateway):
+    plain = Client(gateway.port)  # no TLS
+    try:
+        plain.request("GET", f"{BASE}/api/v1/echo", AUTH)
+        response = plain.response()
+        assert response.status == 400
+        assert response.json()["message"] == "this port speaks HTTPS; the client sent plain HTTP"
+        assert plain.closed_by_peer()
+    finally:
+        plain.close()
