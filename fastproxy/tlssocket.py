@@ -384,7 +384,30 @@ class TLSListener:
             except (OSError, ValueError):
                 sock.close()
                 continue
-            _ServerHandshake(self, tls)
+            self._handshake(tls)
+
+    def _handshake(self, tls: ssl.SSLSocket) -> None:
+        def done(error: BaseException | None) -> None:
+            timer.cancel()
+            if error is None:
+                TLSSocketTransport(self._loop, tls, self._protocol_factory())
+                return
+            log.debug("TLS handshake failed: %s", error)  # scanners and plain-HTTP clients: routine
+            if self._plain_http_answer and getattr(error, "reason", None) == "HTTP_REQUEST":
+                try:
+                    socket.socket.send(tls, self._plain_http_answer)  # the plain socket's send: no TLS here
+                except OSError:
+                    pass
+                linger(self._loop, tls)  # the rest of the request is still unread
+            else:
+                tls.close()
+
+        def give_up() -> None:
+            handshake.cancel()
+            tls.close()
+
+        timer = self._loop.call_later(self._handshake_timeout, give_up)
+        handshake = _Handshake(self._loop, tls, done)
 
     def _resume_accepting(self) -> None:
         self._resume = None
@@ -401,19 +424,22 @@ class TLSListener:
         self._listener.close()
 
 
-class _ServerHandshake:
-    __slots__ = ("_listener", "_sock", "_fd", "_waiting", "_timer")
+class _Handshake:
+    """Drives a non-blocking TLS handshake on the socket's readiness; calls `done(error)` once."""
 
-    def __init__(self, listener: TLSListener, sock: ssl.SSLSocket):
-        self._listener = listener
+    __slots__ = ("_loop", "_sock", "_fd", "_done", "_waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket,
+                 done: Callable[[BaseException | None], None]):
+        self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
+        self._done = done
         self._waiting: Callable | None = None  # the loop's remove_reader or remove_writer
-        self._timer = listener._loop.call_later(listener._handshake_timeout, self._drop)
         self._step()
 
     def _step(self) -> None:
-        loop = self._listener._loop
+        loop = self._loop
         try:
             self._sock.do_handshake()
         except ssl.SSLWantReadError:
@@ -423,41 +449,23 @@ class _ServerHandshake:
             self._wait(loop.add_writer, loop.remove_writer)
             return
         except (OSError, ssl.SSLError, ValueError) as exc:
-            log.debug("TLS handshake failed: %s", exc)  # scanners and plain-HTTP clients: routine
-            answer = self._listener._plain_http_answer
-            if answer and getattr(exc, "reason", None) == "HTTP_REQUEST":
-                self._answer_in_clear(answer)
-            else:
-                self._drop()
+            self.cancel()
+            self._done(exc)
             return
-        self._unwatch()
-        self._timer.cancel()
-        TLSSocketTransport(loop, self._sock, self._listener._protocol_factory())
+        self.cancel()
+        self._done(None)
 
     def _wait(self, add: Callable, remove: Callable) -> None:
         if self._waiting is not remove:
-            self._unwatch()
+            self.cancel()
             add(self._fd, self._step)
             self._waiting = remove
 
-    def _unwatch(self) -> None:
+    def cancel(self) -> None:
+        """Stop watching the socket (the caller closes it)."""
         if self._waiting is not None:
             self._waiting(self._fd)
             self._waiting = None
-
-    def _drop(self) -> None:
-        self._unwatch()
-        self._timer.cancel()
-        self._sock.close()
-
-    def _answer_in_clear(self, answer: bytes) -> None:
-        self._unwatch()
-        self._timer.cancel()
-        try:
-            socket.socket.send(self._sock, answer)  # the plain socket's send: no TLS on this one
-        except OSError:
-            pass
-        linger(self._listener._loop, self._sock)  # the rest of the request is still unread
 
 
 async def open_tls_connection(
@@ -476,19 +484,23 @@ async def open_tls_connection(
     except BaseException:
         sock.close()
         raise
+    finished = loop.create_future()
+
+    def done(error: BaseException | None) -> None:
+        if not finished.done():
+            finished.set_result(error)
+
+    handshake = _Handshake(loop, tls, done)
     try:
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                await _readiness(loop, tls.fileno(), loop.add_reader, loop.remove_reader)
-            except ssl.SSLWantWriteError:
-                await _readiness(loop, tls.fileno(), loop.add_writer, loop.remove_writer)
-        return TLSSocketTransport(loop, tls, protocol_factory())
-    except BaseException:
+        error = await finished
+    except BaseException:  # cancelled, by a connect timeout say
+        handshake.cancel()
         tls.close()
         raise
+    if error is not None:
+        tls.close()
+        raise error
+    return TLSSocketTransport(loop, tls, protocol_factory())
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
@@ -514,17 +526,3 @@ async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> soc
             sock.close()
             raise
     raise error
-
-
-async def _readiness(loop, fd: int, add, remove) -> None:
-    waiter = loop.create_future()
-
-    def ready() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    add(fd, ready)
-    try:
-        await waiter
-    finally:
-        remove(fd)

@@ -240,6 +240,31 @@ def test_upstream_down_is_503_naming_the_cluster(client):
     assert response.status == 503 and 'cluster "down" is unreachable' in response.json()["message"]
 
 
+def test_a_cluster_that_never_finishes_tls_is_503_after_connect_timeout(gateway_config, tls_files):
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel completes TCP; nobody speaks TLS
+    folder, text = gateway_config
+    text = text.replace('server = "https://127.0.0.1:1"', f'server = "https://127.0.0.1:{silent.getsockname()[1]}"\n'
+                        '        connect_timeout = 0.5')
+    gateway = start_gateway(text, folder)
+    try:
+        client = Client(gateway.port, tls_files["ca"])
+        started = time.monotonic()
+        client.request("GET", "/kubernetes/cluster/down/api", AUTH)
+        response = client.response()
+        assert response.status == 503
+        assert response.json()["message"] == 'cluster "down" is unreachable: timed out connecting'
+        assert 0.4 < time.monotonic() - started < 3
+        waiting, _ = silent.accept()
+        waiting.settimeout(5)
+        assert waiting.recv(65536).startswith(b"\x16\x03")  # the gateway's ClientHello...
+        assert waiting.recv(65536) == b""  # ...then it gave up and closed the socket
+        waiting.close()
+        client.close()
+    finally:
+        gateway.stop()
+        silent.close()
+
+
 def test_upstream_timeout_is_504(client):
     client.request("GET", f"{BASE}/slow?delay=6", AUTH)
     started = time.time()
