@@ -19,8 +19,11 @@ _HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
 ))
-# Never forwarded from a client: replaced by the gateway's own.
-_GATEWAY_OWNED = frozenset((b"authorization", b"host", b"content-length", b"x-forwarded-for", b"expect"))
+# Never forwarded from a client: replaced by the gateway's own, or (Proxy: httpoxy) meant for no one.
+_GATEWAY_OWNED = frozenset((b"authorization", b"host", b"content-length", b"x-forwarded-for", b"expect",
+                            b"proxy"))
+# Requests that carry no body unless they say so: no Content-Length: 0 is added for them.
+NO_BODY_METHODS = frozenset((b"GET", b"HEAD", b"DELETE", b"OPTIONS"))
 _WEBSOCKET_PROTOCOL = b"sec-websocket-protocol"
 # Every header the scan acts on, so that the many it only copies cost one set lookup.
 _INSPECTED = _HOP_BY_HOP | _GATEWAY_OWNED | {_WEBSOCKET_PROTOCOL}

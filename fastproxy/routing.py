@@ -18,26 +18,57 @@ _HOSTILE_ESCAPES = ("%2f", "%5c", "%00")
 _DOT_SEGMENTS = frozenset((".", "%2e"))
 _DOTDOT_SEGMENTS = frozenset(("..", ".%2e", "%2e.", "%2e%2e"))
 
-# Prefixes the product serves in later releases; until then they answer 404.
-_NOT_YET_SERVED = {
-    "auth": "the /auth/ endpoints are not served by this gateway yet",
-    "oidc": "the /oidc/ endpoints are not served by this gateway yet",
-    "grafana": "the /grafana/ proxy is not served by this gateway yet",
-}
-_KUBERNETES_NOT_YET_SERVED = {
-    "management": "the management API is not served by this gateway yet",
-    "virtualcluster": "virtual clusters are not served by this gateway yet",
-}
-
+# Route kinds: what the router table maps a prefix to; the gateway maps each kind to a handler.
 CLUSTER = "cluster"
+VIRTUAL_CLUSTER = "virtualcluster"
+MANAGEMENT = "management"
+AUTH = "auth"
+OIDC = "oidc"
+GRAFANA = "grafana"
 HEALTH = "health"
+
+
+class Prefix(NamedTuple):
+    segments: tuple[str, ...]  # the fixed leading path segments
+    kind: str
+    names: int = 0             # DNS-name segments after them (cluster, namespace, virtual cluster)
+    exact: bool = False        # the path is the prefix itself, nothing below it
+
+
+# The router table, longest prefixes first. The names a prefix takes are DNS-1123 names.
+ROUTES = (
+    Prefix(("kubernetes", "cluster"), CLUSTER, names=1),
+    Prefix(("kubernetes", "virtualcluster"), VIRTUAL_CLUSTER, names=3),
+    Prefix(("kubernetes", "management"), MANAGEMENT),
+    Prefix(("auth",), AUTH),
+    Prefix(("oidc",), OIDC),
+    Prefix(("grafana",), GRAFANA, names=1),
+    Prefix(("healthz",), HEALTH, exact=True),
+    Prefix(("readyz",), HEALTH, exact=True),
+    Prefix(("livez",), HEALTH, exact=True),
+)
+_BY_FIRST: dict[str, tuple[Prefix, ...]] = {}
+for _prefix in ROUTES:
+    _BY_FIRST[_prefix.segments[0]] = _BY_FIRST.get(_prefix.segments[0], ()) + (_prefix,)
+
+# What a prefix whose handler this gateway does not run answers (404).
+NOT_SERVED = {
+    CLUSTER: "no cluster is served by this gateway",
+    VIRTUAL_CLUSTER: "virtual clusters are not served by this gateway yet",
+    MANAGEMENT: "the management API is not served by this gateway yet",
+    AUTH: "the /auth/ endpoints are not served by this gateway yet",
+    OIDC: "the /oidc/ endpoints are not served by this gateway yet",
+    GRAFANA: "the /grafana/ proxy is not served by this gateway yet",
+}
 
 
 class Route(NamedTuple):
     kind: str
     cluster: str = ""
-    path: str = "/"    # what the upstream receives: the normalised rest of the path
+    path: str = "/"    # what the handler serves: the normalised rest of the path below the prefix
     query: str = ""    # unchanged, without the "?"
+    namespace: str = ""        # virtual clusters: the host namespace
+    virtual_cluster: str = ""  # virtual clusters: the name
 
 
 def split_target(target: str) -> tuple[str, str]:
@@ -74,20 +105,25 @@ def route(target: str) -> Route:
     """Map a raw request target to a Route, or raise StatusError (400 for hostile paths, 404)."""
     raw_path, query = split_target(target)
     path = normalise_path(raw_path)
-    parts = path.split("/", 4)  # "", first, second, third, rest
-    first = parts[1]
-    if first == "kubernetes" and len(parts) > 2:
-        second = parts[2]
-        if second == "cluster" and len(parts) > 3:
-            name = parts[3]
+    parts = path.split("/")[1:]  # "/a/b/" -> ["a", "b", ""]
+    for prefix in _BY_FIRST.get(parts[0], ()):
+        fixed = len(prefix.segments)
+        if tuple(parts[:fixed]) != prefix.segments:
+            continue
+        if prefix.exact:
+            if len(parts) == fixed:
+                return Route(prefix.kind, path=path, query=query)
+            continue
+        names = parts[fixed:fixed + prefix.names]
+        if len(names) < prefix.names:
+            raise StatusError(404, f"the path {path!r} names no {prefix.kind} (expected /{'/'.join(prefix.segments)}/NAME/...)")
+        for name in names:
             if not CLUSTER_NAME.match(name):
-                raise StatusError(404, f"cluster name {name!r} is not valid")
-            rest = "/" + parts[4] if len(parts) > 4 else "/"
-            return Route(CLUSTER, name, rest, query)
-        if second in _KUBERNETES_NOT_YET_SERVED:
-            raise StatusError(404, _KUBERNETES_NOT_YET_SERVED[second])
-    elif first in _NOT_YET_SERVED:
-        raise StatusError(404, _NOT_YET_SERVED[first])
-    elif path in ("/healthz", "/readyz", "/livez"):
-        return Route(HEALTH, path=path)
+                raise StatusError(404, f"{prefix.kind} name {name!r} is not valid")
+        below = parts[fixed + prefix.names:]
+        rest = "/" + "/".join(below) if below else "/"
+        cluster = names[0] if names else ""
+        if prefix.kind == VIRTUAL_CLUSTER:
+            return Route(prefix.kind, cluster, rest, query, names[1], names[2])
+        return Route(prefix.kind, cluster, rest, query)
     raise StatusError(404, f"the path {path!r} is not served by this gateway")

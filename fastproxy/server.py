@@ -47,12 +47,11 @@ def listening_socket(host: str, port: int, *, listen: bool = True) -> socket.soc
 
 
 def tune_malloc() -> None:
-    """Keep uvloop's per-read TLS buffers (256 KiB each) on the heap.
+    """Keep large short-lived buffers (TLS reads of a full record, big response chunks) on the heap.
 
-    Above glibc's default mmap threshold every read of an upstream TLS record costs an
-    mmap/mremap/munmap round; measured, that doubled the CPU per watch event. A fixed threshold
-    of 1 MiB (and a trim threshold that does not hand the heap top back after each read) makes
-    them ordinary heap allocations.
+    Above glibc's default (sliding) mmap threshold such an allocation costs an mmap/munmap pair
+    each time; a fixed threshold of 1 MiB (and a trim threshold that does not hand the heap top
+    back after each read) makes them ordinary heap allocations.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt

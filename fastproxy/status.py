@@ -1,6 +1,8 @@
 """Kubernetes `Status` error responses, rendered once per call with orjson."""
 from __future__ import annotations
 
+import time
+from email.utils import formatdate
 from http import HTTPStatus
 
 import orjson
@@ -33,6 +35,20 @@ def status_line(code: int) -> bytes:
     return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % code
 
 
+_date_second = 0
+_date_line = b""
+
+
+def date_line() -> bytes:
+    """The `Date:` header line for the gateway's own responses, formatted once a second."""
+    global _date_second, _date_line
+    now = int(time.time())
+    if now != _date_second:
+        _date_second = now
+        _date_line = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+    return _date_line
+
+
 class StatusError(Exception):
     """A refusal to answer with a Kubernetes Status; `close` ends the client connection after it."""
 
@@ -61,12 +77,9 @@ def status_response(code: int, message: str, *, close: bool = False, reason: str
     body = status_body(code, message, reason)
     return b"".join((
         status_line(code),
+        date_line(),
         b"Content-Type: application/json\r\nCache-Control: no-store\r\n",
         b"Content-Length: %d\r\n" % len(body),
         b"Connection: close\r\n\r\n" if close else b"\r\n",
         body,
     ))
-
-
-def error_response(err: StatusError) -> bytes:
-    return status_response(err.code, err.message, close=err.close, reason=err.reason)

@@ -2,8 +2,9 @@
 
 The response parser only finds where each message ends; body bytes go from this transport
 to the exchange's `sink` (the client transport, for a proxied request) exactly as they arrived,
-chunked framing included. An exchange is anything with the methods called on it here and in
-Pool: client.Exchange for proxied requests, upstream_client.InternalExchange for the gateway's own.
+chunked framing included. What the pool and the connection need of a request is the
+`UpstreamExchange` contract below: proxy.ProxyExchange for proxied requests,
+upstream_client.InternalExchange for the gateway's own.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import asyncio
 import logging
 import ssl
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
@@ -20,7 +21,6 @@ from .headers import has_framing
 from .tlssocket import open_tls_connection
 
 if TYPE_CHECKING:
-    from .client import Exchange
     from .config import ClusterConfig
 
 log = logging.getLogger("fastproxy.upstream")
@@ -31,6 +31,45 @@ _HEAD_END = b"\r\n\r\n"
 
 class UpstreamError(Exception):
     """The upstream broke HTTP; the exchange cannot be completed."""
+
+
+class Sink(Protocol):
+    def write(self, data: bytes | memoryview) -> None: ...
+
+
+class UpstreamExchange(Protocol):
+    """One request as the pool and its upstream connection see it."""
+
+    method: bytes        # the request method (a HEAD answer has no body)
+    upgrade: bool        # the request asks to switch protocols
+    sink: Sink           # where response body bytes go, as received
+    finished: bool       # the exchange no longer wants a connection
+    request_done: bool   # the whole request was sent
+    bytes_out: int       # response bytes relayed to the sink; the connection adds body bytes
+
+    def upstream_ready(self, conn: UpstreamConnection) -> None:
+        """A connection is attached: send the request on it."""
+
+    def upstream_unreachable(self, message: str) -> None:
+        """No connection could be opened (the message names the cluster and why)."""
+
+    def peer_full(self, full: bool) -> None:
+        """The connection's write buffer crossed a water mark."""
+
+    def upstream_head(self, conn: UpstreamConnection, body: memoryview | None) -> None:
+        """The final response head arrived (`conn.head`), with the body bytes read along with it."""
+
+    def upstream_switched(self, conn: UpstreamConnection, early: memoryview) -> None:
+        """A 101: from now on bytes flow both ways untouched."""
+
+    def upstream_complete(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """The response ended; the exchange gives the connection back to its pool."""
+
+    def upstream_lost(self, conn: UpstreamConnection) -> None:
+        """The connection closed."""
+
+    def upstream_broken(self, conn: UpstreamConnection, why: str) -> None:
+        """The cluster broke HTTP."""
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -44,7 +83,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.exchange: Exchange | None = None
+        self.exchange: UpstreamExchange | None = None
         self.reused = False
         self.idle_since = 0.0
         self.closed = False
@@ -94,6 +133,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.tunnel:
             exchange.sink.write(data)
+            exchange.bytes_out += len(data)
             return
         self.got_bytes = True
         if self.head_done:
@@ -103,12 +143,13 @@ class UpstreamConnection(asyncio.Protocol):
                 exchange.upstream_broken(self, f"invalid response body: {exc}")
                 return
             exchange.sink.write(data)
+            exchange.bytes_out += len(data)
         else:
             self._head_data(exchange, data)
         if self.complete and self.exchange is exchange:
             self._finish(exchange)
 
-    def _head_data(self, exchange: Exchange, data: bytes) -> None:
+    def _head_data(self, exchange: UpstreamExchange, data: bytes) -> None:
         buffer = self.head_buffer + data if self.head_buffer else data
         upgraded_at = -1
         try:
@@ -138,7 +179,7 @@ class UpstreamConnection(asyncio.Protocol):
         # The parser keeps a connection alive only when the body is delimited; otherwise look.
         self.framed = self.keep_alive or self.status in (204, 304) or has_framing(self.head)
         if upgraded_at >= 0:
-            if self.status != 101 or not exchange.plan.upgrade:
+            if self.status != 101 or not exchange.upgrade:
                 exchange.upstream_broken(self, "unexpected protocol switch")
                 return
             self.tunnel = True
@@ -147,14 +188,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         body = None
         if body_start < len(buffer):
-            if exchange.plan.method == b"HEAD":
+            if exchange.method == b"HEAD":
                 self.keep_alive = False  # a body after a HEAD answer: out of step, never reuse
             else:
                 body = memoryview(buffer)[body_start:]
         exchange.upstream_head(self, body)
 
-    def _finish(self, exchange: Exchange) -> None:
-        reusable = self.keep_alive and exchange.request_done and not exchange.plan.upgrade
+    def _finish(self, exchange: UpstreamExchange) -> None:
+        reusable = self.keep_alive and exchange.request_done and not exchange.upgrade
         self.exchange = None
         self._reset()
         exchange.upstream_complete(self, reusable)
@@ -174,7 +215,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = status
         self.head_done = True
         self.keep_alive = self.parser.should_keep_alive()
-        if self.exchange is not None and self.exchange.plan.method == b"HEAD":
+        if self.exchange is not None and self.exchange.method == b"HEAD":
             self.complete = True  # no body follows, whatever the headers announce
             self.parser = httptools.HttpResponseParser(self)
 
@@ -231,9 +272,10 @@ class Pool:
         self.server_hostname = (cluster.tls_server_name or cluster.host) if ssl_context else None
         self.idle: list[UpstreamConnection] = []
         self.open_count = 0
-        self.waiting: deque[Exchange] = deque()
+        self.retired = False  # replaced in the registry: serves what it holds, pools nothing
+        self.waiting: deque[UpstreamExchange] = deque()
 
-    def acquire(self, exchange: Exchange, *, fresh: bool = False) -> None:
+    def acquire(self, exchange: UpstreamExchange, *, fresh: bool = False) -> None:
         """Attach a connection to `exchange` now or later (`exchange.upstream_ready`)."""
         if not fresh:
             now = self.loop.time()
@@ -250,7 +292,7 @@ class Pool:
         else:
             self.waiting.append(exchange)
 
-    def cancel(self, exchange: Exchange) -> None:
+    def cancel(self, exchange: UpstreamExchange) -> None:
         try:
             self.waiting.remove(exchange)
         except ValueError:
@@ -259,6 +301,9 @@ class Pool:
     def release(self, conn: UpstreamConnection) -> None:
         """Give back a connection whose response is complete."""
         if conn.closed:
+            return
+        if self.retired and not self.waiting:
+            conn.close()
             return
         if not conn.reused and self.ssl_context is not None:
             # A TLS 1.3 session ticket arrives after the handshake: by now it has.
@@ -299,11 +344,16 @@ class Pool:
         for conn in [c for c in self.idle if c.idle_since < deadline]:
             conn.close()
 
+    def retire(self) -> None:
+        """Replaced: close the idle connections and pool none again; the busy ones finish."""
+        self.retired = True
+        self.close()
+
     def close(self) -> None:
         for conn in list(self.idle):
             conn.close()
 
-    async def _connect(self, exchange: Exchange) -> None:
+    async def _connect(self, exchange: UpstreamExchange) -> None:
         cluster = self.cluster
         try:
             conn = await asyncio.wait_for(self._open(), cluster.connect_timeout)

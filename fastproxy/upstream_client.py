@@ -3,38 +3,27 @@
 `request()` is for what the gateway asks a cluster itself (SubjectAccessReviews, management
 handlers): it authenticates with the gateway's own credential, impersonates nobody unless the
 caller passes Impersonate-* headers, and collects the whole response body. Proxied requests
-never come here; they stream through client.Exchange.
+never come here; they stream through proxy.ProxyExchange. Both are upstream.UpstreamExchange.
 """
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import httptools
 
-from .headers import response_headers
+from .headers import NO_BODY_METHODS, response_headers
 
 if TYPE_CHECKING:
-    from .gateway import Upstream
+    from .clusters import Upstream
     from .upstream import UpstreamConnection
 
 DEFAULT_RESPONSE_LIMIT = 64 * 1024 * 1024
-_NO_BODY_METHODS = frozenset(("GET", "HEAD", "DELETE", "OPTIONS"))
 # Set by request() itself; a second one from the caller would make the message ambiguous.
 _RESERVED_HEADERS = frozenset(("host", "authorization", "content-length", "transfer-encoding", "connection",
                                "upgrade"))
 _CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-
-
-class InternalPlan(NamedTuple):
-    """The part of gateway.Plan that the pool and the upstream connection read."""
-
-    method: bytes
-    cluster: str
-    upstream: Upstream
-    head: bytes
-    upgrade: bool = False  # the gateway's own requests never switch protocols
 
 
 class UpstreamRequestError(Exception):
@@ -56,10 +45,9 @@ async def request(upstream: Upstream, method: str, path: str, body: bytes = b"",
     breaks HTTP, takes longer than `timeout` (default: the cluster's response_header_timeout)
     for the whole exchange, or sends more than `limit` body bytes.
     """
-    plan = InternalPlan(method.encode(), upstream.cluster.name, upstream,
-                        _request_head(upstream, method, path, body, headers))
+    head = _request_head(upstream, method, path, body, headers)
     loop = upstream.pool.loop
-    exchange = InternalExchange(plan, body, loop.create_future(), limit)
+    exchange = InternalExchange(upstream, method.encode(), head, body, loop.create_future(), limit)
     timer = loop.call_later(timeout or upstream.cluster.response_header_timeout, exchange.timed_out)
     upstream.pool.acquire(exchange)
     try:
@@ -76,7 +64,7 @@ def _request_head(upstream: Upstream, method: str, path: str, body: bytes,
         if name.lower() in _RESERVED_HEADERS:
             raise ValueError(f"header {name!r} is set by request() itself")
         lines.append(f"{_clean(name)}: {_clean(value)}\r\n".encode())
-    if body or method not in _NO_BODY_METHODS:
+    if body or method.encode() not in NO_BODY_METHODS:
         lines.append(b"Content-Length: %d\r\n" % len(body))
     lines.append(b"\r\n")
     return b"".join(lines)
@@ -92,12 +80,17 @@ def _clean(text: str) -> str:
 class InternalExchange:
     """One gateway-originated request: what Pool and UpstreamConnection call on an exchange."""
 
-    __slots__ = ("plan", "body", "future", "limit", "sink", "upstream", "status", "received", "received_size",
-                 "decoder", "request_done", "finished", "retried")
+    __slots__ = ("target", "method", "upgrade", "head", "body", "future", "limit", "sink", "upstream", "status",
+                 "received", "received_size", "decoder", "request_done", "finished", "retried", "bytes_out")
 
-    def __init__(self, plan: InternalPlan, body: bytes, future: asyncio.Future, limit: int):
-        self.plan = plan
+    def __init__(self, target: Upstream, method: bytes, head: bytes, body: bytes, future: asyncio.Future,
+                 limit: int):
+        self.target = target
+        self.method = method
+        self.upgrade = False  # the gateway's own requests never switch protocols
+        self.head = head
         self.body = body
+        self.bytes_out = 0
         self.future = future
         self.limit = limit
         self.sink = self  # the upstream connection writes the response body to `write`
@@ -124,7 +117,7 @@ class InternalExchange:
         self.received_size += len(data)
         if self.received_size > self.limit:
             self._detach()
-            self._fail(502, f'cluster "{self.plan.cluster}" sent a response larger than {self.limit} bytes')
+            self._fail(502, f'cluster "{self.target.cluster.name}" sent a response larger than {self.limit} bytes')
         else:
             self.received.append(data)
 
@@ -133,7 +126,7 @@ class InternalExchange:
     def upstream_ready(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
         conn.exchange = self
-        conn.send(self.plan.head, self.body)
+        conn.send(self.head, self.body)
         self.request_done = True
 
     def upstream_unreachable(self, message: str) -> None:
@@ -153,7 +146,7 @@ class InternalExchange:
 
     def upstream_complete(self, conn: UpstreamConnection, reusable: bool) -> None:
         self.upstream = None
-        self.plan.upstream.pool.give_back(conn, reusable)
+        self.target.pool.give_back(conn, reusable)
         self._succeed()
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:
@@ -164,22 +157,22 @@ class InternalExchange:
             # A pooled connection the cluster had already closed: one retry on a fresh one.
             self.retried = True
             self.request_done = False
-            self.plan.upstream.pool.acquire(self, fresh=True)
+            self.target.pool.acquire(self, fresh=True)
         elif conn.head_done and not conn.framed:
             self._succeed()  # the body was delimited by the close
         else:
-            self._fail(502, f'cluster "{self.plan.cluster}" closed the connection before answering')
+            self._fail(502, f'cluster "{self.target.cluster.name}" closed the connection before answering')
 
     def upstream_broken(self, conn: UpstreamConnection, why: str) -> None:
         self._detach()
-        self._fail(502, f'cluster "{self.plan.cluster}" sent an invalid response: {why}')
+        self._fail(502, f'cluster "{self.target.cluster.name}" sent an invalid response: {why}')
 
     # --- endings -----------------------------------------------------------------------------
 
     def timed_out(self) -> None:
         if not self.finished:
             self._detach()
-            self._fail(504, f'cluster "{self.plan.cluster}" did not answer in time')
+            self._fail(504, f'cluster "{self.target.cluster.name}" did not answer in time')
 
     def abandon(self) -> None:
         if not self.finished:
@@ -187,7 +180,7 @@ class InternalExchange:
             if self.upstream is not None:
                 self._detach()
             else:
-                self.plan.upstream.pool.cancel(self)
+                self.target.pool.cancel(self)
 
     def _detach(self) -> None:
         conn, self.upstream = self.upstream, None

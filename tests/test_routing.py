@@ -1,6 +1,7 @@
 import pytest
 
-from fastproxy.routing import CLUSTER, HEALTH, normalise_path, route
+from fastproxy.routing import (AUTH, CLUSTER, GRAFANA, HEALTH, MANAGEMENT, NOT_SERVED, OIDC, ROUTES, VIRTUAL_CLUSTER, Route,
+                               normalise_path, route)
 from fastproxy.status import StatusError
 
 
@@ -64,17 +65,36 @@ def test_unknown_routes_are_404(target):
     assert err.value.code == 404
 
 
-@pytest.mark.parametrize("target,words", [
-    ("/kubernetes/management/apis/management.loft.sh/v1/users", "management API"),
-    ("/kubernetes/virtualcluster/c/ns/vc/api/v1/pods", "virtual clusters"),
-    ("/auth/password/login", "/auth/"),
-    ("/oidc/token", "/oidc/"),
-    ("/grafana/c/api", "/grafana/"),
+@pytest.mark.parametrize("target,expected", [
+    ("/kubernetes/management/apis/management.loft.sh/v1/users",
+     Route(MANAGEMENT, path="/apis/management.loft.sh/v1/users")),
+    ("/kubernetes/management", Route(MANAGEMENT)),
+    ("/kubernetes/virtualcluster/c/ns/vc/api/v1/pods?watch=1",
+     Route(VIRTUAL_CLUSTER, "c", "/api/v1/pods", "watch=1", "ns", "vc")),
+    ("/auth/password/login", Route(AUTH, path="/password/login")),
+    ("/oidc/token", Route(OIDC, path="/token")),
+    ("/grafana/c/api/", Route(GRAFANA, "c", "/api/")),
+    ("/kubernetes/cluster/prod", Route(CLUSTER, "prod")),
 ])
-def test_later_prefixes_answer_404_naming_them(target, words):
+def test_router_table_maps_each_prefix(target, expected):
+    assert route(target) == expected
+
+
+@pytest.mark.parametrize("target,words", [
+    ("/kubernetes/virtualcluster/c/ns", "names no virtualcluster"),
+    ("/kubernetes/virtualcluster/c/Ns/vc/api", "name 'Ns' is not valid"),
+    ("/kubernetes/cluster", "names no cluster"),
+    ("/grafana", "names no grafana"),
+    ("/healthz/more", "not served"),
+])
+def test_prefixes_without_their_names_are_404(target, words):
     with pytest.raises(StatusError) as err:
         route(target)
     assert err.value.code == 404 and words in err.value.message
+
+
+def test_every_kind_but_health_says_why_it_is_not_served():
+    assert set(NOT_SERVED) == {prefix.kind for prefix in ROUTES} - {HEALTH}
 
 
 def test_health_routes():

@@ -172,3 +172,17 @@ def _unescape(value: str) -> str | None:
         out.append(char)
         index += 1
     return "".join(out)
+
+
+def is_discovery(info: RequestInfo) -> bool:
+    """Version, API discovery and OpenAPI documents: they reveal no objects, the API server lets
+    every authenticated user read them, and kubectl needs them before any other request."""
+    if info.is_resource_request or info.verb != "get":
+        return False
+    parts = info.path.strip("/").split("/")
+    first = parts[0]
+    if first == "api":
+        return len(parts) <= 2
+    if first == "apis":
+        return len(parts) <= 3
+    return (first == "version" and len(parts) == 1) or first == "openapi"

@@ -515,3 +515,9 @@ def _describe_target(target: str, cluster: str, project: str, space: str,
     if target == _PROJECT_SPACE:
         return f"space {space!r} of project {project!r}"
     return f"virtual cluster {virtual_cluster!r} of project {project!r}"
+
+
+def reaches_cluster(scope: CompiledScope, cluster: str) -> bool:
+    """Whether the scope allows anything at all on `cluster` (then kubectl may discover it)."""
+    return (scope.all_clusters or cluster in scope.clusters
+            or any(not rule.cluster or rule.cluster == cluster for rule in scope.rules.get(_CLUSTER, ())))

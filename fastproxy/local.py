@@ -1,0 +1,183 @@
+"""In-process handlers: responses the gateway makes itself (health, the management API, ...).
+
+A LocalResponder collects the request body (bounded), then `handle()` answers with one JSON or
+text response, or streams a chunked response (a watch served by the gateway itself) with the
+same backpressure as the proxy: `await drain()` waits while the client's buffer is full.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Iterable
+from typing import Any
+
+import orjson
+
+from .exchange import Responder
+from .status import StatusError, date_line, status_line
+
+log = logging.getLogger("fastproxy.local")
+
+JSON = b"application/json"
+DEFAULT_BODY_LIMIT = 3 * 1024 * 1024  # the API server's own limit for a JSON request body
+
+
+class LocalResponder(Responder):
+    """Base of the handlers served in-process; subclasses implement `handle()`."""
+
+    __slots__ = ("body", "body_size", "streaming", "handled", "task", "_drained")
+
+    body_limit = DEFAULT_BODY_LIMIT
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.streaming = False
+        self.handled = False
+        self.task: asyncio.Task | None = None
+        self._drained: asyncio.Future | None = None
+
+    def handle(self) -> None:
+        """Answer the request: `send`, `send_json`, or `begin_stream` ... `end_stream`."""
+        raise NotImplementedError
+
+    def on_closed(self) -> None:
+        """The client went away before the response ended: release what the handler holds."""
+
+    # --- driven by the client connection -----------------------------------------------------
+
+    def serve(self) -> None:
+        if self.request_done:
+            self._handle()
+
+    def request_body(self, data: bytes) -> None:
+        if self.finished or self.canned:
+            return
+        self.ctx.bytes_in += len(data)
+        self.body_size += len(data)
+        if self.body_size > self.body_limit:
+            self.body.clear()
+            self.fail(413, f"request body larger than {self.body_limit} bytes", close=True)
+            return
+        self.body.append(data)
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        if self is self.client.active and not self.canned and not self.finished:
+            self._handle()
+
+    def writing_resumed(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def abandon(self) -> None:
+        if self.finished:
+            return
+        if self.task is not None:
+            self.task.cancel()
+        self.writing_resumed()
+        super().abandon()
+        self.on_closed()
+
+    def _handle(self) -> None:
+        if self.handled:
+            return
+        self.handled = True
+        try:
+            self.handle()
+        except StatusError as err:
+            self._refuse(err)
+
+    def _refuse(self, err: StatusError) -> None:
+        if self.streaming:
+            self.abort()
+        else:
+            self.fail(err.code, err.message, close=err.close)
+
+    # --- what handlers call ------------------------------------------------------------------
+
+    def json_body(self) -> Any:
+        """The request body parsed as JSON (400 when it is not)."""
+        try:
+            return orjson.loads(b"".join(self.body))
+        except orjson.JSONDecodeError as exc:
+            raise StatusError(400, f"request body is not valid JSON: {exc}") from None
+
+    def send(self, status: int, body: bytes, content_type: bytes = JSON,
+             headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """One complete response; never cached by clients or proxies."""
+        parts = [status_line(status), date_line(), b"Content-Type: ", content_type,
+                 b"\r\nCache-Control: no-store\r\nContent-Length: %d\r\n" % len(body)]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n" if self.keep_alive else b"Connection: close\r\n\r\n")
+        if self.ctx.head.method != b"HEAD":
+            parts.append(body)
+        self.respond(b"".join(parts), status)
+
+    def send_json(self, status: int, obj: Any) -> None:
+        self.send(status, orjson.dumps(obj))
+
+    def begin_stream(self, status: int = 200, content_type: bytes = JSON) -> None:
+        """Start a chunked response; each `send_chunk` reaches the client as one chunk."""
+        self.streaming = True
+        head = b"".join((status_line(status), date_line(), b"Content-Type: ", content_type,
+                         b"\r\nCache-Control: no-store\r\nTransfer-Encoding: chunked\r\n",
+                         b"\r\n" if self.keep_alive else b"Connection: close\r\n\r\n"))
+        self.ctx.status = status
+        self._write(head)
+
+    def send_chunk(self, data: bytes) -> None:
+        if data and not self.finished:
+            self._write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def end_stream(self) -> None:
+        if not self.finished:
+            self._write(b"0\r\n\r\n")
+            self.finish()
+
+    async def drain(self) -> None:
+        """Wait while the client's transport is above its high-water mark."""
+        if self.client.write_paused and not self.finished:
+            if self._drained is None:
+                self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+    def run(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Answer from a coroutine (a stream, or a request that waits on I/O); cancelled when
+        the client leaves. A StatusError it raises becomes the response."""
+        self.task = asyncio.get_running_loop().create_task(coro)
+        self.task.add_done_callback(self._ran)
+
+    def _ran(self, task: asyncio.Task) -> None:
+        self.task = None
+        if task.cancelled():
+            return
+        err = task.exception()
+        if err is None or self.finished:
+            return
+        if isinstance(err, StatusError):
+            self._refuse(err)
+        else:
+            log.error("handler for %s failed", self.ctx.route, exc_info=err)
+            self._refuse(StatusError(500, "internal error"))
+
+    def abort(self) -> None:
+        self.keep_alive = False
+        self.client.transport.abort()
+        self.finish()
+
+    def _write(self, data: bytes) -> None:
+        self.ctx.bytes_out += len(data)
+        self.client.transport.write(data)
+
+
+class Health(LocalResponder):
+    """/healthz, /readyz, /livez: the worker is serving."""
+
+    __slots__ = ()
+
+    def handle(self) -> None:
+        self.send(200, b"ok", b"text/plain")
