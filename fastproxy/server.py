@@ -11,12 +11,14 @@ import socket
 import ssl
 import sys
 import time
+from collections.abc import Sequence
 
 import uvloop
 
 from .auth.credentials import Authenticator
 from .client import ClientConnection
 from .config import Config, ServerConfig
+from .context import Observer
 from .gateway import Gateway
 from .status import status_response
 from .tlssocket import TLSListener
@@ -72,13 +74,19 @@ def raise_file_limit() -> None:
 class Worker:
     """One process: an event loop serving every client connection it accepts."""
 
-    def __init__(self, config: Config, sock: socket.socket):
+    def __init__(self, config: Config, sock: socket.socket, observers: Sequence[Observer] = (), *,
+                 handle_signals: bool = True):
         self.config = config
         self.sock = sock
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        self.gateway = Gateway(config, self.loop)
-        self.stopping: asyncio.Event | None = None
+        self.gateway = Gateway(config, self.loop, observers)
+        self.handle_signals = handle_signals  # off when embedded in another program's thread
+        self.stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """From any thread: stop accepting and drain, as SIGTERM does."""
+        self.loop.call_soon_threadsafe(self.stopping.set)
 
     def run(self) -> None:
         try:
@@ -90,9 +98,9 @@ class Worker:
     async def _serve(self) -> None:
         server_config = self.config.server
         context = server_ssl_context(server_config) if server_config.tls else None
-        self.stopping = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(signum, self.stopping.set)
+        if self.handle_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.loop.add_signal_handler(signum, self.stopping.set)
         def connection() -> ClientConnection:
             return ClientConnection(self.gateway)
         if context is None:

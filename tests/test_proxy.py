@@ -463,3 +463,45 @@ def test_plain_http_to_the_https_port_gets_a_readable_400(gateway):
         assert plain.closed_by_peer()
     finally:
         plain.close()
+
+
+@pytest.mark.parametrize("trailer", [
+    "Impersonate-Group: system:masters", "Impersonate-User: admin", "Authorization: Bearer other-key",
+    "Content-Length: 5", "Transfer-Encoding: chunked", "Host: evil.example",
+])
+def test_chunked_trailers_never_reach_the_next_request(client, trailer):
+    client.send((f"POST {BASE}/echo HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ACCESS_KEY}\r\n"
+                 f"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n{trailer}\r\n\r\n"
+                 f"GET {BASE}/echo?second HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ACCESS_KEY}\r\n\r\n").encode())
+    first = client.response()
+    name = trailer.split(":")[0].lower()
+    if name in ("content-length", "transfer-encoding"):
+        # Framing in a trailer is ambiguous HTTP: refused, and the connection ends.
+        assert first.status == 400 and client.closed_by_peer()
+        return
+    assert first.status == 200 and first.json()["body"] == "hello"
+    second = client.response()
+    for got in (first.json(), seen(second)):
+        names = [h[0].lower() for h in got["headers"]]
+        assert names.count(name) == (2 if name == "impersonate-group" else name != "transfer-encoding")
+        assert [h[1] for h in got["headers"] if h[0] == "Impersonate-Group"] == ["dev", "ops"]
+        assert "evil.example" not in str(got["headers"])
+        assert "system:masters" not in str(got["headers"]) and "other-key" not in str(got["headers"])
+        assert [h for h in got["headers"] if h[0] == "Impersonate-User"] == [["Impersonate-User", "alice"]]
+    assert second.json()["target"] == "/echo?second"
+
+
+def test_the_httpoxy_proxy_header_is_not_forwarded(client):
+    client.request("GET", f"{BASE}/echo", {**AUTH, "Proxy": "http://attacker.example:8080"})
+    assert "attacker" not in str(seen(client.response())["headers"])
+
+
+def test_gateway_answers_carry_a_date_and_health_is_not_cached(client):
+    client.request("GET", "/healthz")
+    health = client.response()
+    client.request("GET", f"{BASE}/echo")
+    refusal = client.response()
+    for response in (health, refusal):
+        date = response.header("Date")
+        assert date is not None and date.endswith(" GMT")
+        assert response.header("Cache-Control") == "no-store"

@@ -106,6 +106,7 @@ async def handle(reader, writer):
             url = urlsplit(target)
             query = parse_qs(url.query)
             path = url.path.rsplit("/", 1)[-1] if "/" in url.path else url.path
+            path = query.get("serve", [path])[0]  # ?serve=watch: a watch behind any Kubernetes path
             hits[path] = hits.get(path, 0) + 1
             if path == "upgrade" and header(headers, "upgrade"):
                 await tunnel(reader, writer, headers)
