@@ -29,27 +29,24 @@ HEALTH = "health"
 
 
 class Prefix(NamedTuple):
-    segments: tuple[str, ...]  # the fixed leading path segments
+    text: str          # the fixed leading path, "/" at both ends
     kind: str
-    names: int = 0             # DNS-name segments after them (cluster, namespace, virtual cluster)
-    exact: bool = False        # the path is the prefix itself, nothing below it
+    names: int = 0     # DNS-name segments after it (cluster, namespace, virtual cluster)
+    exact: bool = False  # the path is the prefix itself (without its last "/"), nothing below it
 
 
-# The router table, longest prefixes first. The names a prefix takes are DNS-1123 names.
+# The router table, the cluster proxy (nearly every request) first. Names are DNS-1123 names.
 ROUTES = (
-    Prefix(("kubernetes", "cluster"), CLUSTER, names=1),
-    Prefix(("kubernetes", "virtualcluster"), VIRTUAL_CLUSTER, names=3),
-    Prefix(("kubernetes", "management"), MANAGEMENT),
-    Prefix(("auth",), AUTH),
-    Prefix(("oidc",), OIDC),
-    Prefix(("grafana",), GRAFANA, names=1),
-    Prefix(("healthz",), HEALTH, exact=True),
-    Prefix(("readyz",), HEALTH, exact=True),
-    Prefix(("livez",), HEALTH, exact=True),
+    Prefix("/kubernetes/cluster/", CLUSTER, names=1),
+    Prefix("/kubernetes/virtualcluster/", VIRTUAL_CLUSTER, names=3),
+    Prefix("/kubernetes/management/", MANAGEMENT),
+    Prefix("/auth/", AUTH),
+    Prefix("/oidc/", OIDC),
+    Prefix("/grafana/", GRAFANA, names=1),
+    Prefix("/healthz/", HEALTH, exact=True),
+    Prefix("/readyz/", HEALTH, exact=True),
+    Prefix("/livez/", HEALTH, exact=True),
 )
-_BY_FIRST: dict[str, tuple[Prefix, ...]] = {}
-for _prefix in ROUTES:
-    _BY_FIRST[_prefix.segments[0]] = _BY_FIRST.get(_prefix.segments[0], ()) + (_prefix,)
 
 # What a prefix whose handler this gateway does not run answers (404).
 NOT_SERVED = {
@@ -105,25 +102,29 @@ def route(target: str) -> Route:
     """Map a raw request target to a Route, or raise StatusError (400 for hostile paths, 404)."""
     raw_path, query = split_target(target)
     path = normalise_path(raw_path)
-    parts = path.split("/")[1:]  # "/a/b/" -> ["a", "b", ""]
-    for prefix in _BY_FIRST.get(parts[0], ()):
-        fixed = len(prefix.segments)
-        if tuple(parts[:fixed]) != prefix.segments:
+    for prefix in ROUTES:
+        text = prefix.text
+        if not path.startswith(text):
+            if path == text[:-1]:
+                remainder = ""
+            else:
+                continue
+        elif prefix.exact:
             continue
+        else:
+            remainder = path[len(text):]
         if prefix.exact:
-            if len(parts) == fixed:
-                return Route(prefix.kind, path=path, query=query)
-            continue
-        names = parts[fixed:fixed + prefix.names]
-        if len(names) < prefix.names:
-            raise StatusError(404, f"the path {path!r} names no {prefix.kind} (expected /{'/'.join(prefix.segments)}/NAME/...)")
-        for name in names:
+            return Route(prefix.kind, path=path, query=query)
+        if not prefix.names:
+            return Route(prefix.kind, path="/" + remainder, query=query)
+        pieces = remainder.split("/", prefix.names)
+        if len(pieces) < prefix.names or not remainder:
+            raise StatusError(404, f"the path {path!r} names no {prefix.kind} (expected {text}NAME/...)")
+        for name in pieces[:prefix.names]:
             if not CLUSTER_NAME.match(name):
                 raise StatusError(404, f"{prefix.kind} name {name!r} is not valid")
-        below = parts[fixed + prefix.names:]
-        rest = "/" + "/".join(below) if below else "/"
-        cluster = names[0] if names else ""
+        rest = "/" + pieces[prefix.names] if len(pieces) > prefix.names else "/"
         if prefix.kind == VIRTUAL_CLUSTER:
-            return Route(prefix.kind, cluster, rest, query, names[1], names[2])
-        return Route(prefix.kind, cluster, rest, query)
+            return Route(prefix.kind, pieces[0], rest, query, pieces[1], pieces[2])
+        return Route(prefix.kind, pieces[0], rest, query)
     raise StatusError(404, f"the path {path!r} is not served by this gateway")

@@ -7,7 +7,7 @@ from pathlib import Path
 import httptools
 
 from fastproxy.config import Config, parse_config
-from fastproxy.gateway import RequestHead
+from fastproxy.context import RequestHead
 
 
 def gateway_config(folder: Path, key: str, *, groups: list[str] = (), **sections) -> Config:
@@ -19,6 +19,37 @@ def gateway_config(folder: Path, key: str, *, groups: list[str] = (), **sections
                          "user": "bench-user", "groups": list(groups)}],
         **sections,
     })
+
+
+class NullTransport:
+    """Takes every byte and does nothing: what is measured is the gateway's own work."""
+
+    def write(self, data): pass
+    def writelines(self, parts): pass
+    def pause_reading(self): pass
+    def resume_reading(self): pass
+    def is_closing(self): return False
+    def set_write_buffer_limits(self, high, low): pass
+    def get_extra_info(self, name): return None
+    def close(self): pass
+    def abort(self): pass
+
+
+class NullClient:
+    """A client connection as a responder sees it (exchange.Connection), writing nowhere."""
+
+    transport = NullTransport()
+    write_paused = False
+    active = None
+
+    def set_deadline(self, kind, seconds): pass
+    def clear_deadline(self, kind): pass
+    def exchange_finished(self, exchange): pass
+
+
+def plan(gateway, head: RequestHead):
+    """Route a head through the gateway's router to its responder, as the connection does."""
+    return gateway.responder(NullClient(), head, True)
 
 
 class _Collector:

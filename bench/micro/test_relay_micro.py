@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from fastproxy.client import ClientConnection, Exchange
-from bench.micro.support import gateway_config
-from fastproxy.gateway import Gateway, RequestHead
+from bench.micro.support import NullTransport, gateway_config
+from fastproxy.client import ClientConnection
+from fastproxy.context import RequestHead
+from fastproxy.gateway import Gateway
 from fastproxy.upstream import UpstreamConnection
 
 KEY = "bench-access-key-0123456789abcdef"
@@ -22,20 +23,6 @@ EVENT = b'{"type":"MODIFIED","object":{"kind":"Pod","metadata":{"name":"web-0","
 WATCH_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
-class NullTransport:
-    """Takes every byte and does nothing: what is measured is the gateway's own work."""
-
-    def write(self, data): pass
-    def writelines(self, parts): pass
-    def pause_reading(self): pass
-    def resume_reading(self): pass
-    def is_closing(self): return False
-    def set_write_buffer_limits(self, high, low): pass
-    def get_extra_info(self, name): return None
-    def close(self): pass
-    def abort(self): pass
-
-
 class Clock:
     time = staticmethod(time.monotonic)
 
@@ -45,24 +32,25 @@ def parts(tmp_path_factory):
     gateway = Gateway(gateway_config(tmp_path_factory.mktemp("relay"), KEY), Clock())
     client = ClientConnection(gateway)
     client.connection_made(NullTransport())
-    upstream = gateway.upstreams["prod"]
+    upstream = gateway.clusters.get("prod")
     conn = UpstreamConnection(upstream.pool)
     conn.connection_made(NullTransport())
     upstream.pool.open_count = 1
 
     def plan(target: bytes):
-        return gateway.plan(RequestHead(b"GET", target, b"1.1", [(b"Authorization", b"Bearer " + KEY.encode())],
-                                        b"10.0.0.7"))
+        """A new responder for the request, as the router makes one per request."""
+        head = RequestHead(b"GET", target, b"1.1", [(b"Authorization", b"Bearer " + KEY.encode())], b"10.0.0.7")
+        return lambda: gateway.responder(client, head, True)
     return client, conn, plan
 
 
 def test_relay_small_response(benchmark, parts):
     """Attach a pooled connection, relay head + 1 KB body, give the connection back."""
     client, conn, plan = parts
-    list_plan = plan(b"/kubernetes/cluster/prod/api/v1/namespaces/default/pods")
+    new_exchange = plan(b"/kubernetes/cluster/prod/api/v1/namespaces/default/pods")
 
     def exchange():
-        exchange = Exchange(client, list_plan, True)
+        exchange = new_exchange()
         exchange.request_done = True
         client.active = exchange
         exchange.upstream_ready(conn)
@@ -80,7 +68,7 @@ def test_relay_small_response(benchmark, parts):
 def test_relay_watch_event(benchmark, parts):
     """One chunked watch event from the cluster to the client."""
     client, conn, plan = parts
-    exchange = Exchange(client, plan(b"/kubernetes/cluster/prod/api/v1/pods?watch=1"), True)
+    exchange = plan(b"/kubernetes/cluster/prod/api/v1/pods?watch=1")()
     client.active = exchange
     exchange.upstream_ready(conn)
     conn.data_received(WATCH_HEAD)
