@@ -178,7 +178,7 @@ def relay_response_head(raw: bytes, *, keep_alive: bool) -> bytes:
     """The upstream's response head as the client gets it: usually the same bytes, or the same
     bytes less their hop-by-hop lines; rebuilt only when Connection names other headers."""
     if raw.startswith(b"HTTP/1.1 "):
-        relayed = raw
+        relayed: bytes | None = raw
         if _RESPONSE_HOP_BY_HOP_LINE.search(raw) is not None:
             named = [t for value in _CONNECTION_VALUE.findall(raw) for t in _tokens(value)]
             relayed = _RESPONSE_HOP_BY_HOP_LINE.sub(b"", raw) if _CONNECTION_OPTIONS.issuperset(named) else None

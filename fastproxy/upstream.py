@@ -12,7 +12,7 @@ import asyncio
 import logging
 import ssl
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
@@ -79,9 +79,10 @@ class UpstreamConnection(asyncio.Protocol):
         "head_done", "complete", "tunnel", "closed", "reading_paused",
     )
 
+    transport: asyncio.Transport  # set by connection_made, before anything else is called
+
     def __init__(self, pool: Pool):
         self.pool = pool
-        self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: UpstreamExchange | None = None
         self.reused = False
@@ -104,9 +105,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -269,7 +270,7 @@ class Pool:
         self.loop = loop
         self.cluster = cluster
         self.ssl_context = ssl_context
-        self.server_hostname = (cluster.tls_server_name or cluster.host) if ssl_context else None
+        self.server_hostname = cluster.tls_server_name or cluster.host  # what TLS verifies
         self.idle: list[UpstreamConnection] = []
         self.open_count = 0
         self.retired = False  # replaced in the registry: serves what it holds, pools nothing
