@@ -227,11 +227,13 @@ class ClientConnection(asyncio.Protocol):
         if unfinished is not None and not unfinished.request_done and not unfinished.finished:
             unfinished.fail(code, message, close=True)  # its body can never be completed
         else:
+            observers = self.gateway.observers
             refusal = Responder(self, RequestContext(RequestHead(b"", b"", b"", [], self.client_ip), time.monotonic()),
-                                self.gateway.observers, False)
+                                observers, False)
             refusal.canned = status_response(code, message, close=True)
             refusal.ctx.message = message
-            refusal.begin()
+            if observers.active:
+                observers.start(refusal.ctx)
             self._enqueue(refusal)
 
     # --- deadlines, checked by the worker's once-a-second sweep ------------------------------

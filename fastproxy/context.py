@@ -40,7 +40,8 @@ class RequestContext:
 
     def __init__(self, head: RequestHead, started: float):
         self.head = head
-        self.started = started          # time.monotonic() when the head was parsed
+        self.started = started          # time.monotonic() when the head was parsed (times are
+                                        # taken only while an observer is configured)
         self.route: Route | None = None  # None: refused before routing (bad path, bad HTTP)
         self.identity: Identity | None = None
         self.status = 0                 # the status code the client got (101 for tunnels)
@@ -61,15 +62,6 @@ class RequestContext:
         if self._info is None and self.route is not None:
             self._info = request_info(self.method, self.route.path, self.route.query)
         return self._info
-
-    @property
-    def finished(self) -> bool:
-        return self.ended != 0.0
-
-    @property
-    def client_gone(self) -> bool:
-        """The client went away before the response ended (status 0: it never got one)."""
-        return self.finished and self.status == 0
 
 
 class Observer(Protocol):

@@ -5,7 +5,8 @@ turn comes (responses go out in request order), hands it the body as it is parse
 (`request_body`, `request_complete`, `tunnel_data` after an upgrade), tells it when the client
 cannot take more (`writing_paused` / `writing_resumed`) and when the client is gone (`abandon`).
 The responder writes through `client.transport` and ends with `finish()`. Observers see the
-request's context at `begin()` and exactly once more when it finishes or the client leaves.
+request's context once when the router has built the responder and once more when it finishes
+or the client leaves.
 """
 from __future__ import annotations
 
@@ -52,11 +53,6 @@ class Responder:
         self.tunnel = False    # bytes flow both ways untouched (after a 101)
         self.upgrade = False   # the request asks to switch protocols: later bytes are tunnel data
         self.canned = b""      # a complete response to give in place of the handler's
-
-    def begin(self) -> None:
-        """Called once the context is filled in, before the responder is queued."""
-        if self.observers.active:
-            self.observers.start(self.ctx)
 
     # --- driven by the client connection -----------------------------------------------------
 
@@ -124,9 +120,7 @@ class Responder:
             self.client.exchange_finished(self)
 
     def _observed_end(self) -> None:
-        ctx = self.ctx
-        if not ctx.ended:
-            ctx.ended = time.monotonic()
-            if self.observers.active:
-                self.observers.finish(ctx)
-
+        # Called once: finish() and abandon() both check `finished` first.
+        if self.observers.active:
+            self.ctx.ended = time.monotonic()
+            self.observers.finish(self.ctx)

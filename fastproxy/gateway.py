@@ -39,7 +39,8 @@ class Gateway:
 
     def responder(self, client: Connection, head: RequestHead, keep_alive: bool) -> Responder:
         """Route a request to its handler; a refusal becomes a responder with a Status to give."""
-        ctx = RequestContext(head, time.monotonic())
+        observers = self.observers
+        ctx = RequestContext(head, time.monotonic() if observers.active else 0.0)
         try:
             if head.method == b"CONNECT":
                 raise StatusError(405, "CONNECT is not supported", close=True)
@@ -47,14 +48,15 @@ class Gateway:
             handler = self.handlers.get(where.kind)
             if handler is None:
                 raise StatusError(404, NOT_SERVED[where.kind])
-            responder = handler(client, ctx, self.observers, keep_alive)
+            responder = handler(client, ctx, observers, keep_alive)
         except StatusError as err:
             # A refused request whose body the client may hold back (Expect) must end the connection.
             close = err.close or not keep_alive or any(n.lower() == b"expect" for n, _ in head.headers)
-            responder = Responder(client, ctx, self.observers, not close)
+            responder = Responder(client, ctx, observers, not close)
             responder.canned = status_response(err.code, err.message, close=close, reason=err.reason)
             ctx.message = err.message
-        responder.begin()
+        if observers.active:
+            observers.start(ctx)
         return responder
 
     def tick(self) -> None:

@@ -312,7 +312,8 @@ class ProxyExchange(Responder):
         self.client.clear_deadline(AWAITING_RESPONSE)
         self.response_started = True
         self.ctx.status = status
-        self.ctx.first_byte = time.monotonic()
+        if self.observers.active:
+            self.ctx.first_byte = time.monotonic()
 
     def upstream_head(self, conn: UpstreamConnection, body: memoryview | None) -> None:
         self._response_begins(conn.status)
@@ -410,9 +411,9 @@ class ProxyExchange(Responder):
         super().abandon()
 
     def _observed_end(self) -> None:
-        self.ctx.bytes_out += self.bytes_out
-        self.bytes_out = 0
-        super()._observed_end()
+        if self.observers.active:
+            self.ctx.bytes_out += self.bytes_out
+            super()._observed_end()
 
     def _detach(self, graceful: bool = False) -> None:
         conn, self.upstream = self.upstream, None

@@ -144,17 +144,22 @@ def on_loop(loop, fn, *args):
     settle(loop)
 
 
+def answers(loop, conn, transport, *pieces: bytes) -> list[dict]:
+    """Feed the pieces to the connection one after another, then parse all it wrote."""
+    for piece in pieces:
+        on_loop(loop, conn.data_received, piece)
+    return Responses(transport.written).items
+
+
 def test_pipelined_requests_are_answered_in_order_with_a_refusal_between(setup):
     loop, connect, recorder = setup
     conn, transport = connect()
-    conn.data_received(b"GET /healthz HTTP/1.1\r\nHost: g\r\n\r\n"
+    got = answers(loop, conn, transport, b"GET /healthz HTTP/1.1\r\nHost: g\r\n\r\n"
                        b"GET /nowhere HTTP/1.1\r\nHost: g\r\n\r\n"
                        b"GET /kubernetes/management/once HTTP/1.1\r\nHost: g\r\n\r\n")
-    settle(loop)
-    answers = Responses(transport.written).items
-    assert [a["body"][:2] for a in answers] == [b"ok", b'{"', b'{"']
-    assert '"code":404' in answers[1]["body"].decode() and b'"Once"' in answers[2]["body"]
-    assert all(a["headers"].get("cache-control") == "no-store" and "date" in a["headers"] for a in answers)
+    assert [a["body"][:2] for a in got] == [b"ok", b'{"', b'{"']
+    assert '"code":404' in got[1]["body"].decode() and b'"Once"' in got[2]["body"]
+    assert all(a["headers"].get("cache-control") == "no-store" and "date" in a["headers"] for a in got)
     finishes = [(ctx, status) for kind, ctx, status in recorder.events if kind == "finish"]
     assert [status for _, status in finishes] == [200, 404, 200]
     for ctx, _ in finishes:
@@ -198,12 +203,10 @@ def test_a_client_that_leaves_mid_stream_is_finished_once_and_releases_the_handl
 def test_trailer_fields_do_not_become_the_next_requests_headers(setup):
     loop, connect, _ = setup
     conn, transport = connect()
-    conn.data_received(b"POST /kubernetes/management/once HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
+    got = answers(loop, conn, transport, b"POST /kubernetes/management/once HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
                        b"3\r\nabc\r\n0\r\nImpersonate-Group: system:masters\r\nAuthorization: Bearer x\r\n\r\n"
                        b"GET /kubernetes/management/once HTTP/1.1\r\nHost: g\r\n\r\n")
-    settle(loop)
-    answers = Responses(transport.written).items
-    assert [a["body"] for a in answers] == [b'{"kind":"Once","body":3}', b'{"kind":"Once","body":0}']
+    assert [a["body"] for a in got] == [b'{"kind":"Once","body":3}', b'{"kind":"Once","body":0}']
     assert StreamEvents.heads == [[(b"Host", b"g"), (b"Transfer-Encoding", b"chunked")], [(b"Host", b"g")]]
 
 
@@ -212,18 +215,14 @@ def test_a_request_body_over_the_local_limit_is_413_and_closes(setup):
     conn, transport = connect()
     big = LocalResponder.body_limit + 1
     conn.data_received(b"POST /kubernetes/management/once HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n" % big)
-    conn.data_received(b"x" * big)
-    settle(loop)
-    [answer] = Responses(transport.written).items
+    [answer] = answers(loop, conn, transport, b"x" * big)
     assert '"code":413' in answer["body"].decode() and transport.closed
 
 
 def test_an_upgrade_to_an_in_process_route_is_refused_and_ends_the_connection(setup):
     loop, connect, recorder = setup
     conn, transport = connect()
-    conn.data_received(b"GET /healthz HTTP/1.1\r\nHost: g\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nraw bytes")
-    settle(loop)
-    [answer] = Responses(transport.written).items
+    [answer] = answers(loop, conn, transport, b"GET /healthz HTTP/1.1\r\nHost: g\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nraw bytes")
     assert answer["body"] == b"ok" and answer["headers"].get("connection") == "close" and transport.closed
     assert [e[0] for e in recorder.events] == ["start", "finish"]
 
@@ -231,8 +230,6 @@ def test_an_upgrade_to_an_in_process_route_is_refused_and_ends_the_connection(se
 def test_malformed_http_is_a_400_seen_by_observers(setup):
     loop, connect, recorder = setup
     conn, transport = connect()
-    conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
-    settle(loop)
-    [answer] = Responses(transport.written).items
+    [answer] = answers(loop, conn, transport, b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
     assert '"code":400' in answer["body"].decode() and transport.closed
     assert [(e[0], e[2]) for e in recorder.events] == [("start", 0), ("finish", 400)]
