@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 
 from .auth.commands import add_token_commands
+from .auth.identity import key_digest
 from .config import ConfigError, load_config
 from .store.commands import add_commands
 
@@ -32,7 +32,7 @@ def _hash_key(args) -> int:
     key = sys.stdin.readline().strip()
     if not key:
         raise ConfigError("hash-key: no key on standard input")
-    print(hashlib.sha256(key.encode()).hexdigest())
+    print(key_digest(key).hex())
     return 0
 
 

@@ -1,7 +1,6 @@
 """The TOML configuration: parsed and checked once into frozen objects, with one-line errors."""
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 import ssl
@@ -11,6 +10,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from .auth.identity import HeaderValueError, check_header_value, key_digest
 from .routing import CLUSTER_NAME
 
 
@@ -70,9 +70,14 @@ class AccessKeyConfig:
     groups: tuple[str, ...] = ()
 
 
+# The [state] backends fastproxy.store can open (fastproxy.store.BACKENDS; not imported here).
+STATE_BACKENDS = ("sqlite",)
+
+
 @dataclass(frozen=True, slots=True)
 class StateConfig:
     path: str  # the SQLite state file shared by every worker and the operator commands
+    backend: str = "sqlite"  # one of STATE_BACKENDS
 
 
 # As fastproxy.auth.tokens.SUPPORTED_ALGORITHMS (not imported: it loads the crypto libraries).
@@ -160,9 +165,12 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _header_safe(where: str, value: str) -> str:
-    if any(c in value for c in "\r\n\0"):
-        raise ConfigError(f"{where}: must not contain CR, LF or NUL")
-    return value
+    """`value` if it can be sent as an impersonation header value (auth.identity.check_header_value)."""
+    try:
+        return check_header_value(value, "value")
+    except HeaderValueError:
+        raise ConfigError(f"{where}: must not be empty or contain CR, LF, NUL, other control characters "
+                          "or leading or trailing spaces") from None
 
 
 def _check_tls(table: _Table, key: str, load) -> None:
@@ -255,10 +263,6 @@ def _cluster(data: object, where: str) -> ClusterConfig:
     return cluster
 
 
-def key_digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
 def _access_key(data: object, where: str) -> AccessKeyConfig:
     t = _Table(data, where)
     name = t.str("name", required=True)
@@ -298,7 +302,10 @@ def _writable_path(table: _Table, key: str, *, directory: bool = False, required
 
 def _state(data: object) -> StateConfig:
     t = _Table(data, "state")
-    state = StateConfig(path=_writable_path(t, "path", required=True))
+    backend = t.str("backend", "sqlite")
+    if backend not in STATE_BACKENDS:
+        raise ConfigError(f"{t.key('backend')}: must be one of {', '.join(STATE_BACKENDS)}, not {backend!r}")
+    state = StateConfig(path=_writable_path(t, "path", required=True), backend=backend)
     t.finish()
     return state
 

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from fastproxy.config import ConfigError, load_config
+from fastproxy.config import ConfigError, StateConfig, load_config
 
 
 @pytest.fixture
@@ -75,7 +75,9 @@ def test_good_config(files):
     (('token_file = "token"', ''), "clusters[0].token_file: a cluster needs token_file or client_cert_file"),
     (('user = "ci"', 'user = "ci"\nextra = 1'), "access_keys[1].extra: unknown key"),
     (('key_file = "key"', 'key_sha256 = "abc"'), "access_keys[0].key_sha256: must be 64 hex digits"),
-    (('user = "admin"', 'user = "a\\r\\nImpersonate-User: root"'), "access_keys[0].user: must not contain CR, LF or NUL"),
+    (('user = "admin"', 'user = "a\\r\\nImpersonate-User: root"'), "access_keys[0].user: must not be empty or"),
+    (('user = "admin"', 'user = " system:masters"'), "access_keys[0].user: must not be empty or contain CR, LF"),
+    (('user = "admin"', 'user = ""'), "access_keys[0].user: must not be empty"),
     (('name = "ci"', 'name = "admin"'), "access_keys[1].name: duplicate access key name 'admin'"),
 ])
 def test_bad_values_name_the_key(files, change, message):
@@ -148,6 +150,20 @@ def test_state_and_central_tokens(files):
         "https://gw.example", str(tmp / "keys"), None, str(tmp / "revoked.txt"), ("RS256", "ES256"))
 
 
+def test_state_backend_defaults_to_sqlite_and_can_be_named(files):
+    tmp, tls = files
+    assert load_config(write(tmp, identity_config(tmp, tls))).state.backend == "sqlite"
+    state = 'path = "state/fastproxy.db"'
+    text = identity_config(tmp, tls).replace(state, state + '\nbackend = "sqlite"')
+    assert load_config(write(tmp, text)).state == StateConfig(path=str(tmp / "state" / "fastproxy.db"), backend="sqlite")
+
+
+def test_state_backends_are_the_ones_the_store_opens():
+    from fastproxy import store
+    from fastproxy.config import STATE_BACKENDS
+    assert tuple(store.BACKENDS) == STATE_BACKENDS
+
+
 def test_edge_tokens_read_a_jwks_file(files):
     tmp, tls = files
     (tmp / "jwks.json").write_text('{"keys": [{"kty": "EC", "kid": "k1", "alg": "ES256", "crv": "P-256"}]}')
@@ -173,6 +189,9 @@ def test_token_algorithms_match_the_verifier():
     (('path = "state/fastproxy.db"', 'path = "state"'), "state.path: "),
     (('path = "state/fastproxy.db"', 'path = "state/x.db"\ncache = 1'), "state.cache: unknown key"),
     (('path = "state/fastproxy.db"', ''), "state.path: is required"),
+    (('path = "state/fastproxy.db"', 'path = "state/x.db"\nbackend = "etcd"'),
+     "state.backend: must be one of sqlite, not 'etcd'"),
+    (('path = "state/fastproxy.db"', 'path = "state/x.db"\nbackend = 1'), "state.backend: must be a string, not 1"),
     (('issuer = "https://gw.example"', ''), "tokens.issuer: is required"),
     (('issuer = "https://gw.example"', 'issuer = ""'), "tokens.issuer: must not be empty"),
     (('signing_keys_dir = "keys"', ''), "tokens.signing_keys_dir: give exactly one of signing_keys_dir"),

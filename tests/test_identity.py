@@ -23,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from fastproxy.auth.tokens import KeySet, issue_token
-from fastproxy.store import SqliteStore
+from fastproxy.store.sqlite import SqliteStore
 from tests.helpers import ACCESS_KEY, Process, start_gateway
 from tests.rawhttp import Client
 

@@ -89,10 +89,10 @@ def _user_identity(config: Config, name: str) -> tuple[str, list[str]]:
     """(subject, groups) of a user, as an access key of theirs resolves: from the state file if
     there is one, else from the first [[access_keys]] entry for that user."""
     from ..store.base import user_groups
-    from .credentials import open_store
+    from .credentials import open_state_admin
 
     if config.state is not None:
-        store = open_store(config)
+        store = open_state_admin(config)
         try:
             users = {user.name: user for user in store.list_users()}
             teams = store.list_teams()
@@ -126,7 +126,7 @@ def token_revoke(args: argparse.Namespace) -> int:
     """Record the id in every place gateways read revocations from: the state file (this
     gateway's workers) and the revocation file (gateways that verify without a state file)."""
     from ..store import StoreError
-    from .credentials import open_store
+    from .credentials import open_state_admin
     from .tokens import DEFAULT_MAX_TOKEN_LIFETIME
 
     jti = args.jti
@@ -137,7 +137,7 @@ def token_revoke(args: argparse.Namespace) -> int:
     if config.state is None and revocation_file is None:
         raise ConfigError(f"--config: {args.config} has neither a [state] path nor a [tokens] revocation_file")
     if config.state is not None:
-        store = open_store(config)
+        store = open_state_admin(config)
         try:
             # Kept until any token with this id has expired: none lives longer than the maximum.
             store.revoke_token(jti, time.time() + DEFAULT_MAX_TOKEN_LIFETIME)

@@ -8,25 +8,21 @@ the caller; nothing here logs a key or a token.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 
 from ..config import Config, ConfigError
-from ..headers import impersonation_headers
 from ..status import StatusError
-from ..store import Snapshot, SqliteStore, StoreError
-from .identity import Identity
+from ..store import Snapshot, StateAdmin, StateReader, StoreError, open_admin, open_reader
+from .identity import HeaderValueError, Identity, identity_header_lines, key_digest
 from .tokens import KeySet, RevocationList, TokenError, TokenVerifier
 
 log = logging.getLogger("fastproxy.auth")
 
-POLL_INTERVAL = 0.25           # how often a worker asks the store whether anything changed
 ACTIVITY_FLUSH_INTERVAL = 5.0  # how often last-activity times are written, in one transaction
 
 
@@ -34,17 +30,19 @@ class StaticKeys:
     """Access keys from the configuration, looked up by the SHA-256 of the presented key."""
 
     def __init__(self, config: Config):
-        self.by_digest: dict[bytes, tuple[bytes, Identity]] = {
-            key.key_sha256: (key.key_sha256, Identity(
-                user=key.user, groups=key.groups, source=key.name,
-                impersonation=impersonation_headers(key.user, key.groups)))
-            for key in config.access_keys
-        }
+        self.by_digest: dict[bytes, tuple[bytes, Identity]] = {}
+        for i, key in enumerate(config.access_keys):
+            try:
+                lines = identity_header_lines(key.user, key.groups)
+            except HeaderValueError as error:  # config.py refuses these already
+                raise ConfigError(f"access_keys[{i}]: {error}") from None
+            self.by_digest[key.key_sha256] = (key.key_sha256, Identity(
+                user=key.user, groups=key.groups, source=key.name, impersonation=lines))
 
     def resolve(self, token: bytes) -> Identity | None:
         # Keys are found by their digest, so lookup timing says nothing about a stored key;
         # the final comparison is constant-time all the same.
-        digest = hashlib.sha256(token).digest()
+        digest = key_digest(token)
         found = self.by_digest.get(digest)
         if found is not None and hmac.compare_digest(found[0], digest):
             return found[1]
@@ -65,24 +63,21 @@ class RevokedTokens:
 
 
 class StoreKeys:
-    """The state store's access keys as one worker sees them: a snapshot, kept fresh.
+    """The state store's access keys as one worker sees them: the reader's snapshot, and the
+    activity of the keys used, written in batches through the reader (never on the loop)."""
 
-    The event loop never touches the database: polls, reloads and activity writes run on one
-    thread of their own, so they also never overlap each other.
-    """
-
-    def __init__(self, store: SqliteStore, revoked: RevokedTokens):
-        self.store = store
+    def __init__(self, reader: StateReader, revoked: RevokedTokens):
+        self.reader = reader
         self.revoked = revoked
-        self.snapshot: Snapshot = store.load_snapshot()
+        self.snapshot: Snapshot = reader.snapshot
         revoked.stored = self.snapshot.revoked_tokens
+        reader.subscribe(self._changed)
         self.activity: dict[str, float] = {}  # key name -> last use, not written yet
         self.activity_flushed = time.monotonic()
-        self.executor: ThreadPoolExecutor | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.polling = False
-        self.failing = False
+
+    def _changed(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.revoked.stored = snapshot.revoked_tokens
 
     def resolve(self, token: bytes, now: float) -> Identity | None:
         entry = self.snapshot.resolve(token, now)
@@ -92,64 +87,18 @@ class StoreKeys:
         return entry.identity
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastproxy-store")
-        self.timer = loop.call_later(POLL_INTERVAL, self._poll)
-
-    def _poll(self) -> None:
-        self.timer = self.loop.call_later(POLL_INTERVAL, self._poll)
-        if self.polling:
-            return  # the previous poll or reload is still running
-        self.polling = True
-        snapshot = self.snapshot
-        self.loop.run_in_executor(self.executor, self._fresh_snapshot, snapshot.version,
-                                  snapshot.refresh_at).add_done_callback(self._polled)
-
-    def _fresh_snapshot(self, version: int, refresh_at: float) -> Snapshot | None:
-        """On the store thread: a new snapshot if anything changed or the old one is due."""
-        if self.store.changed_since(version) or time.time() >= refresh_at:
-            return self.store.load_snapshot()
-        return None
-
-    def _polled(self, done: asyncio.Future) -> None:
-        self.polling = False
-        try:
-            snapshot = done.result()
-        except Exception as error:  # keep serving from the last good snapshot, and say so once
-            if not self.failing:
-                log.error("state store %s cannot be read: %s", self.store.path, error)
-                self.failing = True
-            return
-        if self.failing:
-            log.info("state store %s readable again", self.store.path)
-            self.failing = False
-        if snapshot is not None:
-            self.snapshot = snapshot
-            self.revoked.stored = snapshot.revoked_tokens
+        self.reader.start(loop)
 
     def tick(self) -> None:
         if self.activity and time.monotonic() - self.activity_flushed >= ACTIVITY_FLUSH_INTERVAL:
             batch, self.activity = self.activity, {}
             self.activity_flushed = time.monotonic()
-            self.loop.run_in_executor(self.executor, self.store.record_activity, batch).add_done_callback(
-                self._activity_written)
-
-    @staticmethod
-    def _activity_written(done: asyncio.Future) -> None:
-        if done.exception() is not None:
-            log.warning("access key activity not recorded: %s", done.exception())
+            self.reader.record_activity(batch)
 
     def close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.executor is not None:
-            self.executor.shutdown(wait=True)
-        try:
-            if self.activity:
-                self.store.record_activity(self.activity)
-        except Exception as error:
-            log.warning("access key activity not recorded: %s", error)
-        self.store.close()
+        batch, self.activity = self.activity, {}
+        self.reader.record_activity(batch)  # written before close returns
+        self.reader.close()
 
 
 class TokenKeys:
@@ -194,9 +143,20 @@ def load_key_set(config: Config) -> KeySet:
         raise ConfigError(f"tokens.signing_keys_dir: {error}") from None
 
 
-def open_store(config: Config) -> SqliteStore:
+def open_state_admin(config: Config) -> StateAdmin:
+    """The admin side of the `[state]` store; ConfigError naming the key if it cannot be opened."""
+    assert config.state is not None
     try:
-        return SqliteStore(config.state.path)
+        return open_admin(config.state)
+    except StoreError as error:
+        raise ConfigError(f"state.path: {error}") from None
+
+
+def open_state_reader(config: Config) -> StateReader:
+    """The data path's side of the `[state]` store; ConfigError naming the key if it cannot be read."""
+    assert config.state is not None
+    try:
+        return open_reader(config.state)
     except StoreError as error:
         raise ConfigError(f"state.path: {error}") from None
 
@@ -228,7 +188,7 @@ class Authenticator:
                 revoked.listed = RevocationList(tokens.revocation_file)
             except (OSError, ValueError) as error:
                 raise ConfigError(f"tokens.revocation_file: {error}") from None
-        self.store = StoreKeys(open_store(config), revoked) if config.state is not None else None
+        self.store = StoreKeys(open_state_reader(config), revoked) if config.state is not None else None
         self.tokens = TokenKeys(config, revoked) if tokens is not None else None
 
     def authenticate(self, credential: bytes, cluster: str) -> Identity:

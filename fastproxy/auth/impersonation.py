@@ -18,12 +18,11 @@ from urllib.parse import unquote
 import orjson
 
 from ..status import StatusError
-from ..store.base import StoreError, check_header_value
 from ..upstream_client import UpstreamRequestError, request
-from .identity import Identity
+from .identity import HeaderValueError, Identity, check_header_value, identity_header_lines
 
 if TYPE_CHECKING:
-    from ..gateway import Upstream
+    from ..clusters import Upstream
 
 SUBJECT_ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 AUTHENTICATED = "system:authenticated"
@@ -31,8 +30,6 @@ _AUTHENTICATION_GROUP = "authentication.k8s.io"
 _SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 _EXTRA_PREFIX = b"impersonate-extra-"
 _BAD_ESCAPE = re.compile(r"%(?![0-9a-fA-F]{2})")
-# Bytes an HTTP header name may hold as they are (RFC 9110 tchar), '%' aside: it starts an escape.
-_NAME_SAFE = frozenset(b"!#$&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
 class Check(NamedTuple):
@@ -75,18 +72,7 @@ class NestedIdentity:
 
     def headers(self) -> bytes:
         """The Impersonate-* lines sent upstream; extra keys escaped as client-go escapes them."""
-        lines = [b"Impersonate-User: %s\r\n" % self.user.encode()]
-        lines += [b"Impersonate-Group: %s\r\n" % group.encode() for group in self.groups]
-        if self.uid:
-            lines.append(b"Impersonate-Uid: %s\r\n" % self.uid.encode())
-        for key, values in self.extra:
-            name = b"Impersonate-Extra-" + escape_extra_key(key)
-            lines += [b"%s: %s\r\n" % (name, value.encode()) for value in values]
-        return b"".join(lines)
-
-
-def escape_extra_key(key: str) -> bytes:
-    return b"".join(bytes((byte,)) if byte in _NAME_SAFE else b"%%%02X" % byte for byte in key.encode())
+        return identity_header_lines(self.user, self.groups, self.uid or None, self.extra)
 
 
 def parse_impersonation(headers: Sequence[tuple[bytes, bytes]]) -> NestedIdentity:
@@ -120,7 +106,7 @@ def parse_impersonation(headers: Sequence[tuple[bytes, bytes]]) -> NestedIdentit
 def _value(name: bytes, raw: bytes) -> str:
     try:
         return check_header_value(raw.decode(), name.decode("latin-1"))
-    except (UnicodeDecodeError, StoreError):
+    except (UnicodeDecodeError, HeaderValueError):
         raise StatusError(400, f"header {name.decode('latin-1')} must hold a non-empty UTF-8 name "
                                "without control characters or surrounding spaces") from None
 

@@ -1,21 +1,29 @@
-"""The identity store's interface and the snapshot the request path reads instead of the database.
+"""The state store's two interfaces, and the snapshot the request path reads instead of the database.
 
-Workers never query the store per request: they hold a Snapshot (every usable access key by the
-SHA-256 digest of its secret, with its Identity built), poll `changed_since` a few times a second
-and load a new snapshot when it answers True or when `refresh_at` passes.
+The store has two sides. `StateAdmin` is the management side: the CRUD of users, teams, access
+keys and revoked token ids that the CLI (and a future management API) performs. `StateReader`
+is the data path's side: workers never query the store per request; they hold a Snapshot (every
+usable access key by the SHA-256 digest of its secret, with its Identity built) that the reader
+keeps current and hands to its subscribers whenever a newer one is loaded. How it learns of a
+change is the backend's business: SQLite polls a generation counter off the event loop; a
+watching backend (etcd, say) would push. Either way a snapshot is also reloaded when its
+`refresh_at` passes, so that activity-based expiry is seen. The one write the data path makes,
+batched last-activity times, goes through the reader too.
+
+`fastproxy.store.open_reader` / `open_admin` pick the backend named by `[state] backend`.
 """
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import hmac
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..auth.identity import Identity
+from ..auth.identity import HeaderValueError, Identity, check_header_value, identity_header_lines, key_digest
 from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX, CompiledScope, ScopeError, load_scope
 
 ACCESS_KEY_TYPES = ("Login", "User", "Other")
@@ -25,7 +33,6 @@ BASE_GROUPS = ("system:authenticated", "loft:authenticated")
 ACTIVITY_REFRESH_SECONDS = 60.0
 
 _OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\Z")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class StoreError(ValueError):
@@ -103,39 +110,28 @@ class Snapshot:
         return entry if now < entry.expires_at else None
 
 
-def key_digest(key: str | bytes) -> bytes:
-    return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
-
-
 def check_object_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not _OBJECT_NAME.match(name):
         raise StoreError(f"{what} name {name!r} is not valid: use lower-case letters, digits, '-' and '.'")
     return name
 
 
-def check_header_value(value: str, what: str) -> str:
-    """Refuse what could not travel as one impersonation header value.
-
-    Leading or trailing spaces are refused too: HTTP parsers strip them, so " system:masters"
-    would arrive upstream as "system:masters".
-    """
-    if not value or _CONTROL.search(value) or value != value.strip():
-        raise StoreError(f"{what} {value!r} must be non-empty, without CR, LF, NUL or other control "
-                         "characters and without leading or trailing spaces")
-    return value
-
-
-def impersonation_headers(user: str, groups: Iterable[str]) -> bytes:
-    """The Impersonate-User / Impersonate-Group header lines for the upstream request."""
-    block = [b"Impersonate-User: " + check_header_value(user, "user").encode() + b"\r\n"]
-    for group in groups:
-        block.append(b"Impersonate-Group: " + check_header_value(group, "group").encode() + b"\r\n")
-    return b"".join(block)
+def header_value(value: str, what: str) -> str:
+    """`value` if it can travel as one impersonation header value (auth.identity.check_header_value),
+    else StoreError."""
+    try:
+        return check_header_value(value, what)
+    except HeaderValueError as error:
+        raise StoreError(str(error)) from None
 
 
 def build_identity(user: str, groups: Iterable[str], source: str, scope: CompiledScope | None) -> Identity:
     unique = tuple(dict.fromkeys(groups))
-    return Identity(user, unique, source, impersonation_headers(user, unique), scope)
+    try:
+        lines = identity_header_lines(user, unique)
+    except HeaderValueError as error:
+        raise StoreError(str(error)) from None
+    return Identity(user, unique, source, lines, scope)
 
 
 def user_groups(user: User, teams: Iterable[Team]) -> list[str]:
@@ -188,8 +184,13 @@ def build_snapshot(version: int, users: Iterable[User], teams: Iterable[Team], k
                     frozenset(revoked_tokens))
 
 
-class Store(ABC):
-    """Users, teams, access keys, revoked token ids and key activity."""
+class StateAdmin(ABC):
+    """The management side: users, teams, access keys and revoked token ids.
+
+    Every method may block (it is a database or network round trip): call it from the CLI, a
+    management API's worker thread, or an executor, never on a gateway event loop.
+    Refusals raise StoreError with one line naming the bad value.
+    """
 
     @abstractmethod
     def create_user(self, name: str, *, username: str = "", display_name: str = "", email: str = "",
@@ -222,22 +223,55 @@ class Store(ABC):
 
     @abstractmethod
     def revoke_access_key(self, name: str) -> None:
-        """Delete the key: it stops resolving once workers load the next snapshot."""
+        """Delete the key: it stops resolving once readers load the next snapshot."""
 
     @abstractmethod
     def revoke_token(self, jti: str, expires_at: float) -> None:
         """Remember a token id as revoked until the token would have expired anyway."""
 
     @abstractmethod
-    def record_activity(self, batch: Mapping[str, float]) -> None:
-        """Write last-activity times (key name -> unix time) in one transaction."""
-
-    @abstractmethod
-    def load_snapshot(self, now: float | None = None) -> Snapshot: ...
-
-    @abstractmethod
-    def changed_since(self, version: int) -> bool:
-        """Whether anything a snapshot holds changed after `version`; cheap enough to poll."""
-
-    @abstractmethod
     def close(self) -> None: ...
+
+
+SnapshotCallback = Callable[[Snapshot], None]
+
+
+class StateReader(ABC):
+    """The data path's side: the current Snapshot, and word of each newer one.
+
+    Life cycle, all on one event loop: construct (loads the first snapshot, may block: do it at
+    startup), `subscribe` any number of callbacks, `start(loop)`, then `close()`. After `start`
+    the reader delivers every newer snapshot by calling the subscribers on the loop, in
+    subscription order, after updating `snapshot`; it never blocks the loop to do so. A polling
+    backend asks the store in the background; a watching backend applies what it is pushed.
+    If the store cannot be read the reader keeps the last good snapshot, logs once, and logs
+    again once it recovers; `failing` says which state it is in.
+    """
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.failing = False
+        self._callbacks: list[SnapshotCallback] = []
+
+    def subscribe(self, callback: SnapshotCallback) -> None:
+        """Call `callback(snapshot)` on the loop each time a newer snapshot is loaded."""
+        self._callbacks.append(callback)
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """For backends, on the loop: make `snapshot` current and tell the subscribers."""
+        self.snapshot = snapshot
+        for callback in self._callbacks:
+            callback(snapshot)
+
+    @abstractmethod
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Begin delivering newer snapshots on `loop`."""
+
+    @abstractmethod
+    def record_activity(self, batch: Mapping[str, float]) -> None:
+        """Write last-activity times (key name -> unix time) without blocking the loop; a failed
+        write is logged, not raised. Before `start` (or after `close`) it may write in place."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop delivering, finish the activity writes already asked for, release the store."""

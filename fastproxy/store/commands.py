@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..auth.scopes import ScopeError
-from ..config import ConfigError, load_config
-from .base import ACCESS_KEY_TYPES, StoreError
-from .sqlite import SqliteStore
+from ..config import ConfigError, StateConfig, load_config
+from . import open_admin
+from .base import ACCESS_KEY_TYPES, StateAdmin, StoreError
 
 USAGE_ERROR = 2
 
@@ -102,10 +102,10 @@ def _refusing(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpars
     return run
 
 
-def state_path(args: argparse.Namespace) -> str:
-    """--state, else the [state] path of --config; raises StoreError naming the flag."""
+def state_config(args: argparse.Namespace) -> StateConfig:
+    """--state (a SQLite file), else the [state] of --config; raises StoreError naming the flag."""
     if args.state is not None:
-        return args.state
+        return StateConfig(path=args.state)
     if args.config is None:
         raise StoreError("--state: required (or --config FILE with a [state] path)")
     try:
@@ -114,13 +114,14 @@ def state_path(args: argparse.Namespace) -> str:
         raise StoreError(f"--config: {error}") from None
     if config.state is None:
         raise StoreError(f"--config: {args.config} has no [state] path; give --state")
-    return config.state.path
+    return config.state
 
 
 @contextmanager
-def _store(args: argparse.Namespace) -> Iterator[SqliteStore]:
-    args.state = state_path(args)
-    store = SqliteStore(args.state)
+def _store(args: argparse.Namespace) -> Iterator[StateAdmin]:
+    state = state_config(args)
+    args.state = state.path
+    store = open_admin(state)
     try:
         yield store
     finally:

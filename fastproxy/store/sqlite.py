@@ -1,4 +1,7 @@
-"""The SQLite identity store: one file shared by every worker process, in WAL mode.
+"""The SQLite state store: one file shared by every worker process, in WAL mode.
+
+`SqliteStore` is the admin side (and the primitives the reader uses); `SqliteReader` is the
+data path's side: it polls `changed_since` off the event loop every POLL_INTERVAL.
 
 Every write except last-activity updates bumps `meta.generation` (by trigger, so no write path
 can forget it); `changed_since` reads that one row. Activity is left out so that the batched
@@ -6,20 +9,27 @@ activity writes do not make every worker reload its snapshot.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 import orjson
 
 from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX, AccessKeyScope, parse_scope
-from .base import (ACCESS_KEY_TYPES, AccessKey, Snapshot, Store, StoreError, Team, User, build_snapshot,
-                   check_header_value, check_object_name, key_digest)
+from .base import (ACCESS_KEY_TYPES, AccessKey, Snapshot, StateAdmin, StateReader, StoreError, Team, User,
+                   build_snapshot, check_object_name, header_value, key_digest)
+
+log = logging.getLogger("fastproxy.store")
+
+POLL_INTERVAL = 0.25  # how often a reader asks the file whether anything changed
 
 
 def _bump_on_change(table: str, update_columns: str = "") -> tuple[str, ...]:
@@ -56,8 +66,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 
-class SqliteStore(Store):
-    """Safe to share between threads; after a fork each process opens its own connection."""
+class SqliteStore(StateAdmin):
+    """The admin side, and what SqliteReader reads and writes through.
+
+    Safe to share between threads; after a fork each process opens its own connection."""
 
     def __init__(self, path: str | os.PathLike[str], *,
                  project_namespace_prefix: str = DEFAULT_PROJECT_NAMESPACE_PREFIX) -> None:
@@ -117,7 +129,7 @@ class SqliteStore(Store):
     def create_user(self, name: str, *, username: str = "", display_name: str = "", email: str = "",
                     subject: str = "", groups: Iterable[str] = ()) -> User:
         check_object_name(name, "user")
-        subject = check_header_value(subject or name, "subject")
+        subject = header_value(subject or name, "subject")
         user = User(name, username or name, display_name, email, subject, _groups(groups), False, time.time())
         with self._transaction(write=True) as db:
             if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
@@ -205,6 +217,7 @@ class SqliteStore(Store):
             db.execute("INSERT OR REPLACE INTO revoked_tokens VALUES (?, ?)", (jti, expires_at))
 
     def record_activity(self, batch: Mapping[str, float]) -> None:
+        """Write last-activity times (key name -> unix time) in one transaction; blocks."""
         if not batch:
             return
         with self._transaction(write=True) as db:
@@ -213,7 +226,7 @@ class SqliteStore(Store):
                 "AND (last_activity IS NULL OR last_activity < ?1)",
                 [(when, name) for name, when in batch.items()])
 
-    # ---- what workers read ----
+    # ---- what the reader uses ----
 
     def load_snapshot(self, now: float | None = None) -> Snapshot:
         with self._transaction() as db:  # one read transaction: a consistent view of every table
@@ -226,12 +239,91 @@ class SqliteStore(Store):
                               project_namespace_prefix=self._prefix)
 
     def changed_since(self, version: int) -> bool:
+        """Whether anything a snapshot holds changed after `version`; one row, cheap to poll."""
         with self._lock:
             return self._db().execute("SELECT generation FROM meta").fetchone()[0] != version
 
 
+class SqliteReader(StateReader):
+    """Keeps a snapshot of a SqliteStore fresh by polling it on a thread of its own.
+
+    The event loop never touches the database: polls, reloads and activity writes run on that
+    one thread, so they also never overlap each other.
+    """
+
+    def __init__(self, store: SqliteStore):
+        try:
+            super().__init__(store.load_snapshot())
+        except BaseException:
+            store.close()
+            raise
+        self.store = store
+        self.executor: ThreadPoolExecutor | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.polling = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastproxy-store")
+        self.timer = loop.call_later(POLL_INTERVAL, self._poll)
+
+    def _poll(self) -> None:
+        self.timer = self.loop.call_later(POLL_INTERVAL, self._poll)
+        if self.polling:
+            return  # the previous poll or reload is still running
+        self.polling = True
+        snapshot = self.snapshot
+        self.loop.run_in_executor(self.executor, self._fresh_snapshot, snapshot.version,
+                                  snapshot.refresh_at).add_done_callback(self._polled)
+
+    def _fresh_snapshot(self, version: int, refresh_at: float) -> Snapshot | None:
+        """On the store thread: a new snapshot if anything changed or the old one is due."""
+        if self.store.changed_since(version) or time.time() >= refresh_at:
+            return self.store.load_snapshot()
+        return None
+
+    def _polled(self, done: asyncio.Future) -> None:
+        self.polling = False
+        try:
+            snapshot = done.result()
+        except Exception as error:  # keep serving from the last good snapshot, and say so once
+            if not self.failing:
+                log.error("state store %s cannot be read: %s", self.store.path, error)
+                self.failing = True
+            return
+        if self.failing:
+            log.info("state store %s readable again", self.store.path)
+            self.failing = False
+        if snapshot is not None:
+            self.publish(snapshot)
+
+    def record_activity(self, batch: Mapping[str, float]) -> None:
+        if not batch:
+            return
+        if self.executor is None:
+            self._write_activity(batch)
+        else:
+            self.executor.submit(self._write_activity, dict(batch))
+
+    def _write_activity(self, batch: Mapping[str, float]) -> None:
+        try:
+            self.store.record_activity(batch)
+        except Exception as error:
+            log.warning("access key activity not recorded: %s", error)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)  # the activity writes already submitted run first
+            self.executor = None
+        self.store.close()
+
+
 def _groups(groups: Iterable[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(check_header_value(group, "group") for group in groups))
+    return tuple(dict.fromkeys(header_value(group, "group") for group in groups))
 
 
 def _json(value: Any) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from fastproxy.auth.tokens import RevocationList, TokenVerifier
 from fastproxy.cli import main
-from fastproxy.store import SqliteStore
+from fastproxy.store.sqlite import SqliteStore
 
 CONFIG = """
     [[clusters]]

@@ -16,7 +16,8 @@ from fastproxy.auth.credentials import Authenticator
 from fastproxy.auth.tokens import KeySet, issue_token
 from fastproxy.config import ConfigError, parse_config
 from fastproxy.status import StatusError
-from fastproxy.store import SqliteStore
+from fastproxy.store import sqlite
+from fastproxy.store.sqlite import SqliteStore
 
 STATIC = "static-key-0123456789"
 ISSUER = "https://gw.example"
@@ -106,27 +107,27 @@ def test_changes_in_another_connection_are_picked_up_within_a_poll(tmp_path, sto
         store.disable_access_key("k")  # another connection, as the CLI would be
         changed = time.monotonic()
         return await eventually(lambda: not usable()) - changed
-    assert run_loop(authenticator, scenario) < 3 * credentials.POLL_INTERVAL
+    assert run_loop(authenticator, scenario) < 3 * sqlite.POLL_INTERVAL
 
 
 def test_an_unreadable_store_keeps_the_last_snapshot_and_says_so_once(tmp_path, store, caplog, monkeypatch):
     _, key = store.create_access_key(user="alice", name="k")
     authenticator = Authenticator(make_config(tmp_path))
-    real = authenticator.store.store.changed_since
+    real = authenticator.store.reader.store.changed_since
     broken = {"on": True}
 
     def changed_since(version):
         if broken["on"]:
             raise OSError("disk on fire")
         return real(version)
-    monkeypatch.setattr(authenticator.store.store, "changed_since", changed_since)
+    monkeypatch.setattr(authenticator.store.reader.store, "changed_since", changed_since)
 
     async def scenario():
-        await asyncio.sleep(4 * credentials.POLL_INTERVAL)
+        await asyncio.sleep(4 * sqlite.POLL_INTERVAL)
         assert authenticator.authenticate(key.encode(), "prod").source == "k"
         broken["on"] = False
-        await eventually(lambda: not authenticator.store.failing)
-    with caplog.at_level(logging.INFO, logger="fastproxy.auth"):
+        await eventually(lambda: not authenticator.store.reader.failing)
+    with caplog.at_level(logging.INFO, logger="fastproxy.store"):
         run_loop(authenticator, scenario)
     messages = [record.getMessage() for record in caplog.records]
     assert messages == [f"state store {tmp_path / 'state.db'} cannot be read: disk on fire",

@@ -8,9 +8,9 @@ import orjson
 import pytest
 
 from fastproxy.auth import impersonation
-from fastproxy.auth.identity import Identity
-from fastproxy.auth.impersonation import (Check, ImpersonationReviewer, NestedIdentity, escape_extra_key,
-                                          parse_impersonation, review_answer, review_body)
+from fastproxy.auth.identity import Identity, escape_extra_key
+from fastproxy.auth.impersonation import (Check, ImpersonationReviewer, NestedIdentity, parse_impersonation,
+                                          review_answer, review_body)
 from fastproxy.status import StatusError
 from fastproxy.upstream_client import UpstreamRequestError
 

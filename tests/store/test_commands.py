@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from fastproxy.store import SqliteStore
+from fastproxy.store.sqlite import SqliteStore
 from fastproxy.store.commands import run
 
 

@@ -12,8 +12,10 @@ import pytest
 
 from fastproxy.auth.requestinfo import request_info
 from fastproxy.auth.scopes import CompiledScope, ScopeError, check_scope
-from fastproxy.store import SqliteStore, StoreError, impersonation_headers
+from fastproxy.auth.identity import HeaderValueError, identity_header_lines
+from fastproxy.store import StoreError, build_identity
 from fastproxy.store.base import ACTIVITY_REFRESH_SECONDS
+from fastproxy.store.sqlite import SqliteStore
 
 NOW = 1_800_000_000.0
 BAD_VALUE = "must be non-empty, without CR, LF, NUL or other control characters and without leading or trailing spaces"
@@ -194,11 +196,13 @@ def test_duplicate_key_name_and_bad_scope(alice):
         alice.create_access_key(user="alice", scope={"rules": [{"verb": ["get"]}]})
 
 
-def test_impersonation_headers_refuse_unsafe_values():
-    assert impersonation_headers("u", ["g"]) == b"Impersonate-User: u\r\nImpersonate-Group: g\r\n"
-    assert impersonation_headers("ü", []) == "Impersonate-User: ü\r\n".encode()
-    with pytest.raises(StoreError, match="^user 'u\\\\r' must"):
-        impersonation_headers("u\r", [])
+def test_identity_header_lines_refuse_unsafe_values():
+    assert identity_header_lines("u", ["g"]) == b"Impersonate-User: u\r\nImpersonate-Group: g\r\n"
+    assert identity_header_lines("ü", []) == "Impersonate-User: ü\r\n".encode()
+    with pytest.raises(HeaderValueError, match="^user 'u\\\\r' must"):
+        identity_header_lines("u\r", [])
+    with pytest.raises(StoreError, match="^group ' g' must"):  # the store says it as a StoreError
+        build_identity("u", [" g"], "k", None)
 
 
 # ---- change detection ----
