@@ -14,13 +14,11 @@ from typing import Protocol
 
 import httptools
 
-from .context import RequestContext, RequestHead
+from .config import Config
+from .context import Observers, RequestContext, RequestHead
 from .exchange import AWAITING_HEAD, AWAITING_RESPONSE, IDLE, Responder
 from .flow import PIPELINED, WRITE_HIGH_WATER, WRITE_LOW_WATER, ReadGate
 from .status import StatusError, status_response
-
-from .config import Config
-from .context import Observers
 
 log = logging.getLogger("fastproxy.client")
 

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from .auth.identity import HeaderValueError, check_header_value, key_digest
-from .routing import CLUSTER_NAME
+from .names import DNS_SUBDOMAIN
 
 
 class ConfigError(Exception):
@@ -223,7 +223,7 @@ def _server(data: object) -> ServerConfig:
 def _cluster(data: object, where: str) -> ClusterConfig:
     t = _Table(data, where)
     name = t.str("name", required=True)
-    if not CLUSTER_NAME.match(name):
+    if not DNS_SUBDOMAIN.match(name):
         raise ConfigError(f"{t.key('name')}: must be a lower-case DNS name, not {name!r}")
     server = t.str("server", required=True)
     url = urlsplit(server)

@@ -207,13 +207,3 @@ def client_response_head(status: int, headers: Headers, *, keep_alive: bool, upg
     else:
         parts.append(b"\r\n" if keep_alive else b"Connection: close\r\n\r\n")
     return b"".join(parts)
-
-
-def impersonation_headers(user: str, groups: tuple[str, ...] | list[str]) -> bytes:
-    """Prebuilt `Impersonate-User` / `Impersonate-Group` lines for an identity."""
-    for value in (user, *groups):
-        if any(c in value for c in "\r\n\0") or not value:
-            raise ValueError(f"invalid user or group name {value!r}")
-    lines = [b"Impersonate-User: " + user.encode() + b"\r\n"]
-    lines += [b"Impersonate-Group: " + group.encode() + b"\r\n" for group in groups]
-    return b"".join(lines)

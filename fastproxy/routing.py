@@ -7,13 +7,11 @@ other servers may decode differently) are refused.
 """
 from __future__ import annotations
 
-import re
 from typing import NamedTuple
 
+from .names import DNS_SUBDOMAIN
 from .status import StatusError
 
-# Cluster names are Kubernetes object names (DNS-1123 subdomains).
-CLUSTER_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\Z")
 _HOSTILE_ESCAPES = ("%2f", "%5c", "%00")
 _DOT_SEGMENTS = frozenset((".", "%2e"))
 _DOTDOT_SEGMENTS = frozenset(("..", ".%2e", "%2e.", "%2e%2e"))
@@ -121,7 +119,7 @@ def route(target: str) -> Route:
         if len(pieces) < prefix.names or not remainder:
             raise StatusError(404, f"the path {path!r} names no {prefix.kind} (expected {text}NAME/...)")
         for name in pieces[:prefix.names]:
-            if not CLUSTER_NAME.match(name):
+            if not DNS_SUBDOMAIN.match(name):
                 raise StatusError(404, f"{prefix.kind} name {name!r} is not valid")
         rest = "/" + pieces[prefix.names] if len(pieces) > prefix.names else "/"
         if prefix.kind == VIRTUAL_CLUSTER:

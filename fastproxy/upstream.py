@@ -358,7 +358,7 @@ class Pool:
         cluster = self.cluster
         try:
             conn = await asyncio.wait_for(self._open(), cluster.connect_timeout)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
             self.open_count -= 1
             reason = "timed out connecting" if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
             log.warning("cluster %s: %s", cluster.name, reason)

@@ -113,7 +113,7 @@ class Client:
                 self.parser.feed_data(data)
         except (ConnectionResetError, ssl.SSLError):
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
 
     def close(self) -> None:

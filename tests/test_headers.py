@@ -1,7 +1,13 @@
 import pytest
 
-from fastproxy.headers import (client_response_head, has_framing, impersonation_headers, relay_response_head,
-                               scan_client_headers, upstream_request_head)
+from fastproxy.auth.identity import identity_header_lines
+from fastproxy.headers import (
+    client_response_head,
+    has_framing,
+    relay_response_head,
+    scan_client_headers,
+    upstream_request_head,
+)
 from fastproxy.status import StatusError
 
 
@@ -71,7 +77,7 @@ def test_connection_naming_impersonate_user_cannot_remove_the_gateways_own():
     found = scan(("Connection", "Impersonate-User, Impersonate-Group, Authorization"), ("Authorization", "Bearer k"))
     head = upstream_request_head(
         b"GET", b"/api", b"1.1", found.kept, host=b"Host: up\r\n", credential=b"Authorization: Bearer gw\r\n",
-        impersonation=impersonation_headers("alice", ("dev",)), forwarded_for=b"1.2.3.4", framing=b"", upgrade=None)
+        impersonation=identity_header_lines("alice", ("dev",)), forwarded_for=b"1.2.3.4", framing=b"", upgrade=None)
     assert b"Impersonate-User: alice\r\n" in head
     assert b"Impersonate-Group: dev\r\n" in head
     assert b"Authorization: Bearer gw\r\n" in head
@@ -132,7 +138,7 @@ def test_response_head_close_and_upgrade():
 @pytest.mark.parametrize("user,groups", [("a\r\nImpersonate-User: root", ()), ("a", ("g\n",)), ("", ())])
 def test_impersonation_headers_refuse_injection(user, groups):
     with pytest.raises(ValueError):
-        impersonation_headers(user, groups)
+        identity_header_lines(user, groups)
 
 
 def test_relay_keeps_a_clean_head_byte_for_byte():

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import socket
 import ssl
+import threading
 import time
 
 import pytest

@@ -1,7 +1,19 @@
 import pytest
 
-from fastproxy.routing import (AUTH, CLUSTER, GRAFANA, HEALTH, MANAGEMENT, NOT_SERVED, OIDC, ROUTES, VIRTUAL_CLUSTER, Route,
-                               normalise_path, route)
+from fastproxy.routing import (
+    AUTH,
+    CLUSTER,
+    GRAFANA,
+    HEALTH,
+    MANAGEMENT,
+    NOT_SERVED,
+    OIDC,
+    ROUTES,
+    VIRTUAL_CLUSTER,
+    Route,
+    normalise_path,
+    route,
+)
 from fastproxy.status import StatusError
 
 

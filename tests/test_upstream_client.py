@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from fastproxy.config import parse_config
 from fastproxy.clusters import Upstream, upstream_ssl_context
+from fastproxy.config import parse_config
 from fastproxy.upstream import Pool
 from fastproxy.upstream_client import UpstreamRequestError, request
 

@@ -186,7 +186,7 @@ def openapi_v3_document(group: str, version: str) -> dict[str, Any] | None:
             "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}],
             "responses": {"200": {"description": "OK"}},
         }}
-    return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v%d.%d.%d" % KUBERNETES_VERSION},
+    return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v{}.{}.{}".format(*KUBERNETES_VERSION)},
             "paths": paths}
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -48,7 +48,7 @@ async def serve_log(request: web.Request, pod: dict[str, Any], stopping: asyncio
     with_timestamps = is_true_flag(request.query.get("timestamps"))
     pod_name = pod["metadata"]["name"]
     started = datetime.strptime(pod["metadata"]["creationTimestamp"], "%Y-%m-%dT%H:%M:%SZ") \
-        .replace(tzinfo=timezone.utc)
+        .replace(tzinfo=UTC)
 
     def render(number: int, at: datetime) -> bytes:
         line = log_line(pod_name, container, number)
@@ -72,5 +72,5 @@ async def serve_log(request: web.Request, pod: dict[str, Any], stopping: asyncio
             await asyncio.wait_for(stopping.wait(), FOLLOW_INTERVAL)
             break
         number += 1
-        await response.write(render(number, datetime.now(timezone.utc)))
+        await response.write(render(number, datetime.now(UTC)))
     return response

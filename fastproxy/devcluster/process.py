@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any
 
-RulesArg = Union[str, os.PathLike, Sequence[Mapping[str, Any]], None]
+RulesArg = str | os.PathLike | Sequence[Mapping[str, Any]] | None
 
 
 class DevClusterError(RuntimeError):

@@ -18,8 +18,20 @@ import orjson
 from aiohttp import web
 
 from . import discovery, errors, patch, protobuf
-from .auth import (ADMIN_USER, GATEWAY_USER, MASTERS, Attributes, Authenticator, Authorizer,
-                   Identity, Rule, authenticated, impersonate, is_true_flag, request_attributes)
+from .auth import (
+    ADMIN_USER,
+    GATEWAY_USER,
+    MASTERS,
+    Attributes,
+    Authenticator,
+    Authorizer,
+    Identity,
+    Rule,
+    authenticated,
+    impersonate,
+    is_true_flag,
+    request_attributes,
+)
 from .certs import Credentials, ensure_credentials, read_token
 from .discovery import PODS, ResourceType
 from .logs import serve_log

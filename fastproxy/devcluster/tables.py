@@ -1,8 +1,9 @@
 """`meta.k8s.io/v1` Table rendering, which `kubectl get` asks for to print its columns."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from .discovery import ResourceType
 
@@ -48,8 +49,8 @@ def _age(obj: Object) -> str:
     created = obj["metadata"].get("creationTimestamp")
     if not created:
         return "<unknown>"
-    started = datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-    return human_duration((datetime.now(timezone.utc) - started).total_seconds())
+    started = datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    return human_duration((datetime.now(UTC) - started).total_seconds())
 
 
 def _path(*keys: str, default: Any = "<none>") -> Cell:

@@ -9,8 +9,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .base import (AccessKey, ResolvedKey, Snapshot, SnapshotCallback, StateAdmin, StateReader, StoreError, Team,
-                   User, build_identity, key_digest)
+from .base import (
+    AccessKey,
+    ResolvedKey,
+    Snapshot,
+    SnapshotCallback,
+    StateAdmin,
+    StateReader,
+    StoreError,
+    Team,
+    User,
+    build_identity,
+    key_digest,
+)
 from .sqlite import SqliteReader, SqliteStore
 
 if TYPE_CHECKING:

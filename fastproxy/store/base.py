@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 
 from ..auth.identity import HeaderValueError, Identity, check_header_value, identity_header_lines, key_digest
 from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX, CompiledScope, ScopeError, load_scope
+from ..names import DNS_SUBDOMAIN
 
 ACCESS_KEY_TYPES = ("Login", "User", "Other")
 BASE_GROUPS = ("system:authenticated", "loft:authenticated")
@@ -32,7 +32,6 @@ BASE_GROUPS = ("system:authenticated", "loft:authenticated")
 # in use never looks idle past its ttlAfterLastActivity.
 ACTIVITY_REFRESH_SECONDS = 60.0
 
-_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\Z")
 
 
 class StoreError(ValueError):
@@ -111,7 +110,7 @@ class Snapshot:
 
 
 def check_object_name(name: str, what: str) -> str:
-    if not isinstance(name, str) or not _OBJECT_NAME.match(name):
+    if not isinstance(name, str) or not DNS_SUBDOMAIN.match(name):
         raise StoreError(f"{what} name {name!r} is not valid: use lower-case letters, digits, '-' and '.'")
     return name
 

@@ -24,8 +24,20 @@ from typing import Any
 import orjson
 
 from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX, AccessKeyScope, parse_scope
-from .base import (ACCESS_KEY_TYPES, AccessKey, Snapshot, StateAdmin, StateReader, StoreError, Team, User,
-                   build_snapshot, check_object_name, header_value, key_digest)
+from .base import (
+    ACCESS_KEY_TYPES,
+    AccessKey,
+    Snapshot,
+    StateAdmin,
+    StateReader,
+    StoreError,
+    Team,
+    User,
+    build_snapshot,
+    check_object_name,
+    header_value,
+    key_digest,
+)
 
 log = logging.getLogger("fastproxy.store")
 

@@ -9,8 +9,14 @@ import pytest
 
 from fastproxy.auth import impersonation
 from fastproxy.auth.identity import Identity, escape_extra_key
-from fastproxy.auth.impersonation import (Check, ImpersonationReviewer, NestedIdentity, parse_impersonation,
-                                          review_answer, review_body)
+from fastproxy.auth.impersonation import (
+    Check,
+    ImpersonationReviewer,
+    NestedIdentity,
+    parse_impersonation,
+    review_answer,
+    review_body,
+)
 from fastproxy.status import StatusError
 from fastproxy.upstream_client import UpstreamRequestError
 

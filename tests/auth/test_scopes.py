@@ -4,8 +4,16 @@ from __future__ import annotations
 import pytest
 
 from fastproxy.auth.requestinfo import request_info
-from fastproxy.auth.scopes import (AccessKeyScope, GroupResources, ScopeCluster, ScopeError, ScopeRule, check_scope,
-                                   load_scope, parse_scope)
+from fastproxy.auth.scopes import (
+    AccessKeyScope,
+    GroupResources,
+    ScopeCluster,
+    ScopeError,
+    ScopeRule,
+    check_scope,
+    load_scope,
+    parse_scope,
+)
 
 MGMT = "/apis/management.loft.sh/v1"
 

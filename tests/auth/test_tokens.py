@@ -17,7 +17,7 @@ from jwt.algorithms import RSAAlgorithm
 from fastproxy.auth import tokens
 from fastproxy.auth.requestinfo import request_info
 from fastproxy.auth.scopes import check_scope
-from fastproxy.auth.tokens import (KeySet, RevocationList, TokenError, TokenVerifier, issue_token, thumbprint)
+from fastproxy.auth.tokens import KeySet, RevocationList, TokenError, TokenVerifier, issue_token, thumbprint
 
 ISSUER = "https://gateway.example"
 NOW = 1_800_000_000.0

@@ -9,8 +9,17 @@ import zlib
 import pytest
 
 from fastproxy.devcluster import spdy
-from fastproxy.devcluster.spdy import (DataFrame, GoAway, Headers, Ping, RstStream, Settings, SynReply,
-                                       SynStream, WindowUpdate)
+from fastproxy.devcluster.spdy import (
+    DataFrame,
+    GoAway,
+    Headers,
+    Ping,
+    RstStream,
+    Settings,
+    SynReply,
+    SynStream,
+    WindowUpdate,
+)
 
 # The first bytes kubectl 1.32 (Go's compress/zlib) sent for one `kubectl port-forward`
 # connection, captured from the devcluster: SYN_STREAM 1 (the error stream), its

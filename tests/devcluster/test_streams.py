@@ -323,7 +323,7 @@ async def test_spdy_exec_with_the_status_protocols():
                 assert await client.read_all(stdout) == b"from stdin\nand more\n"
                 assert await client.read_all(stderr) == b""
                 assert json.loads(await client.read_all(error)) == SUCCESS
-                await client.until(lambda: client.control)
+                await client.until(lambda c=client: c.control)
                 assert client.control == [GoAway(7, spdy.GOAWAY_OK)]
 
 

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from tests.helpers import start_gateway
 from fastproxy.demo import VIEWER_RULES, prepare
 from fastproxy.devcluster.process import start_devcluster
+from tests.helpers import start_gateway
 
 KUBECTL = "/usr/bin/kubectl"
 pytestmark = pytest.mark.e2e

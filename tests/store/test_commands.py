@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from fastproxy.store.sqlite import SqliteStore
 from fastproxy.store.commands import run
+from fastproxy.store.sqlite import SqliteStore
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from fastproxy.auth.identity import HeaderValueError, identity_header_lines
 from fastproxy.auth.requestinfo import request_info
 from fastproxy.auth.scopes import CompiledScope, ScopeError, check_scope
-from fastproxy.auth.identity import HeaderValueError, identity_header_lines
 from fastproxy.store import StoreError, build_identity
 from fastproxy.store.base import ACTIVITY_REFRESH_SECONDS
 from fastproxy.store.sqlite import SqliteStore
