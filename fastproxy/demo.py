@@ -106,7 +106,8 @@ def instructions(state: Path) -> str:
           kubectl exec web-5d4f8c7b9-h7k2m -- echo hi  # exec through the gateway
           kubectl --context viewer get pods            # the restricted key: allowed in team-a...
           kubectl --context viewer get secrets         # ...and Forbidden here
-          kubectl --as system:admin get pods           # refused: clients cannot choose who they are
+          kubectl --context viewer --as system:admin get pods  # Forbidden: this key may not impersonate
+          kubectl --as jane auth whoami                # the admin key may: the cluster sees jane
 
         Ctrl-C stops everything.
     """)

@@ -86,6 +86,15 @@ def test_as_flag_does_not_make_anyone_admin(stack):
     assert result.returncode != 0 and "Forbidden" in result.stderr
 
 
+def test_the_demos_impersonation_hints_hold(stack):
+    """What `fastproxy demo` prints: the viewer may not impersonate, the admin key may."""
+    _, env, _ = stack
+    refused = kubectl(env, "--as", "system:admin", "get", "pods", context="viewer", check=False)
+    assert refused.returncode != 0 and "Forbidden" in refused.stderr
+    jane = json.loads(kubectl(env, "--as", "jane", "auth", "whoami", "-o", "json").stdout)["status"]["userInfo"]
+    assert jane["username"] == "jane"
+
+
 def test_restricted_key_is_forbidden_outside_its_rules(stack):
     _, env, _ = stack
     assert "web-5d4f8c7b9-h7k2m" in kubectl(env, "get", "pods", "-n", "team-a", context="viewer").stdout
