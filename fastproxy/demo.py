@@ -35,7 +35,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 def prepare(state: Path, cluster_url: str, cluster_ca: Path, gateway_token: Path, listen: str) -> Path:
     """Write the gateway's TLS files, access keys, config and kubeconfig; return the config path."""
-    from .devcluster.certs import ensure_credentials  # the demo's throwaway CA comes from there too
+    from devcluster.certs import ensure_credentials  # the demo's throwaway CA comes from there too
     tls = ensure_credentials(state / "gateway-tls")
     _write_secret(state / "admin.key", "fpk-" + secrets.token_urlsafe(32))
     _write_secret(state / "viewer.key", "fpk-" + secrets.token_urlsafe(32))
@@ -113,8 +113,19 @@ def instructions(state: Path) -> str:
     """)
 
 
+def _require_devcluster() -> None:
+    """The simulated cluster ships as its own distribution; a base install lacks it."""
+    try:
+        import devcluster  # noqa: F401
+    except ImportError:
+        raise ConfigError("demo: the simulated cluster is not installed: run scripts/run, "
+                          "or pip install -e ./simulated-cluster from the source tree") from None
+
+
 def run_demo(state_dir: str, listen: str, activity_rate: float) -> int:
-    from .devcluster.process import start_devcluster
+    _require_devcluster()
+    from devcluster.process import start_devcluster
+
     from .server import configure_logging, serve
     configure_logging("info")
     host, _, port = listen.rpartition(":")

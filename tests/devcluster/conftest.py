@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from fastproxy.devcluster import DevCluster, start_devcluster
+from devcluster import DevCluster, start_devcluster
 
 KUBECTL = shutil.which("kubectl")
 BOB_TOKEN = "bob-secret-token"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from fastproxy.devcluster import DevClusterError, start_devcluster
+from devcluster import DevClusterError, start_devcluster
 
 pytestmark = pytest.mark.e2e
 

@@ -7,9 +7,7 @@ import struct
 import zlib
 
 import pytest
-
-from fastproxy.devcluster import spdy
-from fastproxy.devcluster.spdy import (
+from devcluster.spdy import (
     DataFrame,
     GoAway,
     Headers,
@@ -20,6 +18,8 @@ from fastproxy.devcluster.spdy import (
     SynStream,
     WindowUpdate,
 )
+
+from devcluster import spdy
 
 # The first bytes kubectl 1.32 (Go's compress/zlib) sent for one `kubectl port-forward`
 # connection, captured from the devcluster: SYN_STREAM 1 (the error stream), its

@@ -1,7 +1,7 @@
 """exec, attach and port-forward over real sockets.
 
 First the handlers alone, mounted in a small aiohttp app and driven by the
-`websockets` library and by a SPDY client built on fastproxy.devcluster.spdy's
+`websockets` library and by a SPDY client built on devcluster.spdy's
 codec; then the real kubectl against a devcluster process.
 """
 from __future__ import annotations
@@ -23,10 +23,10 @@ import aiohttp
 import pytest
 import websockets
 from aiohttp import web
+from devcluster.spdy import DataFrame, GoAway, SynReply, SynStream
 from websockets.asyncio.client import connect
 
-from fastproxy.devcluster import spdy, streams
-from fastproxy.devcluster.spdy import DataFrame, GoAway, SynReply, SynStream
+from devcluster import spdy, streams
 
 POD = {
     "metadata": {"name": "web-0", "namespace": "demo"},

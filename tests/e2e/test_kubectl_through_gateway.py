@@ -9,9 +9,9 @@ import subprocess
 import time
 
 import pytest
+from devcluster.process import start_devcluster
 
 from fastproxy.demo import VIEWER_RULES, prepare
-from fastproxy.devcluster.process import start_devcluster
 from tests.helpers import start_gateway
 
 KUBECTL = "/usr/bin/kubectl"

@@ -40,7 +40,7 @@ from .selectors import FieldSelector, LabelSelector, Selection
 from .store import Store
 from .tables import table, wants_table
 
-log = logging.getLogger("fastproxy.devcluster")
+log = logging.getLogger("devcluster")
 
 MAX_BODY_BYTES = 3 * 1024 * 1024
 DEFAULT_WATCH_SECONDS = 1800

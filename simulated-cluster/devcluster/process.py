@@ -67,7 +67,7 @@ def start_devcluster(directory: str | os.PathLike, *, rules: RulesArg = None,
                      tokens: Mapping[str, tuple[str, Iterable[str]]] | None = None,
                      activity_rate: float = 0, seed: bool = True, listen: str = "127.0.0.1:0",
                      watch_history: int = 1000, timeout: float = 20) -> DevCluster:
-    """Start `python -m fastproxy.devcluster` and wait until it is ready.
+    """Start `python -m devcluster` and wait until it is ready.
 
     `rules` is a rules file path or the rules themselves (written to DIR/rules.json); `tokens`
     maps extra bearer tokens to (user, groups). Output goes to DIR/devcluster.log, which the
@@ -77,7 +77,7 @@ def start_devcluster(directory: str | os.PathLike, *, rules: RulesArg = None,
     directory.mkdir(parents=True, exist_ok=True)
     ready_file = directory / "ready.json"
     ready_file.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "fastproxy.devcluster", "--dir", str(directory), "--listen", listen,
+    command = [sys.executable, "-m", "devcluster", "--dir", str(directory), "--listen", listen,
                "--activity-rate", str(activity_rate), "--watch-history", str(watch_history),
                "--seed" if seed else "--no-seed"]
     if rules is not None:

@@ -1,4 +1,4 @@
-"""python -m fastproxy.devcluster --dir DIR [--listen HOST:PORT] [--rules FILE] ..."""
+"""python -m devcluster --dir DIR [--listen HOST:PORT] [--rules FILE] ..."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +21,7 @@ def _listen_address(text: str) -> tuple[str, int]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fastproxy.devcluster",
+        prog="python -m devcluster",
         description="A simulated Kubernetes API server for demos and end-to-end tests.")
     parser.add_argument("--dir", required=True, type=Path,
                         help="state directory: CA, certificates, tokens and ready.json")
