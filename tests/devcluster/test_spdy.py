@@ -7,6 +7,8 @@ import struct
 import zlib
 
 import pytest
+
+from devcluster import spdy
 from devcluster.spdy import (
     DataFrame,
     GoAway,
@@ -18,8 +20,6 @@ from devcluster.spdy import (
     SynStream,
     WindowUpdate,
 )
-
-from devcluster import spdy
 
 # The first bytes kubectl 1.32 (Go's compress/zlib) sent for one `kubectl port-forward`
 # connection, captured from the devcluster: SYN_STREAM 1 (the error stream), its

@@ -23,10 +23,10 @@ import aiohttp
 import pytest
 import websockets
 from aiohttp import web
-from devcluster.spdy import DataFrame, GoAway, SynReply, SynStream
 from websockets.asyncio.client import connect
 
 from devcluster import spdy, streams
+from devcluster.spdy import DataFrame, GoAway, SynReply, SynStream
 
 POD = {
     "metadata": {"name": "web-0", "namespace": "demo"},

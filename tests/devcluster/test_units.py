@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import pytest
+
+from devcluster import protobuf
 from devcluster.auth import Attributes, Authorizer, Rule, authenticated, request_attributes
 from devcluster.errors import ApiError
 from devcluster.patch import MERGE_PATCH, STRATEGIC_MERGE_PATCH, apply_patch
 from devcluster.selectors import FieldSelector, LabelSelector
 from devcluster.tables import human_duration, wants_table
-
-from devcluster import protobuf
 
 
 @pytest.mark.parametrize(("selector", "labels", "matches"), [

@@ -9,8 +9,8 @@ import subprocess
 import time
 
 import pytest
-from devcluster.process import start_devcluster
 
+from devcluster.process import start_devcluster
 from fastproxy.demo import VIEWER_RULES, prepare
 from tests.helpers import start_gateway
 
