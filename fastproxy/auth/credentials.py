@@ -12,14 +12,18 @@ import hmac
 import logging
 import os
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import orjson
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, StateConfig
 from ..status import StatusError
 from ..store import Snapshot, StateAdmin, StateReader, StoreError, open_admin, open_reader
 from .identity import HeaderValueError, Identity, identity_header_lines, key_digest
 from .tokens import KeySet, RevocationList, TokenError, TokenVerifier
+
+T = TypeVar("T")
 
 log = logging.getLogger("fastproxy.auth")
 
@@ -143,22 +147,22 @@ def load_key_set(config: Config) -> KeySet:
         raise ConfigError(f"tokens.signing_keys_dir: {error}") from None
 
 
-def open_state_admin(config: Config) -> StateAdmin:
-    """The admin side of the `[state]` store; ConfigError naming the key if it cannot be opened."""
+def _open_state(config: Config, opener: Callable[[StateConfig], T]) -> T:
     assert config.state is not None
     try:
-        return open_admin(config.state)
+        return opener(config.state)
     except StoreError as error:
         raise ConfigError(f"state.path: {error}") from None
+
+
+def open_state_admin(config: Config) -> StateAdmin:
+    """The admin side of the `[state]` store; ConfigError naming the key if it cannot be opened."""
+    return _open_state(config, open_admin)
 
 
 def open_state_reader(config: Config) -> StateReader:
     """The data path's side of the `[state]` store; ConfigError naming the key if it cannot be read."""
-    assert config.state is not None
-    try:
-        return open_reader(config.state)
-    except StoreError as error:
-        raise ConfigError(f"state.path: {error}") from None
+    return _open_state(config, open_reader)
 
 
 def _stamp(path: str) -> tuple[int, int, int]:
