@@ -30,7 +30,7 @@ class Gateway:
         self.observers = Observers(observers)
         self.proxy = ClusterProxy(config.server, self.clusters, self.authenticator, loop)
         # The router table's kinds -> handlers; a kind without one answers 404 (routing.NOT_SERVED).
-        self.handlers: dict[str, Handler] = {CLUSTER: self.proxy, HEALTH: Health}
+        self.handlers: dict[str, Handler] = {CLUSTER: self.proxy.responder, HEALTH: Health}
         self.connections: set = set()  # open client connections, for deadlines and shutdown
 
     def start(self) -> None:

@@ -46,6 +46,8 @@ ROUTES = (
     Prefix("/livez/", HEALTH, exact=True),
 )
 
+_CLUSTER_PREFIX = ROUTES[0].text
+
 # What a prefix whose handler this gateway does not run answers (404).
 NOT_SERVED = {
     CLUSTER: "no cluster is served by this gateway",
@@ -100,6 +102,11 @@ def route(target: str) -> Route:
     """Map a raw request target to a Route, or raise StatusError (400 for hostile paths, 404)."""
     raw_path, query = split_target(target)
     path = normalise_path(raw_path)
+    if path.startswith(_CLUSTER_PREFIX):
+        # The table's first row, without the loop: nearly every request is for a cluster.
+        name, slash, rest = path[len(_CLUSTER_PREFIX):].partition("/")
+        if name and DNS_SUBDOMAIN.match(name):
+            return Route(CLUSTER, name, slash + rest if slash else "/", query)
     for prefix in ROUTES:
         text = prefix.text
         if not path.startswith(text):
