@@ -6,8 +6,9 @@ import contextlib
 import random
 from typing import Any
 
+from fastproxy.kube.selectors import FieldSelector, LabelSelector, Selection
+
 from .discovery import CONFIGMAPS, DEPLOYMENTS, NAMESPACES, PODS, SECRETS, SERVICES
-from .selectors import FieldSelector, LabelSelector, Selection
 from .store import Store
 
 SEED_NAMESPACES = ("default", "kube-system", "team-a", "team-b")

@@ -17,7 +17,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import discovery, errors, patch, protobuf
+from fastproxy.kube import patch
+from fastproxy.kube.selectors import FieldSelector, LabelSelector, Selection
+from fastproxy.status import StatusError
+
+from . import discovery, errors, protobuf
 from .auth import (
     ADMIN_USER,
     GATEWAY_USER,
@@ -36,7 +40,6 @@ from .certs import Credentials, ensure_credentials, read_token
 from .discovery import PODS, ResourceType
 from .logs import serve_log
 from .seed import run_activity, seed_store
-from .selectors import FieldSelector, LabelSelector, Selection
 from .store import Store
 from .tables import table, wants_table
 
@@ -74,6 +77,8 @@ async def api_errors(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except errors.ApiError as error:
         return status_response(error)
+    except StatusError as error:  # from the shared conventions (fastproxy.kube)
+        return status_response(errors.ApiError(error.code, error.message, reason=error.reason))
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:

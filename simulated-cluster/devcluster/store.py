@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from fastproxy.kube.selectors import EVERYTHING, Selection
+
 from . import errors
 from .discovery import NAMESPACES, STORED_RESOURCES, ResourceType
-from .selectors import EVERYTHING, Selection
 
 Object = dict[str, Any]
 ObjectKey = tuple[str, str]  # (namespace, name); namespace is "" for cluster-scoped objects

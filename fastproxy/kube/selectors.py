@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import bad_request
+from ..status import StatusError
 
 _LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
@@ -62,7 +62,7 @@ def _split_terms(text: str) -> list[str]:
 
 
 def _parse_label_term(term: str) -> Requirement:
-    unparsable = bad_request(f"unable to parse requirement: {term!r}")
+    unparsable = StatusError(400, f"unable to parse requirement: {term!r}")
     if match := _SET_TERM.match(term):
         key = match["key"]
         values = frozenset(v.strip() for v in match["values"].split(","))
@@ -104,9 +104,9 @@ class FieldSelector:
         for term in text.split(","):
             match = _COMPARE_TERM.match(term.strip())
             if not match:
-                raise bad_request(f"invalid field selector: {term!r}")
+                raise StatusError(400, f"invalid field selector: {term!r}")
             if match["key"] not in supported:
-                raise bad_request(f'field label not supported: {match["key"]}')
+                raise StatusError(400, f'field label not supported: {match["key"]}')
             requirements.append(FieldRequirement(match["key"], match["value"], match["op"] != "!="))
         return cls(tuple(requirements))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .errors import ApiError, bad_request
+from ..status import StatusError
 
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
@@ -28,8 +28,8 @@ def apply_patch(content_type: str, target: dict[str, Any], patch: Any) -> dict[s
     raise unsupported_media_type()
 
 
-def unsupported_media_type() -> ApiError:
-    return ApiError(415, "the body of the request was in an unknown format - accepted media types "
+def unsupported_media_type() -> StatusError:
+    return StatusError(415, "the body of the request was in an unknown format - accepted media types "
                          f"include: {', '.join(SUPPORTED)}")
 
 
@@ -76,15 +76,15 @@ def _is_delete_directive(item: Any) -> bool:
 
 def _json_patch(target: dict[str, Any], operations: Any) -> dict[str, Any]:
     if not isinstance(operations, list):
-        raise bad_request("a JSON patch must be a list of operations")
+        raise StatusError(400, "a JSON patch must be a list of operations")
     doc: Any = copy.deepcopy(target)
     for operation in operations:
         if not isinstance(operation, dict) or "op" not in operation or "path" not in operation:
-            raise bad_request(f"invalid JSON patch operation: {operation!r}")
+            raise StatusError(400, f"invalid JSON patch operation: {operation!r}")
         op, path = operation["op"], operation["path"]
         if op == "test":
             if _get(doc, path) != operation.get("value"):
-                raise ApiError(422, f"testing value {path} failed")
+                raise StatusError(422, f"testing value {path} failed")
         elif op == "remove":
             _remove(doc, path)
         elif op == "add":
@@ -99,7 +99,7 @@ def _json_patch(target: dict[str, Any], operations: Any) -> dict[str, Any]:
                 _remove(doc, operation["from"])
             doc = _add(doc, path, value)
         else:
-            raise bad_request(f"unknown JSON patch operation: {op!r}")
+            raise StatusError(400, f"unknown JSON patch operation: {op!r}")
     return doc
 
 
@@ -107,7 +107,7 @@ def _split(path: str) -> list[str]:
     if path == "":
         return []
     if not path.startswith("/"):
-        raise bad_request(f"invalid JSON pointer: {path!r}")
+        raise StatusError(400, f"invalid JSON pointer: {path!r}")
     return [part.replace("~1", "/").replace("~0", "~") for part in path[1:].split("/")]
 
 
@@ -123,7 +123,7 @@ def _child(node: Any, part: str, path: str) -> Any:
             return node[int(part)]
         return node[part]
     except (KeyError, IndexError, ValueError, TypeError):
-        raise ApiError(422, f"the JSON patch path {path!r} does not exist") from None
+        raise StatusError(422, f"the JSON patch path {path!r} does not exist") from None
 
 
 def _get(doc: Any, path: str) -> Any:
@@ -133,7 +133,7 @@ def _get(doc: Any, path: str) -> Any:
 def _remove(doc: Any, path: str) -> None:
     parts = _split(path)
     if not parts:
-        raise bad_request("cannot remove the whole document")
+        raise StatusError(400, "cannot remove the whole document")
     parent = _walk(doc, parts[:-1], path)
     _child(parent, parts[-1], path)
     del parent[int(parts[-1]) if isinstance(parent, list) else parts[-1]]
@@ -151,11 +151,11 @@ def _add(doc: Any, path: str, value: Any) -> Any:
     elif isinstance(parent, dict):
         parent[last] = value
     else:
-        raise ApiError(422, f"the JSON patch path {path!r} does not exist")
+        raise StatusError(422, f"the JSON patch path {path!r} does not exist")
     return doc
 
 
 def _list_index(part: str, length: int, path: str) -> int:
     if not part.isdigit() or int(part) > length:
-        raise ApiError(422, f"the JSON patch path {path!r} does not exist")
+        raise StatusError(422, f"the JSON patch path {path!r} does not exist")
     return int(part)
