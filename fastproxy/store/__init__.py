@@ -1,6 +1,6 @@
 """State storage: users, teams, access keys and revoked token ids.
 
-Two sides (see base.py): `StateAdmin`, the CRUD the CLI uses, and `StateReader`, the snapshot the
+Two sides (see base.py): `StateAdmin`, the CRUD the CLI and the management API use, and `StateReader`, the snapshot the
 data path reads. `open_admin` and `open_reader` open the backend `[state] backend` names; no
 other module names a backend class.
 """
@@ -11,6 +11,11 @@ from typing import TYPE_CHECKING
 
 from .base import (
     AccessKey,
+    AlreadyExistsError,
+    ConflictError,
+    InvalidError,
+    InvalidScopeError,
+    NotFoundError,
     ResolvedKey,
     Snapshot,
     SnapshotCallback,
@@ -51,5 +56,6 @@ def open_reader(state: StateConfig) -> StateReader:
     return _backend(state)[1](state)
 
 
-__all__ = ["BACKENDS", "AccessKey", "ResolvedKey", "Snapshot", "SnapshotCallback", "StateAdmin", "StateReader",
-           "StoreError", "Team", "User", "build_identity", "key_digest", "open_admin", "open_reader"]
+__all__ = ["BACKENDS", "AccessKey", "AlreadyExistsError", "ConflictError", "InvalidError", "InvalidScopeError",
+           "NotFoundError", "ResolvedKey", "Snapshot", "SnapshotCallback", "StateAdmin", "StateReader", "StoreError", "Team",
+           "User", "build_identity", "key_digest", "open_admin", "open_reader"]

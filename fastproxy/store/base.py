@@ -1,7 +1,10 @@
 """The state store's two interfaces, and the snapshot the request path reads instead of the database.
 
 The store has two sides. `StateAdmin` is the management side: the CRUD of users, teams, access
-keys and revoked token ids that the CLI (and a future management API) performs. `StateReader`
+keys and revoked token ids that the CLI and the management API perform, with what a Kubernetes-style
+API server needs of it: a uid, labels, annotations and a resourceVersion on every object, writes
+that refuse a stale resourceVersion, and refusals whose kind (NotFoundError, AlreadyExistsError,
+ConflictError, InvalidError) says which status to answer with. `StateReader`
 is the data path's side: workers never query the store per request; they hold a Snapshot (every
 usable access key by the SHA-256 digest of its secret, with its Identity built) that the reader
 keeps current and hands to its subscribers whenever a newer one is loaded. How it learns of a
@@ -10,6 +13,10 @@ watching backend (etcd, say) would push. Either way a snapshot is also reloaded 
 `refresh_at` passes, so that activity-based expiry is seen. The one write the data path makes,
 batched last-activity times, goes through the reader too.
 
+A snapshot's `version` and an object's `resource_version` count on one scale: every write gives the
+objects it touches the store's version as of its end, so a snapshot whose version is at least an
+object's resource_version includes that write, and `StateReader.wait_for` lets a writer wait for it.
+
 `fastproxy.store.open_reader` / `open_admin` pick the backend named by `[state] backend`.
 """
 from __future__ import annotations
@@ -17,13 +24,16 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
+import re
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from ..auth.identity import HeaderValueError, Identity, check_header_value, identity_header_lines, key_digest
-from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX, CompiledScope, ScopeError, load_scope
+from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX, AccessKeyScope, CompiledScope, ScopeError, load_scope, parse_scope
 from ..names import DNS_SUBDOMAIN
 
 ACCESS_KEY_TYPES = ("Login", "User", "Other")
@@ -31,11 +41,40 @@ BASE_GROUPS = ("system:authenticated", "loft:authenticated")
 # Other workers' activity reaches a snapshot only on reload; reload often enough that a key kept
 # in use never looks idle past its ttlAfterLastActivity.
 ACTIVITY_REFRESH_SECONDS = 60.0
-
+ANNOTATIONS_MAX_BYTES = 256 * 1024  # keys and values together, as the Kubernetes API server allows
+EMPTY: Mapping[str, str] = MappingProxyType({})  # the default labels and annotations
 
 
 class StoreError(ValueError):
     """A refused store operation; the message is one line naming the bad value."""
+
+
+class NotFoundError(StoreError):
+    """The object named does not exist."""
+
+
+class AlreadyExistsError(StoreError):
+    """An object of that kind and name exists already."""
+
+
+class ConflictError(StoreError):
+    """The object changed since the version the write was based on."""
+
+
+class InvalidError(StoreError):
+    """A field value the store refuses; `field` is the store-level name of the field ("labels")."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidScopeError(InvalidError, ScopeError):
+    """A scope that cannot be used: an InvalidError of the field "scope", and still a ScopeError for
+    callers that report scopes apart."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "scope")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +87,11 @@ class User:
     groups: tuple[str, ...] = ()
     disabled: bool = False
     created: float = 0.0
+    uid: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
+    description: str = ""
+    resource_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +100,12 @@ class Team:
     members: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
     created: float = 0.0
+    display_name: str = ""
+    uid: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
+    description: str = ""
+    resource_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +121,12 @@ class AccessKey:
     disabled: bool = False
     scope: dict[str, Any] | None = None
     created: float = 0.0
-    last_activity: float | None = None
+    last_activity: float | None = None   # written in batches by the data path: not a change of the key
+    uid: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
+    description: str = ""
+    resource_version: int = 0
 
     def expires_at(self) -> float:
         if not self.ttl:
@@ -98,6 +153,7 @@ class Snapshot:
     users: Mapping[str, User]
     teams: Mapping[str, Team]
     revoked_tokens: frozenset[str]
+    access_keys: Mapping[str, AccessKey]  # every key by name, unusable ones too (`keys` holds the usable)
 
     def resolve(self, key: str | bytes, now: float) -> ResolvedKey | None:
         """The usable access key whose secret is `key`, or None."""
@@ -109,19 +165,161 @@ class Snapshot:
         return entry if now < entry.expires_at else None
 
 
+def new_uid() -> str:
+    """An object's uid: set once at creation, so that a client can tell a re-created object from the old one."""
+    return str(uuid.uuid4())
+
+
 def check_object_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not DNS_SUBDOMAIN.match(name):
-        raise StoreError(f"{what} name {name!r} is not valid: use lower-case letters, digits, '-' and '.'")
+        raise InvalidError(f"{what} name {name!r} is not valid: use lower-case letters, digits, '-' and '.'", "name")
     return name
 
 
-def header_value(value: str, what: str) -> str:
+def header_value(value: str, what: str, field: str | None = None) -> str:
     """`value` if it can travel as one impersonation header value (auth.identity.check_header_value),
-    else StoreError."""
+    else InvalidError of `field` (default: `what`)."""
     try:
         return check_header_value(value, what)
     except HeaderValueError as error:
-        raise StoreError(str(error)) from None
+        raise InvalidError(str(error), field or what) from None
+
+
+def check_version(obj: User | Team | AccessKey, what: str, expected: int | None) -> None:
+    """ConflictError unless `obj` is still at the `expected` resource version (None: any)."""
+    if expected is not None and expected != obj.resource_version:
+        raise ConflictError(f"{what} {obj.name!r} has been modified; please apply your changes to the latest "
+                            "version and try again")
+
+
+# A label name or value, and the name part of a label or annotation key, as Kubernetes has them.
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z")
+_LABEL_RULE = "at most 63 letters, digits, '-', '_' and '.', beginning and ending with a letter or digit"
+
+
+def _qualified_key(key: object) -> bool:
+    """A label or annotation key: a name, optionally after a DNS subdomain prefix and '/'."""
+    if not isinstance(key, str):
+        return False
+    prefix, slash, name = key.rpartition("/")
+    return bool(_LABEL_NAME.match(name)) and (not slash or bool(DNS_SUBDOMAIN.match(prefix)))
+
+
+def _string_map(value: Any, field: str, what: str) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise InvalidError(f"{field} must be a map of strings, not {type(value).__name__}", field)
+    for key, item in value.items():
+        if not _qualified_key(key):
+            raise InvalidError(f"{what} key {key!r} is not valid: use {_LABEL_RULE}, optionally after a "
+                               "DNS subdomain prefix and '/'", field)
+        if not isinstance(item, str):
+            raise InvalidError(f"{what} {key!r}: value {item!r} is not a string", field)
+    return dict(value)
+
+
+def check_labels(raw: Any) -> dict[str, str]:
+    """`raw` as a dict of labels, or InvalidError naming the first key Kubernetes would refuse."""
+    labels = _string_map(raw, "labels", "label")
+    for key, value in labels.items():
+        if value and not _LABEL_NAME.match(value):
+            raise InvalidError(f"label {key!r}: value {value!r} is not valid: use {_LABEL_RULE}, or nothing", "labels")
+    return labels
+
+
+def check_annotations(raw: Any) -> dict[str, str]:
+    """`raw` as a dict of annotations, or InvalidError; large values (kubectl's last-applied-configuration)
+    are fine up to ANNOTATIONS_MAX_BYTES in all."""
+    annotations = _string_map(raw, "annotations", "annotation")
+    size = sum(len(key.encode()) + len(value.encode()) for key, value in annotations.items())
+    if size > ANNOTATIONS_MAX_BYTES:
+        raise InvalidError(f"annotations are {size} bytes in all, more than the {ANNOTATIONS_MAX_BYTES} allowed",
+                           "annotations")
+    return annotations
+
+
+def _text(field: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise InvalidError(f"{field} {value!r} is not a string", field)
+        return value
+    return check
+
+
+def _flag(field: str) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise InvalidError(f"{field} {value!r} is not true or false", field)
+        return value
+    return check
+
+
+def _names(value: Any, field: str) -> list[Any]:
+    """The items of a list field; a lone string would otherwise count as a list of letters."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidError(f"{field} {value!r} is not a list of strings", field)
+    return list(value)
+
+
+def check_groups(groups: Any) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(header_value(group, "group", "groups") for group in _names(groups, "groups")))
+
+
+def check_members(members: Any) -> tuple[str, ...]:
+    """Member names, sorted and unique; whether each is a user is the backend's to check."""
+    names = _names(members, "members")
+    for name in names:
+        if not isinstance(name, str):
+            raise InvalidError(f"team member {name!r} is not a user name", "members")
+    return tuple(sorted(set(names)))
+
+
+def scope_json(scope: Any) -> dict[str, Any] | None:
+    """The JSON form of an access key scope given as JSON, a mapping or an AccessKeyScope (None: no scope)."""
+    if scope is None or isinstance(scope, AccessKeyScope):
+        return None if scope is None else scope.to_dict()
+    try:
+        return parse_scope(scope).to_dict()
+    except ScopeError as error:
+        raise InvalidScopeError(str(error)) from None
+
+
+def check_new_key(user: str | None, team: str | None, type: str, ttl: int, ttl_after_last_activity: bool) -> None:
+    """The fields an access key has from its creation on."""
+    if (user is None) == (team is None):
+        raise InvalidError("an access key belongs to exactly one user or one team", "user")
+    if type not in ACCESS_KEY_TYPES:
+        raise InvalidError(f"access key type {type!r} is not one of {', '.join(ACCESS_KEY_TYPES)}", "type")
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0:
+        raise InvalidError(f"ttl {ttl!r} must be a whole number of seconds, 0 for no expiry", "ttl")
+    if ttl_after_last_activity and not ttl:
+        raise InvalidError("ttlAfterLastActivity needs a ttl", "ttl_after_last_activity")
+
+
+# What each kind's create and update may set: field -> its check, which returns the value to store.
+_METADATA: dict[str, Callable[[Any], Any]] = {
+    "description": _text("description"), "labels": check_labels, "annotations": check_annotations}
+USER_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "username": _text("username"), "display_name": _text("display_name"), "email": _text("email"),
+    "subject": lambda value: header_value(value, "subject"), "groups": check_groups, "disabled": _flag("disabled"),
+    **_METADATA}
+TEAM_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "display_name": _text("display_name"), "members": check_members, "groups": check_groups, **_METADATA}
+ACCESS_KEY_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "display_name": _text("display_name"), "disabled": _flag("disabled"), "scope": scope_json, **_METADATA}
+
+
+def checked_changes(fields: Mapping[str, Callable[[Any], Any]], changes: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """`changes` with every value checked; TypeError for a field `what` does not have (a caller's bug)."""
+    for name in changes:
+        if name not in fields:
+            raise TypeError(f"there is no {what} field {name!r} that can be set")
+    return {name: fields[name](value) for name, value in changes.items()}
+
+
+def user_changes(name: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Checked user fields; an empty username or subject stands for the user's name, at creation as on update."""
+    named = {field: changes[field] or name for field in ("username", "subject") if field in changes}
+    return checked_changes(USER_FIELDS, {**changes, **named}, "user")
 
 
 def build_identity(user: str, groups: Iterable[str], source: str, scope: CompiledScope | None) -> Identity:
@@ -146,7 +344,7 @@ def build_snapshot(version: int, users: Iterable[User], teams: Iterable[Team], k
                    revoked_tokens: Iterable[str], now: float, *,
                    project_namespace_prefix: str = DEFAULT_PROJECT_NAMESPACE_PREFIX) -> Snapshot:
     """Build the snapshot; keys that must not resolve (disabled, expired, disabled user,
-    unusable scope) are left out."""
+    unusable scope) are left out of `keys`, not of `access_keys`."""
     users_by_name = {user.name: user for user in users}
     teams_by_name = {team.name: team for team in teams}
     teams_of: dict[str, list[Team]] = {}
@@ -154,8 +352,10 @@ def build_snapshot(version: int, users: Iterable[User], teams: Iterable[Team], k
         for member in team.members:
             teams_of.setdefault(member, []).append(team)
     resolved: dict[bytes, ResolvedKey] = {}
+    keys_by_name: dict[str, AccessKey] = {}
     refresh_in = ACTIVITY_REFRESH_SECONDS
     for key in keys:
+        keys_by_name[key.name] = key
         expires_at = key.expires_at()
         if key.disabled or expires_at <= now:
             continue
@@ -180,7 +380,7 @@ def build_snapshot(version: int, users: Iterable[User], teams: Iterable[Team], k
             refresh_in = min(refresh_in, max(1.0, key.ttl / 4))
         resolved[key.digest] = ResolvedKey(key, identity, expires_at)
     return Snapshot(version, now, now + refresh_in, resolved, users_by_name, teams_by_name,
-                    frozenset(revoked_tokens))
+                    frozenset(revoked_tokens), keys_by_name)
 
 
 class StateAdmin(ABC):
@@ -188,41 +388,82 @@ class StateAdmin(ABC):
 
     Every method may block (it is a database or network round trip): call it from the CLI, a
     management API's worker thread, or an executor, never on a gateway event loop.
-    Refusals raise StoreError with one line naming the bad value.
+    Refusals raise a StoreError with one line naming the bad value, of the subclass that says why:
+    NotFoundError, AlreadyExistsError, ConflictError (an `expected_version` that is not the stored
+    one) or InvalidError. Every write returns the object as stored, its `resource_version` the
+    store's version at the end of the write (deletes too: the version at which it is gone).
+    Labels and annotations given to an update replace the old ones wholly.
     """
 
     @abstractmethod
     def create_user(self, name: str, *, username: str = "", display_name: str = "", email: str = "",
-                    subject: str = "", groups: Iterable[str] = ()) -> User: ...
+                    subject: str = "", groups: Iterable[str] = (), disabled: bool = False, description: str = "",
+                    labels: Mapping[str, str] = EMPTY, annotations: Mapping[str, str] = EMPTY) -> User: ...
+
+    @abstractmethod
+    def get_user(self, name: str) -> User: ...
 
     @abstractmethod
     def list_users(self) -> list[User]: ...
 
     @abstractmethod
+    def update_user(self, name: str, *, expected_version: int | None = None, **changes: Any) -> User:
+        """Set any of USER_FIELDS; an update that changes nothing writes nothing."""
+
+    @abstractmethod
     def disable_user(self, name: str) -> None: ...
 
     @abstractmethod
-    def create_team(self, name: str, *, members: Iterable[str] = (), groups: Iterable[str] = ()) -> Team: ...
+    def delete_user(self, name: str, *, expected_version: int | None = None) -> User:
+        """Delete the user, its access keys and its team memberships (a change of those teams)."""
+
+    @abstractmethod
+    def create_team(self, name: str, *, members: Iterable[str] = (), groups: Iterable[str] = (), display_name: str = "",
+                    description: str = "", labels: Mapping[str, str] = EMPTY,
+                    annotations: Mapping[str, str] = EMPTY) -> Team: ...
+
+    @abstractmethod
+    def get_team(self, name: str) -> Team: ...
 
     @abstractmethod
     def list_teams(self) -> list[Team]: ...
 
     @abstractmethod
+    def update_team(self, name: str, *, expected_version: int | None = None, **changes: Any) -> Team:
+        """Set any of TEAM_FIELDS; every member must be a user."""
+
+    @abstractmethod
+    def delete_team(self, name: str, *, expected_version: int | None = None) -> Team:
+        """Delete the team and its access keys."""
+
+    @abstractmethod
     def create_access_key(self, *, user: str | None = None, team: str | None = None, name: str | None = None,
                           type: str = "User", display_name: str = "", ttl: int = 0,
                           ttl_after_last_activity: bool = False, scope: Any = None,
-                          now: float | None = None) -> tuple[AccessKey, str]:
+                          now: float | None = None, description: str = "", labels: Mapping[str, str] = EMPTY,
+                          annotations: Mapping[str, str] = EMPTY) -> tuple[AccessKey, str]:
         """Create a key; returns it with its secret, which is stored only as a digest."""
+
+    @abstractmethod
+    def get_access_key(self, name: str) -> AccessKey: ...
 
     @abstractmethod
     def list_access_keys(self) -> list[AccessKey]: ...
 
     @abstractmethod
+    def update_access_key(self, name: str, *, expected_version: int | None = None, **changes: Any) -> AccessKey:
+        """Set any of ACCESS_KEY_FIELDS; the secret, owner, type and lifetime stay as created."""
+
+    @abstractmethod
     def disable_access_key(self, name: str) -> None: ...
 
     @abstractmethod
-    def revoke_access_key(self, name: str) -> None:
+    def delete_access_key(self, name: str, *, expected_version: int | None = None) -> AccessKey:
         """Delete the key: it stops resolving once readers load the next snapshot."""
+
+    @abstractmethod
+    def revoke_access_key(self, name: str) -> None:
+        """Delete the key, as delete_access_key does."""
 
     @abstractmethod
     def revoke_token(self, jti: str, expires_at: float) -> None:
@@ -244,23 +485,55 @@ class StateReader(ABC):
     subscription order, after updating `snapshot`; it never blocks the loop to do so. A polling
     backend asks the store in the background; a watching backend applies what it is pushed.
     If the store cannot be read the reader keeps the last good snapshot, logs once, and logs
-    again once it recovers; `failing` says which state it is in.
+    again once it recovers; `failing` says which state it is in. `wait_for(version)` hands a writer
+    the first snapshot that holds its write.
     """
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
         self.failing = False
+        self.closed = False
         self._callbacks: list[SnapshotCallback] = []
+        self._waiters: dict[asyncio.Future[Snapshot], int] = {}  # future -> the version it waits for
 
     def subscribe(self, callback: SnapshotCallback) -> None:
         """Call `callback(snapshot)` on the loop each time a newer snapshot is loaded."""
         self._callbacks.append(callback)
 
     def publish(self, snapshot: Snapshot) -> None:
-        """For backends, on the loop: make `snapshot` current and tell the subscribers."""
+        """For backends, on the loop: make `snapshot` current and tell the subscribers, then the waiters."""
         self.snapshot = snapshot
         for callback in self._callbacks:
             callback(snapshot)
+        for future, version in list(self._waiters.items()):
+            if version <= snapshot.version:
+                del self._waiters[future]
+                if not future.done():
+                    future.set_result(snapshot)
+
+    def wait_for(self, version: int) -> asyncio.Future[Snapshot]:
+        """On the loop: the first snapshot at `version` or newer, so that a writer that got `version`
+        back can answer from a snapshot holding its write. Done at once if the current snapshot is;
+        otherwise the backend is asked to look now rather than at its next poll. Cancel the future
+        to stop waiting (nothing is kept for it); close() cancels those still waiting."""
+        future: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
+        if self.snapshot.version >= version:
+            future.set_result(self.snapshot)
+        elif self.closed:
+            future.cancel()
+        else:
+            self._waiters[future] = version
+            future.add_done_callback(self._forget)
+            self.poll_now()
+        return future
+
+    def _forget(self, future: asyncio.Future[Snapshot]) -> None:
+        self._waiters.pop(future, None)
+
+    @abstractmethod
+    def poll_now(self) -> None:
+        """On the loop: look at the store now instead of at the next poll, without blocking; a
+        watching backend, told of every change as it happens, has nothing to do."""
 
     @abstractmethod
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -273,4 +546,9 @@ class StateReader(ABC):
 
     @abstractmethod
     def close(self) -> None:
-        """Stop delivering, finish the activity writes already asked for, release the store."""
+        """Stop delivering, finish the activity writes already asked for, release the store.
+        Backends end with super().close(), which cancels the futures of wait_for still waiting."""
+        self.closed = True
+        waiting, self._waiters = self._waiters, {}
+        for future in waiting:
+            future.cancel()

@@ -1,11 +1,14 @@
 """The SQLite state store: one file shared by every worker process, in WAL mode.
 
 `SqliteStore` is the admin side (and the primitives the reader uses); `SqliteReader` is the
-data path's side: it polls `changed_since` off the event loop every POLL_INTERVAL.
+data path's side: it polls `changed_since` off the event loop every POLL_INTERVAL, and at once
+when `wait_for` waits for a version it has not seen yet.
 
 Every write except last-activity updates bumps `meta.generation` (by trigger, so no write path
 can forget it); `changed_since` reads that one row. Activity is left out so that the batched
-activity writes do not make every worker reload its snapshot.
+activity writes do not make every worker reload its snapshot. The last statement of every write
+stamps the objects it wrote with the generation it ends at (`_stamp`); resource_version is left out
+of the triggers too, so that the stamp does not move the generation past itself.
 """
 from __future__ import annotations
 
@@ -16,17 +19,23 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeVar
 
 import orjson
 
-from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX, AccessKeyScope, parse_scope
+from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX
 from .base import (
-    ACCESS_KEY_TYPES,
+    ACCESS_KEY_FIELDS,
+    EMPTY,
+    TEAM_FIELDS,
     AccessKey,
+    AlreadyExistsError,
+    InvalidError,
+    NotFoundError,
     Snapshot,
     StateAdmin,
     StateReader,
@@ -34,9 +43,13 @@ from .base import (
     Team,
     User,
     build_snapshot,
+    check_new_key,
     check_object_name,
-    header_value,
+    check_version,
+    checked_changes,
     key_digest,
+    new_uid,
+    user_changes,
 )
 
 log = logging.getLogger("fastproxy.store")
@@ -49,6 +62,24 @@ def _bump_on_change(table: str, update_columns: str = "") -> tuple[str, ...]:
     return tuple(f"CREATE TRIGGER {table}_{label} AFTER {event} ON {table} "
                  "BEGIN UPDATE meta SET generation = generation + 1; END"
                  for label, event in (("insert", "INSERT"), ("update", update), ("delete", "DELETE")))
+
+
+# A uuid4 in SQL, for the rows already there when migration 2 adds the uid column.
+_UUID4_SQL = ("lower(hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4' || substr(hex(randomblob(2)), 2) || '-' || "
+              "substr('89ab', 1 + (random() & 3), 1) || substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6)))")
+
+
+def _add_metadata(table: str, bumping_columns: str) -> tuple[str, ...]:
+    """Migration 2 of one table: the object metadata columns, a uid and resource version for the rows
+    already there, and the update trigger again, now on `bumping_columns` only (not resource_version)."""
+    return (f"DROP TRIGGER {table}_update",
+            *(f"ALTER TABLE {table} ADD COLUMN {column}" for column in (
+                "uid TEXT NOT NULL DEFAULT ''", "labels TEXT NOT NULL DEFAULT '{}'",
+                "annotations TEXT NOT NULL DEFAULT '{}'", "description TEXT NOT NULL DEFAULT ''",
+                "resource_version INTEGER NOT NULL DEFAULT 0")),
+            f"UPDATE {table} SET uid = {_UUID4_SQL}, resource_version = (SELECT generation FROM meta)",
+            f"CREATE TRIGGER {table}_update AFTER UPDATE OF {bumping_columns} ON {table} "
+            "BEGIN UPDATE meta SET generation = generation + 1; END")
 
 
 # Migration N brings the schema from version N-1 to N (PRAGMA user_version); append, never edit.
@@ -75,7 +106,24 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
                                         "ttl_after_last_activity, disabled, scope, created"),
         *_bump_on_change("revoked_tokens"),
     ),
+    (
+        "ALTER TABLE teams ADD COLUMN display_name TEXT NOT NULL DEFAULT ''",
+        *_add_metadata("users", "name, username, display_name, email, subject, groups, disabled, created, "
+                                "uid, labels, annotations, description"),
+        *_add_metadata("teams", "name, groups, created, display_name, uid, labels, annotations, description"),
+        *_add_metadata("access_keys", "name, type, display_name, user, team, digest, ttl, ttl_after_last_activity, "
+                                      "disabled, scope, created, uid, labels, annotations, description"),
+    ),
 )
+
+# The columns each kind is written with; resource_version is set apart, by _stamp.
+_USER_COLUMNS = ("name", "username", "display_name", "email", "subject", "groups", "disabled", "created", "uid",
+                 "labels", "annotations", "description")
+_TEAM_COLUMNS = ("name", "groups", "created", "display_name", "uid", "labels", "annotations", "description")
+_KEY_COLUMNS = ("name", "type", "display_name", "user", "team", "digest", "ttl", "ttl_after_last_activity", "disabled",
+                "scope", "created", "last_activity", "uid", "labels", "annotations", "description")
+
+Obj = TypeVar("Obj", User, Team, AccessKey)
 
 
 class SqliteStore(StateAdmin):
@@ -136,92 +184,152 @@ class SqliteStore(StateAdmin):
                 self._connection.close()
             self._connection = None
 
-    # ---- users and teams ----
+    # ---- users ----
 
     def create_user(self, name: str, *, username: str = "", display_name: str = "", email: str = "",
-                    subject: str = "", groups: Iterable[str] = ()) -> User:
+                    subject: str = "", groups: Iterable[str] = (), disabled: bool = False, description: str = "",
+                    labels: Mapping[str, str] = EMPTY, annotations: Mapping[str, str] = EMPTY) -> User:
         check_object_name(name, "user")
-        subject = header_value(subject or name, "subject")
-        user = User(name, username or name, display_name, email, subject, _groups(groups), False, time.time())
+        fields = user_changes(name, {"username": username, "display_name": display_name, "email": email,
+                                     "subject": subject, "groups": groups, "disabled": disabled,
+                                     "description": description, "labels": labels, "annotations": annotations})
+        user = User(name, created=time.time(), uid=new_uid(), **fields)
         with self._transaction(write=True) as db:
-            if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
-                raise StoreError(f"user {name!r} already exists")
-            db.execute("INSERT INTO users VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
-                       (name, user.username, display_name, email, subject, _json(user.groups), user.created))
-        return user
+            if _exists(db, "users", name):
+                raise AlreadyExistsError(f"user {name!r} already exists")
+            _insert(db, "users", _USER_COLUMNS, _user_row(user))
+            return replace(user, resource_version=_stamp(db, "users", [name]))
+
+    def get_user(self, name: str) -> User:
+        with self._transaction() as db:
+            return _read_user(db, name)
 
     def list_users(self) -> list[User]:
         with self._transaction() as db:
-            rows = db.execute("SELECT * FROM users ORDER BY name").fetchall()
-        return [_user(row) for row in rows]
+            return [_user(row) for row in db.execute(f"{_USERS} ORDER BY name")]
+
+    def update_user(self, name: str, *, expected_version: int | None = None, **changes: Any) -> User:
+        fields = user_changes(name, changes)
+        with self._transaction(write=True) as db:
+            user = _read_user(db, name)
+            updated = _apply(user, "user", expected_version, fields)
+            if updated is user:
+                return user
+            _update(db, "users", _USER_COLUMNS, _user_row(updated))
+            return replace(updated, resource_version=_stamp(db, "users", [name]))
 
     def disable_user(self, name: str) -> None:
-        with self._transaction(write=True) as db:
-            if not db.execute("UPDATE users SET disabled = 1 WHERE name = ?", (name,)).rowcount:
-                raise StoreError(f"user {name!r} does not exist")
+        self.update_user(name, disabled=True)
 
-    def create_team(self, name: str, *, members: Iterable[str] = (), groups: Iterable[str] = ()) -> Team:
-        check_object_name(name, "team")
-        team = Team(name, tuple(sorted(set(members))), _groups(groups), time.time())
+    def delete_user(self, name: str, *, expected_version: int | None = None) -> User:
         with self._transaction(write=True) as db:
-            if db.execute("SELECT 1 FROM teams WHERE name = ?", (name,)).fetchone():
-                raise StoreError(f"team {name!r} already exists")
-            for member in team.members:
-                if not db.execute("SELECT 1 FROM users WHERE name = ?", (member,)).fetchone():
-                    raise StoreError(f"team member {member!r} is not a user")
-            db.execute("INSERT INTO teams VALUES (?, ?, ?)", (name, _json(team.groups), team.created))
-            db.executemany("INSERT INTO team_members VALUES (?, ?)", [(name, member) for member in team.members])
-        return team
+            user = _read_user(db, name)
+            check_version(user, "user", expected_version)
+            teams = [team for (team,) in db.execute("SELECT team FROM team_members WHERE user = ?", (name,))]
+            db.execute("DELETE FROM team_members WHERE user = ?", (name,))
+            db.execute("DELETE FROM access_keys WHERE user = ?", (name,))
+            db.execute("DELETE FROM users WHERE name = ?", (name,))
+            return replace(user, resource_version=_stamp(db, "teams", teams))
+
+    # ---- teams ----
+
+    def create_team(self, name: str, *, members: Iterable[str] = (), groups: Iterable[str] = (), display_name: str = "",
+                    description: str = "", labels: Mapping[str, str] = EMPTY,
+                    annotations: Mapping[str, str] = EMPTY) -> Team:
+        check_object_name(name, "team")
+        fields = checked_changes(TEAM_FIELDS, {"members": members, "groups": groups, "display_name": display_name,
+                                               "description": description, "labels": labels,
+                                               "annotations": annotations}, "team")
+        team = Team(name, created=time.time(), uid=new_uid(), **fields)
+        with self._transaction(write=True) as db:
+            if _exists(db, "teams", name):
+                raise AlreadyExistsError(f"team {name!r} already exists")
+            _insert(db, "teams", _TEAM_COLUMNS, _team_row(team))
+            _set_members(db, name, (), team.members)
+            return replace(team, resource_version=_stamp(db, "teams", [name]))
+
+    def get_team(self, name: str) -> Team:
+        with self._transaction() as db:
+            return _read_team(db, name)
 
     def list_teams(self) -> list[Team]:
         with self._transaction() as db:
             return _teams(db)
+
+    def update_team(self, name: str, *, expected_version: int | None = None, **changes: Any) -> Team:
+        fields = checked_changes(TEAM_FIELDS, changes, "team")
+        with self._transaction(write=True) as db:
+            team = _read_team(db, name)
+            updated = _apply(team, "team", expected_version, fields)
+            if updated is team:
+                return team
+            _update(db, "teams", _TEAM_COLUMNS, _team_row(updated))
+            _set_members(db, name, team.members, updated.members)
+            return replace(updated, resource_version=_stamp(db, "teams", [name]))
+
+    def delete_team(self, name: str, *, expected_version: int | None = None) -> Team:
+        with self._transaction(write=True) as db:
+            team = _read_team(db, name)
+            check_version(team, "team", expected_version)
+            db.execute("DELETE FROM access_keys WHERE team = ?", (name,))
+            db.execute("DELETE FROM teams WHERE name = ?", (name,))  # and its memberships, by ON DELETE CASCADE
+            return replace(team, resource_version=_generation(db))
 
     # ---- access keys ----
 
     def create_access_key(self, *, user: str | None = None, team: str | None = None, name: str | None = None,
                           type: str = "User", display_name: str = "", ttl: int = 0,
                           ttl_after_last_activity: bool = False, scope: Any = None,
-                          now: float | None = None) -> tuple[AccessKey, str]:
-        if (user is None) == (team is None):
-            raise StoreError("an access key belongs to exactly one user or one team")
-        if type not in ACCESS_KEY_TYPES:
-            raise StoreError(f"access key type {type!r} is not one of {', '.join(ACCESS_KEY_TYPES)}")
-        if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0:
-            raise StoreError(f"ttl {ttl!r} must be a whole number of seconds, 0 for no expiry")
-        if ttl_after_last_activity and not ttl:
-            raise StoreError("ttlAfterLastActivity needs a ttl")
-        if scope is not None and not isinstance(scope, AccessKeyScope):
-            scope = parse_scope(scope)
+                          now: float | None = None, description: str = "", labels: Mapping[str, str] = EMPTY,
+                          annotations: Mapping[str, str] = EMPTY) -> tuple[AccessKey, str]:
+        check_new_key(user, team, type, ttl, ttl_after_last_activity)
+        fields = checked_changes(ACCESS_KEY_FIELDS, {"display_name": display_name, "scope": scope,
+                                                     "description": description, "labels": labels,
+                                                     "annotations": annotations}, "access key")
         owner = user if user is not None else team
         name = check_object_name(name or f"{owner}-{secrets.token_hex(4)}", "access key")
         secret = secrets.token_urlsafe(32)
-        key = AccessKey(name, type, user, team, key_digest(secret), display_name, ttl, ttl_after_last_activity,
-                        False, None if scope is None else scope.to_dict(), time.time() if now is None else now)
+        key = AccessKey(name, type, user, team, key_digest(secret), ttl=ttl, ttl_after_last_activity=ttl_after_last_activity,
+                        created=time.time() if now is None else now, uid=new_uid(), **fields)
         with self._transaction(write=True) as db:
             table, what = ("users", "user") if user is not None else ("teams", "team")
-            if not db.execute(f"SELECT 1 FROM {table} WHERE name = ?", (owner,)).fetchone():
-                raise StoreError(f"{what} {owner!r} does not exist")
-            if db.execute("SELECT 1 FROM access_keys WHERE name = ?", (name,)).fetchone():
-                raise StoreError(f"access key {name!r} already exists")
-            db.execute("INSERT INTO access_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, NULL)",
-                       (name, type, display_name, user, team, key.digest, ttl, int(ttl_after_last_activity),
-                        None if key.scope is None else _json(key.scope), key.created))
-        return key, secret
+            if not _exists(db, table, owner):
+                raise NotFoundError(f"{what} {owner!r} does not exist")
+            if _exists(db, "access_keys", name):
+                raise AlreadyExistsError(f"access key {name!r} already exists")
+            _insert(db, "access_keys", _KEY_COLUMNS, _key_row(key))
+            return replace(key, resource_version=_stamp(db, "access_keys", [name])), secret
+
+    def get_access_key(self, name: str) -> AccessKey:
+        with self._transaction() as db:
+            return _read_key(db, name)
 
     def list_access_keys(self) -> list[AccessKey]:
         with self._transaction() as db:
             return _access_keys(db)
 
-    def disable_access_key(self, name: str) -> None:
+    def update_access_key(self, name: str, *, expected_version: int | None = None, **changes: Any) -> AccessKey:
+        fields = checked_changes(ACCESS_KEY_FIELDS, changes, "access key")
         with self._transaction(write=True) as db:
-            if not db.execute("UPDATE access_keys SET disabled = 1 WHERE name = ?", (name,)).rowcount:
-                raise StoreError(f"access key {name!r} does not exist")
+            key = _read_key(db, name)
+            updated = _apply(key, "access key", expected_version, fields)
+            if updated is key:
+                return key
+            _update(db, "access_keys", _KEY_COLUMNS, _key_row(updated))
+            return replace(updated, resource_version=_stamp(db, "access_keys", [name]))
+
+    def disable_access_key(self, name: str) -> None:
+        self.update_access_key(name, disabled=True)
+
+    def delete_access_key(self, name: str, *, expected_version: int | None = None) -> AccessKey:
+        with self._transaction(write=True) as db:
+            key = _read_key(db, name)
+            check_version(key, "access key", expected_version)
+            db.execute("DELETE FROM access_keys WHERE name = ?", (name,))
+            return replace(key, resource_version=_generation(db))
 
     def revoke_access_key(self, name: str) -> None:
-        with self._transaction(write=True) as db:
-            if not db.execute("DELETE FROM access_keys WHERE name = ?", (name,)).rowcount:
-                raise StoreError(f"access key {name!r} does not exist")
+        self.delete_access_key(name)
 
     def revoke_token(self, jti: str, expires_at: float) -> None:
         with self._transaction(write=True) as db:
@@ -242,8 +350,8 @@ class SqliteStore(StateAdmin):
 
     def load_snapshot(self, now: float | None = None) -> Snapshot:
         with self._transaction() as db:  # one read transaction: a consistent view of every table
-            version = db.execute("SELECT generation FROM meta").fetchone()[0]
-            users = [_user(row) for row in db.execute("SELECT * FROM users")]
+            version = _generation(db)
+            users = [_user(row) for row in db.execute(_USERS)]
             teams = _teams(db)
             keys = _access_keys(db)
             revoked = [row[0] for row in db.execute("SELECT jti FROM revoked_tokens")]
@@ -274,11 +382,21 @@ class SqliteReader(StateReader):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.polling = False
+        self.poll_again = False  # asked to poll while a poll ran, which may have looked before the write
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastproxy-store")
         self.timer = loop.call_later(POLL_INTERVAL, self._poll)
+
+    def poll_now(self) -> None:
+        if self.timer is None:
+            return  # not started (its first poll will look) or closed
+        if self.polling:
+            self.poll_again = True
+            return
+        self.timer.cancel()
+        self._poll()
 
     def _poll(self) -> None:
         self.timer = self.loop.call_later(POLL_INTERVAL, self._poll)
@@ -295,20 +413,28 @@ class SqliteReader(StateReader):
             return self.store.load_snapshot()
         return None
 
-    def _polled(self, done: asyncio.Future) -> None:
+    def _polled(self, done: asyncio.Future[Snapshot | None]) -> None:
         self.polling = False
+        snapshot = self._result(done)
+        if snapshot is not None:
+            self.publish(snapshot)
+        if self.poll_again:
+            self.poll_again = False
+            self.poll_now()
+
+    def _result(self, done: asyncio.Future[Snapshot | None]) -> Snapshot | None:
+        """The poll's new snapshot, if any; on failure keep serving from the last good one, and say so once."""
         try:
             snapshot = done.result()
-        except Exception as error:  # keep serving from the last good snapshot, and say so once
+        except Exception as error:
             if not self.failing:
                 log.error("state store %s cannot be read: %s", self.store.path, error)
                 self.failing = True
-            return
+            return None
         if self.failing:
             log.info("state store %s readable again", self.store.path)
             self.failing = False
-        if snapshot is not None:
-            self.publish(snapshot)
+        return snapshot
 
     def record_activity(self, batch: Mapping[str, float]) -> None:
         if not batch:
@@ -332,31 +458,131 @@ class SqliteReader(StateReader):
             self.executor.shutdown(wait=True)  # the activity writes already submitted run first
             self.executor = None
         self.store.close()
+        super().close()
 
 
-def _groups(groups: Iterable[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(header_value(group, "group") for group in groups))
+# ---- rows ----
+
+def _select(table: str, columns: Sequence[str]) -> str:
+    return f"SELECT {', '.join(columns)}, resource_version FROM {table}"
+
+
+_USERS = _select("users", _USER_COLUMNS)
+_TEAMS = _select("teams", _TEAM_COLUMNS)
+_KEYS = _select("access_keys", _KEY_COLUMNS)
 
 
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _user(row: tuple) -> User:
-    name, username, display_name, email, subject, groups, disabled, created = row
-    return User(name, username, display_name, email, subject, tuple(orjson.loads(groups)), bool(disabled), created)
+def _generation(db: sqlite3.Connection) -> int:
+    generation: int = db.execute("SELECT generation FROM meta").fetchone()[0]
+    return generation
+
+
+def _stamp(db: sqlite3.Connection, table: str, names: Iterable[str]) -> int:
+    """The last statement of a write: give the objects it wrote the generation it ends at, and return that."""
+    version = _generation(db)
+    db.executemany(f"UPDATE {table} SET resource_version = ? WHERE name = ?", [(version, name) for name in names])
+    return version
+
+
+def _exists(db: sqlite3.Connection, table: str, name: Any) -> bool:
+    return db.execute(f"SELECT 1 FROM {table} WHERE name = ?", (name,)).fetchone() is not None
+
+
+def _insert(db: sqlite3.Connection, table: str, columns: Sequence[str], row: tuple[Any, ...]) -> None:
+    db.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", row)
+
+
+def _update(db: sqlite3.Connection, table: str, columns: Sequence[str], row: tuple[Any, ...]) -> None:
+    """Write every column of the row named row[0], but its name."""
+    db.execute(f"UPDATE {table} SET ({', '.join(columns[1:])}) = ({', '.join('?' * (len(columns) - 1))}) WHERE name = ?",
+               (*row[1:], row[0]))
+
+
+def _fetch(db: sqlite3.Connection, query: str, name: str, what: str) -> tuple[Any, ...]:
+    row: tuple[Any, ...] | None = db.execute(f"{query} WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise NotFoundError(f"{what} {name!r} does not exist")
+    return row
+
+
+def _apply(obj: Obj, what: str, expected_version: int | None, fields: Mapping[str, Any]) -> Obj:
+    """`obj` with `fields` set, or `obj` itself if they change nothing; ConflictError if `obj` is not
+    at `expected_version`."""
+    check_version(obj, what, expected_version)
+    updated = replace(obj, **fields)
+    return obj if updated == obj else updated
+
+
+def _user_row(user: User) -> tuple[Any, ...]:
+    return (user.name, user.username, user.display_name, user.email, user.subject, _json(user.groups), int(user.disabled),
+            user.created, user.uid, _json(user.labels), _json(user.annotations), user.description)
+
+
+def _user(row: tuple[Any, ...]) -> User:
+    name, username, display_name, email, subject, groups, disabled, created, uid, labels, annotations, description, version = row
+    return User(name, username, display_name, email, subject, tuple(orjson.loads(groups)), bool(disabled), created, uid,
+                orjson.loads(labels), orjson.loads(annotations), description, version)
+
+
+def _read_user(db: sqlite3.Connection, name: str) -> User:
+    return _user(_fetch(db, _USERS, name, "user"))
+
+
+def _team_row(team: Team) -> tuple[Any, ...]:
+    return (team.name, _json(team.groups), team.created, team.display_name, team.uid, _json(team.labels),
+            _json(team.annotations), team.description)
+
+
+def _team(row: tuple[Any, ...], members: Iterable[str]) -> Team:
+    name, groups, created, display_name, uid, labels, annotations, description, version = row
+    return Team(name, tuple(members), tuple(orjson.loads(groups)), created, display_name, uid, orjson.loads(labels),
+                orjson.loads(annotations), description, version)
+
+
+def _read_team(db: sqlite3.Connection, name: str) -> Team:
+    row = _fetch(db, _TEAMS, name, "team")
+    return _team(row, (user for (user,) in db.execute("SELECT user FROM team_members WHERE team = ? ORDER BY user", (name,))))
 
 
 def _teams(db: sqlite3.Connection) -> list[Team]:
     members: dict[str, list[str]] = {}
     for team, user in db.execute("SELECT team, user FROM team_members ORDER BY user"):
         members.setdefault(team, []).append(user)
-    return [Team(name, tuple(members.get(name, ())), tuple(orjson.loads(groups)), created)
-            for name, groups, created in db.execute("SELECT name, groups, created FROM teams ORDER BY name")]
+    return [_team(row, members.get(row[0], ())) for row in db.execute(f"{_TEAMS} ORDER BY name")]
+
+
+def _set_members(db: sqlite3.Connection, team: str, old: Iterable[str], new: Iterable[str]) -> None:
+    """Make the team's members `new` instead of `old`; InvalidError for a new one that is not a user."""
+    old, new = set(old), set(new)
+    added = sorted(new - old)
+    for member in added:
+        if not _exists(db, "users", member):
+            raise InvalidError(f"team member {member!r} is not a user", "members")
+    db.executemany("DELETE FROM team_members WHERE team = ? AND user = ?", [(team, member) for member in old - new])
+    db.executemany("INSERT INTO team_members VALUES (?, ?)", [(team, member) for member in added])
+
+
+def _key_row(key: AccessKey) -> tuple[Any, ...]:
+    return (key.name, key.type, key.display_name, key.user, key.team, key.digest, key.ttl, int(key.ttl_after_last_activity),
+            int(key.disabled), None if key.scope is None else _json(key.scope), key.created, key.last_activity, key.uid,
+            _json(key.labels), _json(key.annotations), key.description)
+
+
+def _access_key(row: tuple[Any, ...]) -> AccessKey:
+    (name, type_, display_name, user, team, digest, ttl, after_activity, disabled, scope, created, last_activity, uid,
+     labels, annotations, description, version) = row
+    return AccessKey(name, type_, user, team, digest, display_name, ttl, bool(after_activity), bool(disabled),
+                     None if scope is None else orjson.loads(scope), created, last_activity, uid, orjson.loads(labels),
+                     orjson.loads(annotations), description, version)
+
+
+def _read_key(db: sqlite3.Connection, name: str) -> AccessKey:
+    return _access_key(_fetch(db, _KEYS, name, "access key"))
 
 
 def _access_keys(db: sqlite3.Connection) -> list[AccessKey]:
-    return [AccessKey(name, type_, user, team, digest, display_name, ttl, bool(after_activity), bool(disabled),
-                      None if scope is None else orjson.loads(scope), created, last_activity)
-            for (name, type_, display_name, user, team, digest, ttl, after_activity, disabled, scope, created,
-                 last_activity) in db.execute("SELECT * FROM access_keys ORDER BY name")]
+    return [_access_key(row) for row in db.execute(f"{_KEYS} ORDER BY name")]
