@@ -23,9 +23,20 @@ from pathlib import Path
 
 from . import report
 from .processes import LOAD_CPU, PROXY_CPU, Unavailable
-from .targets import TARGETS, Setup, baseline_target, build_go_proxy
+from .targets import MANAGEMENT_USERS, TARGETS, Setup, baseline_target, build_go_proxy, make_state_file
 from .upstream import Upstream, make_tls_files
-from .workloads import FULL_PLAN, QUICK_PLAN, Plan, WorkloadFailed, chunked_list, small_get, watch_fanout
+from .workloads import (
+    FULL_PLAN,
+    QUICK_PLAN,
+    Plan,
+    WorkloadFailed,
+    chunked_list,
+    management_get,
+    management_list,
+    management_self,
+    small_get,
+    watch_fanout,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FDS_PER_WATCH = 2  # a proxy holds the client's socket and the upstream's; the upstream nginx holds two as well
@@ -36,7 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, short windows, small N")
     parser.add_argument("--repeat", type=int, help="repetitions (default 3, or 1 with --quick)")
-    parser.add_argument("--workloads", default="get,list,watch", help="comma list of get, list, watch")
+    parser.add_argument("--workloads", default="get,list,watch,management",
+                        help="comma list of get, list, watch, management (the gateway's own API: fastproxy only)")
     parser.add_argument("--tls", action="store_true", help="also measure every workload with TLS on the client side")
     parser.add_argument("--targets", default=",".join(target.name for target in TARGETS),
                         help="comma list of targets (default: all)")
@@ -49,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.workloads = args.workloads.split(",")
     args.targets = [target for target in TARGETS if target.name in args.targets.split(",")]
-    unknown = set(args.workloads) - {"get", "list", "watch"}
+    unknown = set(args.workloads) - {"get", "list", "watch", "management"}
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     return args
@@ -82,8 +94,12 @@ def prepare(workdir: Path, args: argparse.Namespace, max_open_files: int) -> Set
             go_problem = str(problem)
     say("starting the upstream ...")
     upstream = Upstream(workdir, tls, args.list_mb, args.watch_events_per_second, max_open_files)
+    state_file = None
+    if "management" in args.workloads:
+        say(f"writing a state store of {MANAGEMENT_USERS:,} users ...")
+        state_file = make_state_file(workdir)
     return Setup(workdir, tls, upstream, token_file, access_key, access_key_file, max_open_files, go_binary,
-                 go_problem)
+                 go_problem, state_file)
 
 
 def workload_cases(args: argparse.Namespace, plan: Plan, max_streams: int) -> list[tuple[str, Callable]]:
@@ -96,6 +112,9 @@ def workload_cases(args: argparse.Namespace, plan: Plan, max_streams: int) -> li
         for streams in plan.watch_streams:
             streams = min(streams, max_streams)
             cases.append((f"watch-{streams}", functools.partial(watch_fanout, streams=streams)))
+    if "management" in args.workloads:
+        cases += [("management-get", management_get), ("management-self", management_self),
+                  ("management-list", management_list)]
     return cases
 
 
@@ -118,6 +137,8 @@ def run_matrix(setup: Setup, args: argparse.Namespace, plan: Plan, cases: list[t
                 for target in args.targets:
                     if target.name in unavailable or (client_tls and not target.serves_tls):
                         continue
+                    if report.family(case) == "management" and not target.name.startswith("fastproxy"):
+                        continue  # only the gateway serves its own API
                     say(f"[{repetition + 1}/{args.repeat}] {case_name:<16} {target.name:<14} ...")
                     try:
                         endpoint = target.start(setup, client_tls)

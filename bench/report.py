@@ -40,7 +40,9 @@ METRICS = {
         Metric("setup_s", "s to open all watches", False),
     ],
 }
-WORKLOAD_TITLES = {"get": "small GET", "list": "chunked LIST", "watch": "watch fan-out"}
+METRICS["management"] = METRICS["get"]  # the gateway's own API, counted in requests like the small GET
+WORKLOAD_TITLES = {"get": "small GET", "list": "chunked LIST", "watch": "watch fan-out", "management": "management API"}
+MANAGEMENT_TITLES = {"get": "GET a user", "self": "create a Self", "list": "LIST 10,000 users"}
 
 
 def family(case: str) -> str:
@@ -51,6 +53,8 @@ def case_title(case: str) -> str:
     name = WORKLOAD_TITLES[family(case)]
     if family(case) == "watch":
         name += f" ×{int(case.split('-')[1].split('+')[0]):,}"
+    elif family(case) == "management":
+        name += ": " + MANAGEMENT_TITLES[case.split("-")[1].split("+")[0]]
     return name + (" (TLS)" if case.endswith("+tls") else "")
 
 

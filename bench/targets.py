@@ -19,6 +19,23 @@ from .upstream import SMALL_PATH, TLS_NAME, TlsFiles, Upstream, nginx_preamble, 
 
 GO_PROXY_SOURCE = Path(__file__).with_name("goproxy") / "main.go"
 REPO = Path(__file__).resolve().parent.parent
+MANAGEMENT_USERS = 10_000
+MANAGEMENT_USER = "user-04242"  # the one the management GET asks for
+
+
+def make_state_file(workdir: Path) -> Path:
+    """A state store holding MANAGEMENT_USERS users, written once per run."""
+    from fastproxy.store.sqlite import SqliteStore
+
+    path = workdir / "state.db"
+    store = SqliteStore(path)
+    try:
+        for number in range(MANAGEMENT_USERS):
+            store.create_user(f"user-{number:05d}", display_name=f"User {number}", email=f"user-{number}@example.com",
+                              groups=["bench-users"])
+    finally:
+        store.close()
+    return path
 
 
 @dataclass
@@ -34,6 +51,7 @@ class Setup:
     max_open_files: int
     go_proxy_binary: Path | None
     go_proxy_problem: str
+    state_file: Path | None = None  # a state store of MANAGEMENT_USERS users, for the management workloads
 
 
 @dataclass
@@ -72,7 +90,8 @@ def start_fastproxy(setup: Setup, client_tls: bool, source: Path | None = None) 
         f'[[clusters]]\nname = "bench"\nserver = "{setup.upstream.url(tls=True)}"\n'
         f'ca_file = "{setup.tls.ca}"\ntoken_file = "{setup.upstream_token_file}"\n\n'
         f'[[access_keys]]\nname = "bench"\nkey_file = "{setup.access_key_file}"\n'
-        f'user = "bench-user"\ngroups = ["bench"]\n'
+        f'user = "bench-user"\ngroups = ["bench", "loft:admins"]\n'
+        + (f'\n[state]\npath = "{setup.state_file}"\n' if setup.state_file else "")
     )
     argv = [sys.executable, "-P", "-m", "fastproxy", "serve", "--config", str(config)]  # -P: no cwd on the path
     env = {**os.environ, "PYTHONPATH": str(source)} if source else None

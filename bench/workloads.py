@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .measure import Window, rss_bytes
 from .processes import LOAD_CPU
-from .targets import Endpoint, Setup
+from .targets import MANAGEMENT_USER, MANAGEMENT_USERS, Endpoint, Setup
 from .upstream import LIST_PATH, SMALL_PATH, WATCH_PATH
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,10 +70,11 @@ def parse_wrk(output: str) -> dict:
     }
 
 
-def _wrk(endpoint: Endpoint, duration_s: float) -> dict:
+def _wrk(endpoint: Endpoint, duration_s: float, url: str | None = None, script: Path | None = None) -> dict:
     headers = [arg for name, value in endpoint.headers.items() for arg in ("-H", f"{name}: {value}")]
-    argv = _pinned(["wrk", "-c", "64", "-t", "1", "-d", f"{duration_s:g}s", "--latency", *headers,
-                    endpoint.base_url + SMALL_PATH])
+    extra = ["-s", str(script)] if script else []
+    argv = _pinned(["wrk", "-c", "64", "-t", "1", "-d", f"{duration_s:g}s", "--latency", *headers, *extra,
+                    url or endpoint.base_url + SMALL_PATH])
     run = subprocess.run(argv, capture_output=True, text=True)
     if run.returncode != 0 or "requests in" not in run.stdout:
         raise WorkloadFailed(f"wrk failed: {run.stderr.strip() or run.stdout.strip()}")
@@ -87,6 +88,70 @@ def small_get(endpoint: Endpoint, plan: Plan, _setup: Setup) -> dict:
     measured = window.summary()
     per_cpu_second = result["requests"] / measured["proxy_cpu_s"] if measured["proxy_cpu_s"] else None
     return {**result, "requests_per_cpu_s": per_cpu_second, "window": measured}
+
+
+def _management_url(endpoint: Endpoint, rest: str) -> str:
+    root = endpoint.base_url.split("/kubernetes/", 1)[0]
+    return f"{root}/kubernetes/management/apis/management.loft.sh/v1/{rest}"
+
+
+def _requests_per_cpu(endpoint: Endpoint, plan: Plan, url: str, script: Path | None = None) -> dict:
+    _wrk(endpoint, plan.get_warmup_s, url, script)
+    with _window(endpoint) as window:
+        result = _wrk(endpoint, plan.get_duration_s, url, script)
+    measured = window.summary()
+    if result["errors"]:
+        raise WorkloadFailed(f"{result['errors']} of {result['requests']} requests failed")
+    per_cpu_second = result["requests"] / measured["proxy_cpu_s"] if measured["proxy_cpu_s"] else None
+    return {**result, "requests_per_cpu_s": per_cpu_second, "window": measured}
+
+
+def management_get(endpoint: Endpoint, plan: Plan, setup: Setup) -> dict:
+    """GET one user of the 10,000: answered from the worker's snapshot."""
+    return _requests_per_cpu(endpoint, plan, _management_url(endpoint, f"users/{MANAGEMENT_USER}"))
+
+
+def management_self(endpoint: Endpoint, plan: Plan, setup: Setup) -> dict:
+    """POST a Self: authentication, the caller's identity and a JSON answer, no store write."""
+    script = setup.workdir / "create-self.lua"
+    script.write_text('wrk.method = "POST"\nwrk.body = \'{"apiVersion":"management.loft.sh/v1","kind":"Self"}\'\n'
+                      'wrk.headers["Content-Type"] = "application/json"\n')
+    return _requests_per_cpu(endpoint, plan, _management_url(endpoint, "selves"), script)
+
+
+def management_list(endpoint: Endpoint, plan: Plan, setup: Setup) -> dict:
+    """LIST all 10,000 users, one request at a time, as a controller's relist would."""
+    headers = [arg for name, value in endpoint.headers.items() for arg in ("-H", f"{name}: {value}")]
+    argv = _pinned(["curl", "-sS", "--http1.1", "--cacert", str(setup.tls.ca), "-o", "/dev/null",
+                    "-w", "%{http_code} %{size_download} %{time_total}\n", *headers])
+    url = _management_url(endpoint, "users")
+    fetches = plan.list_fetches * 5
+
+    def run(count: int) -> list[tuple[int, int, float]]:
+        done = subprocess.run(argv + [url] * count, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise WorkloadFailed(f"curl failed: {done.stderr.strip()}")
+        rows = [line.split() for line in done.stdout.splitlines()]
+        return [(int(code), int(size), float(seconds)) for code, size, seconds in rows]
+
+    run(1)
+    with _window(endpoint) as window:
+        started = time.monotonic()
+        results = run(fetches)
+        elapsed = time.monotonic() - started
+    measured = window.summary()
+    if any(code != 200 or size < MANAGEMENT_USERS * 200 for code, size, _ in results):
+        raise WorkloadFailed(f"LIST answers are not the {MANAGEMENT_USERS} users: {results[:3]}")
+    seconds = sorted(seconds for *_, seconds in results)
+    return {
+        "requests": len(results),
+        "requests_per_s": len(results) / elapsed,
+        "latency_p50_ms": seconds[len(seconds) // 2] * 1e3,
+        "latency_p99_ms": seconds[min(len(seconds) - 1, int(len(seconds) * 0.99))] * 1e3,
+        "errors": 0,
+        "requests_per_cpu_s": len(results) / measured["proxy_cpu_s"] if measured["proxy_cpu_s"] else None,
+        "window": measured,
+    }
 
 
 def _curl_list(endpoint: Endpoint, cafile: Path) -> tuple[int, int, float]:

@@ -82,6 +82,7 @@ class StateConfig:
 
 # As fastproxy.auth.tokens.SUPPORTED_ALGORITHMS (not imported: it loads the crypto libraries).
 TOKEN_ALGORITHMS = ("RS256", "ES256")
+MAX_TOKEN_TTL = 30 * 86400  # the default of [tokens] max_ttl: thirty days
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,7 @@ class TokensConfig:
     jwks_file: str | None = None
     revocation_file: str | None = None
     algorithms: tuple[str, ...] = TOKEN_ALGORITHMS  # the first is used for newly generated keys
+    max_ttl: int = MAX_TOKEN_TTL  # seconds; the longest lifetime of a token this gateway issues
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +330,8 @@ def _tokens(data: object) -> TokensConfig:
     if jwks_file is not None:
         _check_jwks(t, jwks_file, algorithms)
     tokens = TokensConfig(issuer=issuer, signing_keys_dir=keys_dir, jwks_file=jwks_file,
-                          revocation_file=_writable_path(t, "revocation_file"), algorithms=tuple(algorithms))
+                          revocation_file=_writable_path(t, "revocation_file"), algorithms=tuple(algorithms),
+                          max_ttl=t.positive("max_ttl", int, MAX_TOKEN_TTL))
     t.finish()
     return tokens
 

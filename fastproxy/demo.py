@@ -8,7 +8,7 @@ import socket
 import textwrap
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 
 log = logging.getLogger("fastproxy.demo")
 
@@ -53,11 +53,19 @@ def prepare(state: Path, cluster_url: str, cluster_ca: Path, gateway_token: Path
         ca_file = "{cluster_ca}"
         token_file = "{gateway_token}"
 
+        [state]
+        path = "state.db"
+
+        [tokens]
+        issuer = "https://{listen}"
+        signing_keys_dir = "signing-keys"
+        max_ttl = 86400
+
         [[access_keys]]
         name = "admin"
         key_file = "admin.key"
         user = "admin"
-        groups = ["system:masters"]
+        groups = ["system:masters", "loft:admins"]
 
         [[access_keys]]
         name = "viewer"
@@ -66,6 +74,7 @@ def prepare(state: Path, cluster_url: str, cluster_ca: Path, gateway_token: Path
         groups = ["demo:viewers"]
     """))
     server = f"https://{listen}/kubernetes/cluster/{CLUSTER}"
+    management = f"https://{listen}/kubernetes/management"
     users = "".join(f"""
         - name: {name}
           user:
@@ -75,7 +84,11 @@ def prepare(state: Path, cluster_url: str, cluster_ca: Path, gateway_token: Path
           context:
             cluster: {CLUSTER}
             user: {name}
-            namespace: team-a""" for name in ("admin", "viewer"))
+            namespace: team-a""" for name in ("admin", "viewer")) + """
+        - name: management
+          context:
+            cluster: management
+            user: admin"""
     kubeconfig = state / "kubeconfig"
     kubeconfig.write_text(textwrap.dedent(f"""\
         apiVersion: v1
@@ -84,6 +97,10 @@ def prepare(state: Path, cluster_url: str, cluster_ca: Path, gateway_token: Path
         - name: {CLUSTER}
           cluster:
             server: {server}
+            certificate-authority: {tls.ca_file}
+        - name: management
+          cluster:
+            server: {management}
             certificate-authority: {tls.ca_file}
         users:{users}
         contexts:{contexts}
@@ -95,6 +112,7 @@ def prepare(state: Path, cluster_url: str, cluster_ca: Path, gateway_token: Path
 
 def instructions(state: Path) -> str:
     kubeconfig = state / "kubeconfig"
+    config = state / "fastproxy.toml"
     return textwrap.dedent(f"""
         fastproxy demo is running. In another terminal:
 
@@ -109,8 +127,29 @@ def instructions(state: Path) -> str:
           kubectl --context viewer --as system:admin get pods  # Forbidden: this key may not impersonate
           kubectl --as jane auth whoami                # the admin key may: the cluster sees jane
 
+        The management API (management.loft.sh/v1), served by the gateway itself:
+
+          kubectl --context management api-resources   # users, teams, selves, ownedaccesskeys, ...
+          kubectl --context management get users,teams,clusters
+          kubectl --context management get users -w &  # then, from the CLI:
+          fastproxy user create --config {config} bob --email bob@example.com
+          kubectl --context management explain user.spec
+
         Ctrl-C stops everything.
     """)
+
+
+def seed_state(config: Config) -> None:
+    """A user and a team in a new demo's state store, so the management API has something to show."""
+    from .auth.credentials import open_state_admin
+
+    admin = open_state_admin(config)
+    try:
+        if not admin.list_users():
+            admin.create_user("jane", display_name="Jane Doe", email="jane@example.com", groups=["demo:viewers"])
+            admin.create_team("developers", members=["jane"], display_name="Developers")
+    finally:
+        admin.close()
 
 
 def _require_devcluster() -> None:
@@ -138,6 +177,7 @@ def run_demo(state_dir: str, listen: str, activity_rate: float) -> int:
     cluster = start_devcluster(state / "cluster", rules=VIEWER_RULES, activity_rate=activity_rate)
     try:
         config = load_config(str(prepare(state, cluster.url, cluster.ca_file, cluster.gateway_token_file, listen)))
+        seed_state(config)
         log.info("simulated cluster %r at %s (pid %d)", CLUSTER, cluster.url, cluster.pid)
         print(instructions(state), flush=True)
         return serve(config)

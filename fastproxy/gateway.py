@@ -11,8 +11,9 @@ from .config import Config
 from .context import Observer, Observers, RequestContext, RequestHead
 from .exchange import Connection, Responder
 from .local import Health
+from .management.api import ManagementAPI
 from .proxy import ClusterProxy
-from .routing import CLUSTER, HEALTH, NOT_SERVED, route
+from .routing import CLUSTER, HEALTH, MANAGEMENT, NOT_SERVED, route
 from .status import StatusError, status_response
 
 # A handler: builds the responder for one request, or raises StatusError to refuse it.
@@ -29,13 +30,16 @@ class Gateway:
         self.authenticator = Authenticator(config)
         self.observers = Observers(observers)
         self.proxy = ClusterProxy(config.server, self.clusters, self.authenticator, loop)
+        self.management = ManagementAPI(config, self.authenticator, self.clusters, loop)
         # The router table's kinds -> handlers; a kind without one answers 404 (routing.NOT_SERVED).
-        self.handlers: dict[str, Handler] = {CLUSTER: self.proxy.responder, HEALTH: Health}
+        self.handlers: dict[str, Handler] = {CLUSTER: self.proxy.responder, MANAGEMENT: self.management.responder,
+                                             HEALTH: Health}
         self.connections: set = set()  # open client connections, for deadlines and shutdown
 
     def start(self) -> None:
-        """Begin the background work: keeping the state store's snapshot fresh."""
+        """Begin the background work: keeping the state store's snapshot fresh, probing clusters."""
         self.authenticator.start(self.loop)
+        self.management.start()
 
     def responder(self, client: Connection, head: RequestHead, keep_alive: bool) -> Responder:
         """Route a request to its handler; a refusal becomes a responder with a Status to give."""
@@ -53,7 +57,7 @@ class Gateway:
             # A refused request whose body the client may hold back (Expect) must end the connection.
             close = err.close or not keep_alive or any(n.lower() == b"expect" for n, _ in head.headers)
             responder = Responder(client, ctx, observers, not close)
-            responder.canned = status_response(err.code, err.message, close=close, reason=err.reason)
+            responder.canned = status_response(err.code, err.message, close=close, reason=err.reason, details=err.details)
             ctx.message = err.message
         if observers.active:
             observers.start(ctx)
@@ -64,7 +68,9 @@ class Gateway:
         write batched key activity, re-read changed revocation lists."""
         self.clusters.tick()
         self.authenticator.tick()
+        self.management.tick()
 
     def close(self) -> None:
+        self.management.close()
         self.clusters.close()
         self.authenticator.close()

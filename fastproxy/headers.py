@@ -6,6 +6,7 @@ impersonation headers, so no client header can remove or override them.
 """
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass
 
@@ -207,3 +208,28 @@ def client_response_head(status: int, headers: Headers, *, keep_alive: bool, upg
     else:
         parts.append(b"\r\n" if keep_alive else b"Connection: close\r\n\r\n")
     return b"".join(parts)
+
+
+_BASE64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def bearer_credential(found: ClientHeaders, upgrade: bytes | None) -> bytes:
+    """The key or token the client presents: `Authorization: Bearer`, or for a WebSocket without
+    one, the bearer token subprotocol (browsers cannot set headers on a WebSocket)."""
+    authorization = found.authorization
+    if authorization is None:
+        encoded = found.bearer_subprotocol
+        if encoded is None or upgrade is None or upgrade.lower() != b"websocket":
+            raise StatusError(401, "Unauthorized: a bearer access key is required")
+        # Checked first: the decoder would skip characters outside the alphabet.
+        if encoded.translate(None, _BASE64URL) or len(encoded) % 4 == 1:
+            raise StatusError(401, "Unauthorized: the bearer token subprotocol is not base64url")
+        token = base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4))
+        if not token:
+            raise StatusError(401, "Unauthorized: the bearer token subprotocol is empty")
+        return token
+    scheme, _, token = authorization.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        raise StatusError(401, "Unauthorized: the Authorization header must be 'Bearer <access key>'")
+    return token

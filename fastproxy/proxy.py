@@ -8,7 +8,6 @@ both bodies with backpressure, or turns into a byte tunnel after a 101.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections.abc import Callable
@@ -37,7 +36,6 @@ log = logging.getLogger("fastproxy.proxy")
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 RETAIN_LIMIT = 1024 * 1024  # request bytes kept for one retry on a stale pooled connection
 _LONG_RUNNING_PARAMS = frozenset(("watch", "follow"))
-_BASE64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
 @dataclass(slots=True)
@@ -80,7 +78,7 @@ class ClusterProxy:
             if found.upgrade is None or found.upgrade.lower() not in hdrs.UPGRADE_PROTOCOLS:
                 raise StatusError(400, "only SPDY/3.1 and websocket upgrades are supported", close=True)
             upgrade = found.upgrade
-        identity = ctx.identity = self.authenticator.authenticate(bearer_credential(found, upgrade), where.cluster)
+        identity = ctx.identity = self.authenticator.authenticate(hdrs.bearer_credential(found, upgrade), where.cluster)
         if identity.scope is not None:
             info = ctx.info
             # Discovery reveals no objects; without it kubectl cannot use a narrow scope at all.
@@ -142,28 +140,6 @@ class ClusterProxy:
                 refusal = StatusError(500, "impersonation could not be checked")
             done(refusal)
         review.add_done_callback(reviewed)
-
-
-def bearer_credential(found: hdrs.ClientHeaders, upgrade: bytes | None) -> bytes:
-    """The key or token the client presents: `Authorization: Bearer`, or for a WebSocket without
-    one, the bearer token subprotocol (browsers cannot set headers on a WebSocket)."""
-    authorization = found.authorization
-    if authorization is None:
-        encoded = found.bearer_subprotocol
-        if encoded is None or upgrade is None or upgrade.lower() != b"websocket":
-            raise StatusError(401, "Unauthorized: a bearer access key is required")
-        # Checked first: the decoder would skip characters outside the alphabet.
-        if encoded.translate(None, _BASE64URL) or len(encoded) % 4 == 1:
-            raise StatusError(401, "Unauthorized: the bearer token subprotocol is not base64url")
-        token = base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4))
-        if not token:
-            raise StatusError(401, "Unauthorized: the bearer token subprotocol is empty")
-        return token
-    scheme, _, token = authorization.strip().partition(b" ")
-    token = token.strip()
-    if scheme.lower() != b"bearer" or not token:
-        raise StatusError(401, "Unauthorized: the Authorization header must be 'Bearer <access key>'")
-    return token
 
 
 def is_long_running(query: str) -> bool:

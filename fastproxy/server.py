@@ -93,6 +93,10 @@ class Worker:
             self.loop.run_until_complete(self._serve())
         finally:
             self.gateway.close()
+            # Let the background tasks the gateway cancelled (probes, reviews) finish cancelling.
+            pending = asyncio.all_tasks(self.loop)
+            if pending:
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self.loop.close()
 
     async def _serve(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import Any
 
 import orjson
 
@@ -58,29 +59,35 @@ def date_line() -> bytes:
 class StatusError(Exception):
     """A refusal to answer with a Kubernetes Status; `close` ends the client connection after it."""
 
-    def __init__(self, code: int, message: str, *, close: bool = False, reason: str | None = None):
+    def __init__(self, code: int, message: str, *, close: bool = False, reason: str | None = None,
+                 details: dict[str, Any] | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.close = close
         self.reason = reason or REASONS.get(code, "Unknown")
+        self.details = details  # the Status's details: name, group, kind, causes
 
 
-def status_body(code: int, message: str, reason: str | None = None) -> bytes:
-    return orjson.dumps({
+def status_body(code: int, message: str, reason: str | None = None, details: dict[str, Any] | None = None) -> bytes:
+    status: dict[str, Any] = {
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
         "status": "Failure",
         "message": message,
         "reason": reason or REASONS.get(code, "Unknown"),
-        "code": code,
-    })
+    }
+    if details:
+        status["details"] = details
+    status["code"] = code
+    return orjson.dumps(status)
 
 
-def status_response(code: int, message: str, *, close: bool = False, reason: str | None = None) -> bytes:
+def status_response(code: int, message: str, *, close: bool = False, reason: str | None = None,
+                    details: dict[str, Any] | None = None) -> bytes:
     """A complete HTTP/1.1 response carrying a Status body."""
-    body = status_body(code, message, reason)
+    body = status_body(code, message, reason, details)
     return b"".join((
         status_line(code),
         date_line(),

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from ..config import Config, ConfigError, load_config
+from ..config import MAX_TOKEN_TTL, Config, ConfigError, load_config
 
 _JTI = re.compile(r"[A-Za-z0-9._:-]{1,256}\Z")
 
@@ -127,7 +127,6 @@ def token_revoke(args: argparse.Namespace) -> int:
     gateway's workers) and the revocation file (gateways that verify without a state file)."""
     from ..store import StoreError
     from .credentials import open_state_admin
-    from .tokens import DEFAULT_MAX_TOKEN_LIFETIME
 
     jti = args.jti
     if not _JTI.match(jti):
@@ -140,7 +139,7 @@ def token_revoke(args: argparse.Namespace) -> int:
         store = open_state_admin(config)
         try:
             # Kept until any token with this id has expired: none lives longer than the maximum.
-            store.revoke_token(jti, time.time() + DEFAULT_MAX_TOKEN_LIFETIME)
+            store.revoke_token(jti, time.time() + (config.tokens.max_ttl if config.tokens is not None else MAX_TOKEN_TTL))
         except StoreError as error:
             raise ConfigError(f"state.path: {error}") from None
         finally:

@@ -143,7 +143,7 @@ def load_key_set(config: Config) -> KeySet:
     """The signing key set of `[tokens] signing_keys_dir`, generated on first use."""
     tokens = config.tokens
     try:
-        return KeySet(tokens.signing_keys_dir, algorithm=tokens.algorithms[0])
+        return KeySet(tokens.signing_keys_dir, algorithm=tokens.algorithms[0], max_token_lifetime=tokens.max_ttl)
     except (OSError, ValueError) as error:
         raise ConfigError(f"tokens.signing_keys_dir: {error}") from None
 
@@ -196,8 +196,9 @@ class Authenticator:
         self.store = StoreKeys(open_state_reader(config), revoked) if config.state is not None else None
         self.tokens = TokenKeys(config, revoked) if tokens is not None else None
 
-    def authenticate(self, credential: bytes, cluster: str) -> Identity:
-        """The identity `credential` (a key or token) stands for on `cluster`; StatusError 401 if none."""
+    def authenticate(self, credential: bytes, cluster: str | None) -> Identity:
+        """The identity `credential` (a key or token) stands for on `cluster` (None: the gateway's
+        own API, where a token for any of the clusters is accepted); StatusError 401 if none."""
         identity = self.static.resolve(credential)
         if identity is not None:
             return identity

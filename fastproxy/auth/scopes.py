@@ -521,3 +521,23 @@ def reaches_cluster(scope: CompiledScope, cluster: str) -> bool:
     """Whether the scope allows anything at all on `cluster` (then kubectl may discover it)."""
     return (scope.all_clusters or cluster in scope.clusters
             or any(not rule.cluster or rule.cluster == cluster for rule in scope.rules.get(_CLUSTER, ())))
+
+
+def covers(limit: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """Whether the scope `wanted` grants nothing that `limit` does not (both in their JSON form).
+
+    Deliberately literal, so it can only err by refusing: every grant of `wanted` must be one of
+    `limit`'s own (a `{"cluster": "*"}` in `limit` covers any cluster), and the loft-cli
+    permission only passes on to a scope whose limit has it.
+    """
+    for key, grants in wanted.items():
+        if key == "allowLoftCli":
+            if grants and not limit.get("allowLoftCli"):
+                return False
+            continue
+        held = limit.get(key) or []
+        if key == "clusters" and {"cluster": "*"} in held:
+            continue
+        if any(grant not in held for grant in grants):
+            return False
+    return True

@@ -12,7 +12,7 @@ import hashlib
 import os
 import secrets
 import time
-from collections.abc import Container, Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +24,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from ..config import MAX_TOKEN_TTL
 from ..store.base import StoreError, build_identity
 from .identity import Identity
 from .scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX, AccessKeyScope, ScopeError, load_scope, parse_scope
 
 SUPPORTED_ALGORITHMS = ("RS256", "ES256")
-DEFAULT_MAX_TOKEN_LIFETIME = 30 * 86400
+DEFAULT_MAX_TOKEN_LIFETIME = MAX_TOKEN_TTL
 _THUMBPRINT_MEMBERS = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y")}
 
 
@@ -190,10 +191,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 # ---- issuing ----
 
-def issue_token(keyset: KeySet, *, issuer: str, subject: str, audience: str, groups: Iterable[str],
+def issue_token(keyset: KeySet, *, issuer: str, subject: str, audience: str | Sequence[str], groups: Iterable[str],
                 scope: AccessKeyScope | Mapping[str, Any] | None = None, ttl: int,
                 now: float | None = None) -> str:
-    """Sign a token for `subject` valid on cluster `audience` for `ttl` seconds."""
+    """Sign a token for `subject` valid on cluster(s) `audience` for `ttl` seconds."""
     if not 0 < ttl <= keyset.max_token_lifetime:
         raise ValueError(f"token ttl {ttl!r} must be between 1 and {keyset.max_token_lifetime} seconds")
     groups = list(groups)
@@ -202,7 +203,7 @@ def issue_token(keyset: KeySet, *, issuer: str, subject: str, audience: str, gro
     except StoreError as error:
         raise ValueError(str(error)) from None
     issued = int(time.time() if now is None else now)
-    claims: dict[str, Any] = {"iss": issuer, "sub": subject, "aud": [audience], "iat": issued,
+    claims: dict[str, Any] = {"iss": issuer, "sub": subject, "aud": [audience] if isinstance(audience, str) else list(audience), "iat": issued,
                               "exp": issued + ttl, "jti": secrets.token_urlsafe(16), "groups": groups}
     if scope is not None:
         claims["scope"] = (scope if isinstance(scope, AccessKeyScope) else parse_scope(scope)).to_dict()
@@ -252,8 +253,8 @@ class TokenVerifier:
         self._keys = keys
         self._cache.clear()
 
-    def verify(self, token: str, audience: str, now: float | None = None) -> VerifiedToken:
-        """The verified token for a request to cluster `audience`; raises TokenError."""
+    def verify(self, token: str, audience: str | None, now: float | None = None) -> VerifiedToken:
+        """The verified token for a request to cluster `audience` (None: any cluster); raises TokenError."""
         now = time.time() if now is None else now
         verified = self._cache.get(token)
         if verified is None:
@@ -266,7 +267,7 @@ class TokenVerifier:
             raise TokenError("token has expired")
         if verified.jti in self.revoked:
             raise TokenError("token has been revoked")
-        if audience not in verified.audiences:
+        if audience is not None and audience not in verified.audiences:
             raise TokenError(f"token is not valid for cluster {audience!r}")
         return verified
 

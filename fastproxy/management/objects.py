@@ -1,0 +1,125 @@
+"""The state store's users, teams and access keys as management.loft.sh/v1 objects, and back.
+
+Pure functions over plain data. An access key's secret never appears here: the store holds only
+its digest, and `ownedaccesskeys` show it once, in the create response (api.py adds it there).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..store import AccessKey, Snapshot, Team, User
+from .watch import Event
+
+API_VERSION = "management.loft.sh/v1"
+
+# API field -> (store field, value when absent): what a create or update of each kind sets.
+USER_SPEC = {"username": ("username", ""), "displayName": ("display_name", ""), "email": ("email", ""),
+             "subject": ("subject", ""), "groups": ("groups", ()), "disabled": ("disabled", False),
+             "description": ("description", "")}
+TEAM_SPEC = {"displayName": ("display_name", ""), "description": ("description", ""), "users": ("members", ()),
+             "groups": ("groups", ())}
+KEY_SPEC = {"displayName": ("display_name", ""), "description": ("description", ""), "disabled": ("disabled", False),
+            "scope": ("scope", None)}
+# Fields of an owned access key fixed at creation (the rest of KEY_SPEC may be updated).
+KEY_CREATE_SPEC = {"ttl": ("ttl", 0), "ttlAfterLastActivity": ("ttl_after_last_activity", False), "type": ("type", "User")}
+
+
+def timestamp(moment: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
+
+
+def metadata(obj: User | Team | AccessKey) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": obj.name, "uid": obj.uid, "resourceVersion": str(obj.resource_version),
+                            "creationTimestamp": timestamp(obj.created)}
+    if obj.labels:
+        meta["labels"] = dict(obj.labels)
+    if obj.annotations:
+        meta["annotations"] = dict(obj.annotations)
+    return meta
+
+
+def user_object(user: User, teams: Iterable[str]) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": "User", "metadata": metadata(user),
+            "spec": {"username": user.username, "displayName": user.display_name, "email": user.email,
+                     "subject": user.subject, "groups": list(user.groups), "disabled": user.disabled,
+                     "description": user.description},
+            "status": {"teams": sorted(teams)}}
+
+
+def team_object(team: Team) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": "Team", "metadata": metadata(team),
+            "spec": {"displayName": team.display_name, "description": team.description, "users": list(team.members),
+                     "groups": list(team.groups)},
+            "status": {}}
+
+
+def access_key_object(key: AccessKey) -> dict[str, Any]:
+    spec: dict[str, Any] = {"displayName": key.display_name, "description": key.description, "type": key.type,
+                            "disabled": key.disabled, "ttl": key.ttl, "ttlAfterLastActivity": key.ttl_after_last_activity}
+    if key.user is not None:
+        spec["user"] = key.user
+    if key.team is not None:
+        spec["team"] = key.team
+    if key.scope is not None:
+        spec["scope"] = key.scope
+    status = {} if key.last_activity is None else {"lastActivity": int(key.last_activity)}
+    return {"apiVersion": API_VERSION, "kind": "OwnedAccessKey", "metadata": metadata(key), "spec": spec,
+            "status": status}
+
+
+def teams_of(snapshot: Snapshot) -> dict[str, list[str]]:
+    """User name -> the names of the teams it is a member of."""
+    members: dict[str, list[str]] = {}
+    for team in snapshot.teams.values():
+        for user in team.members:
+            members.setdefault(user, []).append(team.name)
+    return members
+
+
+def spec_changes(obj: Mapping[str, Any], fields: Mapping[str, tuple[str, Any]]) -> dict[str, Any]:
+    """The store keyword arguments an object's spec and metadata ask for (absent: the default)."""
+    spec = obj.get("spec") or {}
+    meta = obj.get("metadata") or {}
+    # A null is an absent field, as Kubernetes' decoders take it (kubectl sends some).
+    changes = {store: default if spec.get(api) is None else spec[api] for api, (store, default) in fields.items()}
+    for name, value in changes.items():
+        if isinstance(value, list):
+            changes[name] = tuple(value)
+    changes["labels"] = meta.get("labels") or {}
+    changes["annotations"] = meta.get("annotations") or {}
+    return changes
+
+
+def snapshot_events(old: Snapshot, new: Snapshot) -> list[Event]:
+    """What changed between two snapshots, as watch events of users, teams and ownedaccesskeys."""
+    version = new.version
+    member_of = teams_of(new)
+    events = _diff(old.users, new.users, version, "users", lambda user: user_object(user, member_of.get(user.name, ())))
+    events += _diff(old.teams, new.teams, version, "teams", team_object)
+    events += _diff(old.access_keys, new.access_keys, version, "ownedaccesskeys", access_key_object)
+    return events
+
+
+def _diff(old: Mapping[str, Any], new: Mapping[str, Any], version: int, resource: str, render: Any) -> list[Event]:
+    events = []
+    for name, obj in new.items():
+        before = old.get(name)
+        if before is None:
+            events.append(Event(version, "ADDED", resource, render(obj)))
+        elif before != obj and _changed(before, obj):
+            events.append(Event(version, "MODIFIED", resource, render(obj)))
+    for name, obj in old.items():
+        if name not in new:
+            deleted = render(obj)
+            deleted["metadata"]["resourceVersion"] = str(version)
+            events.append(Event(version, "DELETED", resource, deleted))
+    return events
+
+
+def _changed(before: Any, after: Any) -> bool:
+    # An access key's last activity is written in batches and is not a change a watcher wants.
+    if isinstance(after, AccessKey):
+        return bool(before.resource_version != after.resource_version)
+    return True
