@@ -193,7 +193,8 @@ def write_results(run: dict) -> Path:
     }
     outputs["json"].write_text(json.dumps(run, indent=2) + "\n")
     outputs["md"].write_text(report.markdown(run, summary))
-    if any(entry.get("fastproxy", {}).get("runs") for entry in summary.values()):
+    peers = [target for target in run["targets"] if target != "fastproxy"]
+    if peers and any(entry.get("fastproxy", {}).get("runs") for entry in summary.values()):
         outputs["ratios.png"] = RESULTS / f"{stamp}-ratios.png"
         report.chart(run, summary, outputs["ratios.png"])
     for suffix, path in outputs.items():

@@ -122,13 +122,14 @@ def management_self(endpoint: Endpoint, plan: Plan, setup: Setup) -> dict:
 def management_list(endpoint: Endpoint, plan: Plan, setup: Setup) -> dict:
     """LIST all 10,000 users, one request at a time, as a controller's relist would."""
     headers = [arg for name, value in endpoint.headers.items() for arg in ("-H", f"{name}: {value}")]
-    argv = _pinned(["curl", "-sS", "--http1.1", "--cacert", str(setup.tls.ca), "-o", "/dev/null",
+    argv = _pinned(["curl", "-sS", "--http1.1", "--cacert", str(setup.tls.ca),
                     "-w", "%{http_code} %{size_download} %{time_total}\n", *headers])
     url = _management_url(endpoint, "users")
     fetches = plan.list_fetches * 5
 
     def run(count: int) -> list[tuple[int, int, float]]:
-        done = subprocess.run(argv + [url] * count, capture_output=True, text=True)
+        # One curl, one connection, `count` LISTs in a row; -o applies to the URL before it.
+        done = subprocess.run(argv + [url, "-o", "/dev/null"] * count, capture_output=True, text=True)
         if done.returncode != 0:
             raise WorkloadFailed(f"curl failed: {done.stderr.strip()}")
         rows = [line.split() for line in done.stdout.splitlines()]

@@ -17,9 +17,10 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -89,6 +90,7 @@ class ManagementAPI:
         self.snapshot: Snapshot | None = self.reader.snapshot if self.reader is not None else None
         self.events = EventLog(self.snapshot.version if self.snapshot is not None else 0)
         self.rendered: dict[str, tuple[int, dict[str, dict[str, Any]]]] = {}  # resource -> (version, objects)
+        self.lists: dict[str, tuple[int, bytes]] = {}  # resource -> (version, its whole list, serialized)
         self.probe = ClusterProbe(clusters, loop, self._cluster_changed)
         self.cluster_version = 0
         if self.reader is not None:
@@ -133,24 +135,34 @@ class ManagementAPI:
         return self.snapshot
 
     def objects(self, plural: str) -> dict[str, dict[str, Any]]:
-        """Every object of a resource, rendered once per snapshot (or cluster probe) version."""
+        """Every object of a resource in name order, rendered once per snapshot (or cluster probe) version."""
         version = self.cluster_version if plural == "clusters" else self.current().version
         cached = self.rendered.get(plural)
         if cached is not None and cached[0] == version:
             return cached[1]
         if plural == "clusters":
-            rendered = {upstream.cluster.name: self.cluster_object(upstream.cluster.name) for upstream in self.clusters}
+            rendered = {name: self.cluster_object(name) for name in sorted(u.cluster.name for u in self.clusters)}
         else:
             snapshot = self.current()
             if plural == "users":
                 member_of = objects.teams_of(snapshot)
-                rendered = {name: objects.user_object(user, member_of.get(name, ())) for name, user in snapshot.users.items()}
+                rendered = {name: objects.user_object(user, member_of.get(name, ()))
+                            for name, user in sorted(snapshot.users.items())}
             elif plural == "teams":
-                rendered = {name: objects.team_object(team) for name, team in snapshot.teams.items()}
+                rendered = {name: objects.team_object(team) for name, team in sorted(snapshot.teams.items())}
             else:
-                rendered = {name: objects.access_key_object(key) for name, key in snapshot.access_keys.items()}
+                rendered = {name: objects.access_key_object(key) for name, key in sorted(snapshot.access_keys.items())}
         self.rendered[plural] = (version, rendered)
         return rendered
+
+    def whole_list(self, resource: Resource, version: int) -> bytes:
+        """The unfiltered list of a resource, serialized once per version."""
+        cached = self.lists.get(resource.plural)
+        if cached is None or cached[0] != version:
+            items = list(self.objects(resource.plural).values())
+            cached = self.lists[resource.plural] = (version, orjson.dumps(list_object(resource, items, {
+                "resourceVersion": str(version)})))
+        return cached[1]
 
     def cluster_object(self, name: str) -> dict[str, Any]:
         upstream = self.clusters.get(name)
@@ -319,19 +331,19 @@ class ManagementRequest(LocalResponder):
         raise StatusError(403, f'{target} is forbidden: User "{self.identity.user}" cannot {verb} resource '
                                f'"{plural}" in API group "{GROUP}" at the cluster scope')
 
-    def visible(self, plural: str) -> Callable[[dict[str, Any]], bool]:
-        """Which objects of a resource the caller may see."""
+    def visible(self, plural: str) -> Callable[[dict[str, Any]], bool] | None:
+        """Which objects of a resource the caller may see (None: all of them)."""
         if plural == "ownedaccesskeys":
             user = self.caller_user()
             owner = user.name if user is not None else None
             return lambda obj: owner is not None and obj["spec"].get("user") == owner
         if plural == "clusters":
             scope = self.identity.scope
-            return lambda obj: scope is None or reaches_cluster(scope, obj["metadata"]["name"])
+            return None if scope is None else lambda obj: reaches_cluster(scope, obj["metadata"]["name"])
         if plural == "users" and not self.is_admin():
             user = self.caller_user()
             return lambda obj: user is not None and obj["metadata"]["name"] == user.name
-        return lambda obj: True
+        return None
 
     # --- verbs -------------------------------------------------------------------------------
 
@@ -376,7 +388,8 @@ class ManagementRequest(LocalResponder):
 
     def existing(self, resource: Resource, name: str) -> dict[str, Any]:
         obj = self.api.objects(resource.plural).get(name)
-        if obj is None or not self.visible(resource.plural)(obj):
+        visible = self.visible(resource.plural)
+        if obj is None or (visible is not None and not visible(obj)):
             raise not_found(resource, name)
         return obj
 
@@ -386,32 +399,39 @@ class ManagementRequest(LocalResponder):
                          FieldSelector.parse(query.get("fieldSelector"), ("metadata.name",)))
 
     def list_objects(self, resource: Resource) -> None:
-        selection = self.selection()
-        admits = self.visible(resource.plural)
+        admits = self.admits(resource.plural)
         everything = self.api.objects(resource.plural)
         version = self.list_version(resource)
         after, limit = self.page()
-        names = sorted(name for name in everything if name > after)
-        items: list[dict[str, Any]] = []
-        remaining = 0
-        for index, name in enumerate(names):
-            obj = everything[name]
-            if not (admits(obj) and selection.matches(obj)):
-                continue
-            if limit and len(items) == limit:
-                remaining = sum(1 for rest in names[index:] if admits(everything[rest]) and selection.matches(everything[rest]))
-                break
-            items.append(obj)
+        table = schema.table_asked(self.accept())
+        if admits is None and not after and not limit and not table:
+            self.send(200, self.api.whole_list(resource, version))  # a relist: the same bytes until a change
+            return
+        candidates: Iterator[dict[str, Any]] = iter(everything.values()) if not after else (
+            obj for name, obj in everything.items() if name > after)
+        if admits is not None:
+            candidates = filter(admits, candidates)
+        items = list(islice(candidates, limit) if limit else candidates)
+        remaining = sum(1 for _ in candidates) if limit else 0
         meta: dict[str, Any] = {"resourceVersion": str(version)}
         if remaining:
             meta["continue"] = _continue_token(version, items[-1]["metadata"]["name"])
             meta["remainingItemCount"] = remaining
-        if schema.table_asked(self.accept()):
+        if table:
             self.send(200, orjson.dumps(schema.table(resource, items, include_object=self.include_object(),
                                                      list_meta=meta)), TABLE_TYPE)
         else:
-            self.send(200, orjson.dumps({"apiVersion": objects.API_VERSION, "kind": resource.list_kind,
-                                         "metadata": meta, "items": items}))
+            self.send(200, orjson.dumps(list_object(resource, items, meta)))
+
+    def admits(self, plural: str) -> Callable[[dict[str, Any]], bool] | None:
+        """What a list or watch passes on: the caller's view and the request's selectors (None: all)."""
+        visible = self.visible(plural)
+        selection = self.selection()
+        if not (selection.labels.requirements or selection.fields.requirements):
+            return visible
+        if visible is None:
+            return selection.matches
+        return lambda obj: visible(obj) and selection.matches(obj)
 
     def list_version(self, resource: Resource) -> int:
         return self.api.cluster_version if resource.plural == "clusters" else self.api.current().version
@@ -446,8 +466,7 @@ class ManagementRequest(LocalResponder):
 
     def start_watch(self, resource: Resource) -> None:
         plural = resource.plural
-        selection = self.selection()
-        visible = self.visible(plural)
+        admits = self.admits(plural)
         table = schema.table_asked(self.accept())
         include = self.include_object()
 
@@ -456,7 +475,7 @@ class ManagementRequest(LocalResponder):
 
         timeout = self.query.get("timeoutSeconds", "")
         seconds = float(timeout) if timeout.isdigit() and int(timeout) > 0 else WATCH_TIMEOUT
-        watch = WatchStream(self.api.events, self, plural, lambda obj: visible(obj) and selection.matches(obj), render,
+        watch = WatchStream(self.api.events, self, plural, admits or _everything, render,
                             kind=resource.kind, bookmarks=self.query.get("allowWatchBookmarks") in ("true", "1"),
                             timeout=seconds)
         self.watch = watch
@@ -464,7 +483,7 @@ class ManagementRequest(LocalResponder):
         since = self.query.get("resourceVersion", "")
         if since in ("", "0") or plural == "clusters":
             version = self.list_version(resource)
-            watch.start(Event(version, "ADDED", plural, obj) for _, obj in sorted(self.api.objects(plural).items()))
+            watch.start(Event(version, "ADDED", plural, obj) for obj in self.api.objects(plural).values())
             return
         replay = self.api.events.since(int(since), plural) if since.isdigit() else None
         if replay is None:
@@ -716,6 +735,14 @@ TABLE_TYPE = b"application/json;as=Table;v=v1;g=meta.k8s.io"
 # What an update of each store-backed resource may set.
 SPEC_FIELDS: dict[str, Mapping[str, tuple[str, Any]]] = {
     "users": objects.USER_SPEC, "teams": objects.TEAM_SPEC, "ownedaccesskeys": objects.KEY_SPEC}
+
+
+def list_object(resource: Resource, items: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": objects.API_VERSION, "kind": resource.list_kind, "metadata": meta, "items": items}
+
+
+def _everything(obj: dict[str, Any]) -> bool:
+    return True
 
 
 def token_audiences(scope: Mapping[str, Any] | None, clusters: list[str]) -> list[str]:

@@ -241,16 +241,18 @@ def test_kubectl_get_shows_table_columns(stack):
 def test_kubectl_watch_sees_a_user_the_cli_creates(stack):
     watch = subprocess.Popen(
         [KUBECTL, "--server", stack.url + "/kubernetes/management", "--certificate-authority", stack.ca,
-         "--token", stack.admin_key, "--cache-dir", str(stack.folder / "kube-cache"), "get", "users", "-w",
-         "-o", "name"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HOME": str(stack.folder)})
+         "--token", stack.admin_key, "--cache-dir", str(stack.folder / "kube-cache"), "get", "users", "-w"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HOME": str(stack.folder)})
     try:
-        seen = set()
-        while "user.management.loft.sh/jane" not in seen:
-            seen.add(read_line(watch, 15).strip())
-        cli(stack.config, "user", "create", "watched")
-        created = time.monotonic()
-        while read_line(watch, 5).strip() != "user.management.loft.sh/watched":
+        # The watch asks for Table rows, as `kubectl get -w` does: one row per event, columns as for get.
+        assert read_line(watch, 15).split()[:2] == ["NAME", "USERNAME"]
+        while read_line(watch, 15).split()[0] != "jane":
             pass
+        cli(stack.config, "user", "create", "watched", "--email", "watched@example.com")
+        created = time.monotonic()
+        while (row := read_line(watch, 5).split())[0] != "watched":
+            pass
+        assert "watched@example.com" in row
         assert time.monotonic() - created < 1.5
     finally:
         watch.kill()
@@ -291,6 +293,34 @@ def test_server_side_dry_runs_change_nothing(stack):
 def test_kubectl_auth_whoami_against_the_management_api(stack):
     who = json.loads(stack.kubectl("auth", "whoami", "-o", "json", key=stack.jane_key).stdout)
     assert who["status"]["userInfo"]["username"] == "jane"
+
+
+def test_clusters_show_the_health_the_gateway_measured(stack):
+    deadline = time.monotonic() + 10
+    while (cluster := json.loads(stack.kubectl("get", "cluster", CLUSTER, "-o", "json").stdout))["status"]["phase"] != "Ready":
+        assert time.monotonic() < deadline, cluster
+        time.sleep(0.2)
+    status = cluster["status"]
+    assert status["kubernetesVersion"].startswith("v1.") and 0 < status["latencySeconds"] < 5
+    assert status["lastProbeTime"].endswith("Z") and cluster["spec"]["server"].startswith("https://127.0.0.1:")
+    assert stack.kubectl("get", "clusters").stdout.split()[:5] == ["NAME", "PHASE", "VERSION", "LATENCY", "AGE"]
+
+
+def test_lists_page_with_limit_and_continue(stack):
+    for name in ("page-a", "page-b", "page-c"):
+        cli(stack.config, "user", "create", name, "--group", "paged")
+    time.sleep(0.6)  # the CLI's writes reach the worker's snapshot within a poll
+    names, token = [], ""
+    while True:
+        code, page = stack.curl("GET", f"{GROUP_PATH}/users?limit=2&labelSelector=&continue={token}")
+        assert code == 200 and len(page["items"]) <= 2
+        names += [item["metadata"]["name"] for item in page["items"]]
+        token = page["metadata"].get("continue", "")
+        if not token:
+            break
+        assert page["metadata"]["remainingItemCount"] > 0
+    assert names == sorted(names) and {"page-a", "page-b", "page-c", "jane", "admin"} <= set(names)
+    assert stack.curl("GET", f"{GROUP_PATH}/users?continue=not-a-token")[0] == 400
 
 
 def test_update_with_a_stale_resource_version_is_a_conflict(stack):
@@ -468,6 +498,10 @@ def test_direct_cluster_endpoint_token_on_an_edge_gateway(stack, tmp_path):
 
         lasting = token(600)
         assert jwt_part(lasting, 1)["aud"] == [CLUSTER]  # jane's key is scoped to that one cluster
+        # The central gateway knows the token too: a Self says whose it is.
+        code, self_ = stack.curl("POST", f"{GROUP_PATH}/selves", key=lasting, data=SELF)
+        assert code == 201 and self_["status"]["subject"] == "jane"
+        assert self_["status"]["accessKey"] == "token:" + jwt_part(lasting, 1)["jti"]
         who = kubectl(lasting)
         assert who.returncode == 0, who.stderr
         assert json.loads(who.stdout)["status"]["userInfo"]["username"] == "jane"
@@ -486,3 +520,34 @@ def test_direct_cluster_endpoint_token_on_an_edge_gateway(stack, tmp_path):
             time.sleep(0.3)
     finally:
         edge.stop()
+
+
+def test_every_worker_serves_what_another_one_wrote(stack, tmp_path):
+    """Two workers share the port and the state store: a user created through one is listed by both."""
+    import tomllib
+
+    central = tomllib.loads(stack.config.read_text())
+    port = free_port()
+    text = stack.config.read_text().replace(f'listen = "{central["server"]["listen"]}"',
+                                            f'listen = "127.0.0.1:{port}"\nworkers = 2')
+    text = text.replace('path = "state.db"', f'path = "{stack.folder / "state.db"}"')
+    text = text.replace('signing_keys_dir = "signing-keys"', f'signing_keys_dir = "{stack.folder / "signing-keys"}"')
+    text = text.replace('key_file = "admin.key"', f'key_file = "{stack.folder / "admin.key"}"')
+    text = text.replace('key_file = "viewer.key"', f'key_file = "{stack.folder / "viewer.key"}"')
+    workers = start_gateway(text, tmp_path)
+    try:
+        url = f"https://127.0.0.1:{port}{GROUP_PATH}/users"
+        user = {"apiVersion": "management.loft.sh/v1", "kind": "User", "metadata": {"name": "shared"}, "spec": {}}
+        created = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", stack.ca, "-X", "POST",
+                                  "-H", f"Authorization: Bearer {stack.admin_key}", "-H", "Content-Type: application/json",
+                                  "--data-binary", json.dumps(user), url], capture_output=True, text=True, timeout=20)
+        assert created.stdout == "201"
+        time.sleep(0.6)  # the other worker's next poll
+        # A new connection each time: SO_REUSEPORT spreads them over both workers (all 20 on one: p < 1e-5).
+        for _ in range(20):
+            got = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", stack.ca,
+                                  "-H", f"Authorization: Bearer {stack.admin_key}", url + "/shared"],
+                                 capture_output=True, text=True, timeout=20)
+            assert got.stdout == "200"
+    finally:
+        workers.stop()
