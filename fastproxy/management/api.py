@@ -562,6 +562,7 @@ class ManagementRequest(LocalResponder):
         current = self.stored(resource, name)
         changes = objects.spec_changes(obj, SPEC_FIELDS[plural])
         if isinstance(current, AccessKey):
+            self.check_fixed(resource, name, obj, current)
             changes["scope"] = self.narrowed(resource, name, changes["scope"], current.scope)
         if self.dry_run():
             if expected is not None and expected != current.resource_version:
@@ -598,6 +599,16 @@ class ManagementRequest(LocalResponder):
         rendered = {"users": lambda: objects.user_object(deleted, ()), "teams": lambda: objects.team_object(deleted),
                     "ownedaccesskeys": lambda: objects.access_key_object(deleted)}[resource.plural]()
         self.send_json(200, rendered)
+
+    def check_fixed(self, resource: Resource, name: str, obj: dict[str, Any], key: AccessKey) -> None:
+        """An update may not change what an access key was created as: its owner, type and lifetime."""
+        spec = obj.get("spec") or {}
+        fixed = {"user": key.user, "team": key.team, "type": key.type, "ttl": key.ttl,
+                 "ttlAfterLastActivity": key.ttl_after_last_activity}
+        changed = [field for field, value in fixed.items() if field in spec and spec[field] != value]
+        if changed:
+            raise invalid(resource, name, [_cause("FieldValueForbidden", f"spec.{field}", "field is immutable")
+                                           for field in changed])
 
     def dry_run(self) -> bool:
         value = self.query.get("dryRun", "")
@@ -712,9 +723,9 @@ class ManagementRequest(LocalResponder):
             raise StatusError(503, "this gateway does not issue tokens: it has no [tokens] signing_keys_dir")
         spec = obj.get("spec") or {}
         ttl = spec.get("ttl") or min(DEFAULT_TOKEN_TTL, keyset.max_token_lifetime)
-        if ttl > keyset.max_token_lifetime:
+        if not 0 < ttl <= keyset.max_token_lifetime:
             raise invalid(resource, "", [_cause("FieldValueInvalid", "spec.ttl",
-                                                f"must be at most {keyset.max_token_lifetime} seconds")])
+                                                f"must be between 1 and {keyset.max_token_lifetime} seconds")])
         scope = self.narrowed(resource, "", spec.get("scope"), self.caller_scope())
         identity = self.identity
         audiences = token_audiences(scope, [upstream.cluster.name for upstream in self.api.clusters])

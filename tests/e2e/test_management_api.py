@@ -382,6 +382,14 @@ def test_a_user_may_see_itself_and_its_own_keys_only(stack):
         "spec": {"displayName": "Build", "scope": {"clusters": [{"cluster": CLUSTER}]}}}).encode())
     assert code == 201, created
     secret = created["spec"]["key"]
+    # What a key was created as stays: no moving it to another user, no longer lifetime.
+    moved = dict(created, spec={**created["spec"], "user": "admin"})
+    del moved["spec"]["key"]
+    code, refusal = stack.curl("PUT", f"{GROUP_PATH}/ownedaccesskeys/jane-build", key=jane, data=json.dumps(moved).encode())
+    assert code == 422 and "spec.user" in refusal["message"], refusal
+    renamed = dict(moved, spec={**moved["spec"], "user": "jane", "displayName": "Build 2"})
+    code, updated = stack.curl("PUT", f"{GROUP_PATH}/ownedaccesskeys/jane-build", key=jane, data=json.dumps(renamed).encode())
+    assert code == 200 and updated["spec"]["displayName"] == "Build 2" and "key" not in updated["spec"]
     code, keys = stack.curl("GET", f"{GROUP_PATH}/ownedaccesskeys", key=jane)
     names = sorted(item["metadata"]["name"] for item in keys["items"])
     assert code == 200 and {"jane-build", "jane-ci", "jane-laptop"} <= set(names)
@@ -411,6 +419,8 @@ def test_a_scoped_key_cannot_mint_a_wider_key_or_token(stack):
         "spec": {}}).encode())
     assert code == 201 and unscoped["spec"]["scope"] == SCOPE
     assert stack.curl("GET", f"{GROUP_PATH}/users/jane", key=jane)[0] == 403  # outside the key's scope
+    assert stack.curl("POST", f"{GROUP_PATH}/directclusterendpointtokens", key=jane, data=token_request(ttl=-5))[0] == 422
+    assert stack.curl("POST", f"{GROUP_PATH}/directclusterendpointtokens", key=jane, data=token_request(ttl=10 ** 9))[0] == 422
 
 
 # --- hostile bodies ----------------------------------------------------------------------------
