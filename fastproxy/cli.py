@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
     hash_key = commands.add_parser("hash-key", help="print the key_sha256 of an access key read from stdin")
     hash_key.set_defaults(handler=_hash_key)
-    add_commands(commands)        # user, team, accesskey: identities in the state file
+    add_commands(commands)        # user, team, accesskey, activity: the state file
     add_token_commands(commands)  # token issue, jwks, revoke
     return parser
 

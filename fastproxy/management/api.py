@@ -136,7 +136,12 @@ class ManagementAPI:
 
     def objects(self, plural: str) -> dict[str, dict[str, Any]]:
         """Every object of a resource in name order, rendered once per snapshot (or cluster probe) version."""
-        version = self.cluster_version if plural == "clusters" else self.current().version
+        if plural == "clusters":
+            version = self.cluster_version
+        elif plural == "namespaceactivities":
+            version = self.current().activity_version
+        else:
+            version = self.current().version
         cached = self.rendered.get(plural)
         if cached is not None and cached[0] == version:
             return cached[1]
@@ -150,6 +155,9 @@ class ManagementAPI:
                             for name, user in sorted(snapshot.users.items())}
             elif plural == "teams":
                 rendered = {name: objects.team_object(team) for name, team in sorted(snapshot.teams.items())}
+            elif plural == "namespaceactivities":
+                rendered = {f"{cluster}.{namespace}": objects.activity_object(activity, snapshot.activity_version)
+                            for (cluster, namespace), activity in sorted(snapshot.activities.items())}
             else:
                 rendered = {name: objects.access_key_object(key) for name, key in sorted(snapshot.access_keys.items())}
         self.rendered[plural] = (version, rendered)
@@ -434,7 +442,10 @@ class ManagementRequest(LocalResponder):
         return lambda obj: visible(obj) and selection.matches(obj)
 
     def list_version(self, resource: Resource) -> int:
-        return self.api.cluster_version if resource.plural == "clusters" else self.api.current().version
+        if resource.plural == "clusters":
+            return self.api.cluster_version
+        snapshot = self.api.current()
+        return snapshot.activity_version if resource.plural == "namespaceactivities" else snapshot.version
 
     def page(self) -> tuple[str, int]:
         raw_limit = self.query.get("limit", "") or "0"
@@ -481,7 +492,8 @@ class ManagementRequest(LocalResponder):
         self.watch = watch
         self.begin_stream(200, TABLE_TYPE if table else body.JSON.encode())
         since = self.query.get("resourceVersion", "")
-        if since in ("", "0") or plural == "clusters":
+        # Clusters and activity have versions of their own: a watch of them starts from what is now.
+        if since in ("", "0") or plural in ("clusters", "namespaceactivities"):
             version = self.list_version(resource)
             watch.start(Event(version, "ADDED", plural, obj) for obj in self.api.objects(plural).values())
             return

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..store import AccessKey, Snapshot, Team, User
+from ..store import AccessKey, NamespaceActivity, Snapshot, Team, User
 from .watch import Event
 
 API_VERSION = "management.loft.sh/v1"
@@ -69,6 +69,19 @@ def access_key_object(key: AccessKey) -> dict[str, Any]:
             "status": status}
 
 
+def activity_object(activity: NamespaceActivity, version: int) -> dict[str, Any]:
+    """A namespace's sleep-mode activity, named CLUSTER.NAMESPACE (a namespace name has no dot)."""
+    info = {"subject": activity.subject, "verb": activity.verb, "apiGroup": activity.api_group,
+            "resource": activity.resource, "subresource": activity.subresource, "name": activity.name,
+            "virtualCluster": activity.virtual_cluster}
+    return {"apiVersion": API_VERSION, "kind": "NamespaceActivity",
+            "metadata": {"name": f"{activity.cluster}.{activity.namespace}", "resourceVersion": str(version),
+                         "creationTimestamp": None},
+            "spec": {"cluster": activity.cluster, "namespace": activity.namespace},
+            "status": {"lastActivity": int(activity.last_activity),
+                       "lastActivityInfo": {key: value for key, value in info.items() if value}}}
+
+
 def teams_of(snapshot: Snapshot) -> dict[str, list[str]]:
     """User name -> the names of the teams it is a member of."""
     members: dict[str, list[str]] = {}
@@ -93,12 +106,15 @@ def spec_changes(obj: Mapping[str, Any], fields: Mapping[str, tuple[str, Any]]) 
 
 
 def snapshot_events(old: Snapshot, new: Snapshot) -> list[Event]:
-    """What changed between two snapshots, as watch events of users, teams and ownedaccesskeys."""
+    """What changed between two snapshots, as watch events of users, teams, ownedaccesskeys and
+    namespaceactivities."""
     version = new.version
     member_of = teams_of(new)
     events = _diff(old.users, new.users, version, "users", lambda user: user_object(user, member_of.get(user.name, ())))
     events += _diff(old.teams, new.teams, version, "teams", team_object)
     events += _diff(old.access_keys, new.access_keys, version, "ownedaccesskeys", access_key_object)
+    events += _diff(old.activities, new.activities, version, "namespaceactivities",
+                    lambda activity: activity_object(activity, new.activity_version))
     return events
 
 

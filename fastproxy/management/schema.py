@@ -279,6 +279,23 @@ CLUSTER_STATUS = obj("ClusterStatus holds what the gateway's probe last saw of a
     "lastProbeTime": string("When the cluster was last probed (RFC 3339).", format="date-time"),
     "message": string("Why the cluster is not Ready."),
 }, name=_MANAGEMENT + "ClusterStatus")
+ACTIVITY_SPEC = obj("NamespaceActivitySpec names the namespace.", {
+    "cluster": string("The cluster the namespace is in."),
+    "namespace": string("The namespace."),
+}, name=_MANAGEMENT + "NamespaceActivitySpec")
+ACTIVITY_INFO = obj("NamespaceActivityInfo describes the request that was a namespace's last activity.", {
+    "subject": string("Who made it."),
+    "verb": string("Its verb."),
+    "apiGroup": string("The API group of its resource."),
+    "resource": string("Its resource."),
+    "subresource": string("Its subresource."),
+    "name": string("The object it named."),
+    "virtualCluster": string("The virtual cluster it reached, if any."),
+}, name=_MANAGEMENT + "NamespaceActivityInfo")
+ACTIVITY_STATUS = obj("NamespaceActivityStatus holds the namespace's last sleep-mode activity.", {
+    "lastActivity": integer("When a request last reached the namespace (Unix seconds)."),
+    "lastActivityInfo": use(ACTIVITY_INFO, "What that request was."),
+}, name=_MANAGEMENT + "NamespaceActivityStatus")
 
 
 # --- table columns ---------------------------------------------------------------------------------
@@ -316,6 +333,17 @@ NAME_COLUMN = Column("Name", "string", "The object's name (metadata.name).",
                      lambda obj, now: (obj.get("metadata") or {}).get("name"), format="name")
 AGE_COLUMN = Column("Age", "date", "How long ago the object was created (metadata.creationTimestamp).",
                     lambda obj, now: age((obj.get("metadata") or {}).get("creationTimestamp"), now))
+
+
+def _last_activity(obj: Mapping[str, Any], now: float) -> str | None:
+    moment = (obj.get("status") or {}).get("lastActivity")
+    return None if moment is None else human_duration(now - moment)
+
+
+def _activity_info(title: str, name: str, description: str) -> Column:
+    def cell(obj: Mapping[str, Any], now: float) -> Any:
+        return ((obj.get("status") or {}).get("lastActivityInfo") or {}).get(name) or None
+    return Column(title, "string", description, cell)
 
 
 def _latency(obj: Mapping[str, Any], now: float) -> str | None:
@@ -370,6 +398,14 @@ RESOURCES = (
              (NAME_COLUMN, _field("Phase", "status", "phase", "Whether the cluster answers."),
               _field("Version", "status", "kubernetesVersion", "The cluster's Kubernetes version."),
               Column("Latency", "string", "How long the last probe took.", _latency), AGE_COLUMN)),
+    Resource("namespaceactivities", "namespaceactivity", "NamespaceActivity",
+             "Sleep-mode activity: the last request that reached a namespace of a cluster (named CLUSTER.NAMESPACE).",
+             ("get", "list", "watch"), ACTIVITY_SPEC, ACTIVITY_STATUS,
+             (NAME_COLUMN, _field("Cluster", "spec", "cluster", "The cluster."),
+              _field("Namespace", "spec", "namespace", "The namespace."),
+              Column("Last Activity", "string", "How long ago a request last reached it.", _last_activity),
+              _activity_info("Subject", "subject", "Who made that request."),
+              _activity_info("Verb", "verb", "Its verb."))),
 )
 _BY_PLURAL = {resource.plural: resource for resource in RESOURCES}
 

@@ -15,6 +15,7 @@ from .base import (
     ConflictError,
     InvalidError,
     InvalidScopeError,
+    NamespaceActivity,
     NotFoundError,
     ResolvedKey,
     Snapshot,
@@ -56,6 +57,6 @@ def open_reader(state: StateConfig) -> StateReader:
     return _backend(state)[1](state)
 
 
-__all__ = ["BACKENDS", "AccessKey", "AlreadyExistsError", "ConflictError", "InvalidError", "InvalidScopeError",
+__all__ = ["BACKENDS", "AccessKey", "AlreadyExistsError", "ConflictError", "InvalidError", "NamespaceActivity", "InvalidScopeError",
            "NotFoundError", "ResolvedKey", "Snapshot", "SnapshotCallback", "StateAdmin", "StateReader", "StoreError", "Team",
            "User", "build_identity", "key_digest", "open_admin", "open_reader"]

@@ -145,6 +145,22 @@ class ResolvedKey:
 
 
 @dataclass(frozen=True, slots=True)
+class NamespaceActivity:
+    """The last request that counted as sleep-mode activity in one namespace of one cluster."""
+
+    cluster: str
+    namespace: str
+    last_activity: float              # unix time
+    subject: str = ""
+    verb: str = ""
+    api_group: str = ""
+    resource: str = ""
+    subresource: str = ""
+    name: str = ""
+    virtual_cluster: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     version: int
     loaded_at: float
@@ -154,6 +170,9 @@ class Snapshot:
     teams: Mapping[str, Team]
     revoked_tokens: frozenset[str]
     access_keys: Mapping[str, AccessKey]  # every key by name, unusable ones too (`keys` holds the usable)
+    # (cluster, namespace) -> activity; reloaded on its own generation, so activity never rebuilds keys
+    activities: Mapping[tuple[str, str], NamespaceActivity] = field(default_factory=dict)
+    activity_version: int = 0
 
     def resolve(self, key: str | bytes, now: float) -> ResolvedKey | None:
         """The usable access key whose secret is `key`, or None."""
@@ -470,6 +489,10 @@ class StateAdmin(ABC):
         """Remember a token id as revoked until the token would have expired anyway."""
 
     @abstractmethod
+    def list_namespace_activity(self) -> list[NamespaceActivity]:
+        """The sleep-mode activity of every namespace that had some, by cluster and namespace."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
 
@@ -543,6 +566,11 @@ class StateReader(ABC):
     def record_activity(self, batch: Mapping[str, float]) -> None:
         """Write last-activity times (key name -> unix time) without blocking the loop; a failed
         write is logged, not raised. Before `start` (or after `close`) it may write in place."""
+
+    @abstractmethod
+    def record_namespace_activity(self, batch: Mapping[tuple[str, str], NamespaceActivity]) -> None:
+        """Write namespace activity (sleep mode) without blocking the loop, like record_activity;
+        a write older than what is stored for a namespace leaves it as it is."""
 
     @abstractmethod
     def close(self) -> None:

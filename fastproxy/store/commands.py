@@ -81,6 +81,9 @@ def add_commands(subparsers: Any) -> None:
     command(keys, "disable", accesskey_disable, "disable an access key: it stops resolving").add_argument("name")
     command(keys, "revoke", accesskey_revoke, "delete an access key").add_argument("name")
 
+    activity = group("activity", "sleep-mode activity of namespaces")
+    command(activity, "list", activity_list, "list the namespaces requests reached, the latest first")
+
 
 def _seconds(text: str) -> int:
     if not text.isdigit():
@@ -219,6 +222,16 @@ def accesskey_revoke(args: argparse.Namespace) -> int:
     with _store(args) as store:
         store.revoke_access_key(args.name)
     print(f"access key {args.name} revoked")
+    return 0
+
+
+@_refusing
+def activity_list(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        activities = sorted(store.list_namespace_activity(), key=lambda activity: -activity.last_activity)
+    _print_table(("CLUSTER", "NAMESPACE", "LAST-ACTIVITY", "SUBJECT", "VERB", "RESOURCE"),
+                 [(a.cluster, a.namespace, _time(a.last_activity), a.subject or "-", a.verb or "-",
+                   "/".join(filter(None, (a.resource, a.subresource))) or "-") for a in activities])
     return 0
 
 

@@ -35,6 +35,7 @@ from .base import (
     AccessKey,
     AlreadyExistsError,
     InvalidError,
+    NamespaceActivity,
     NotFoundError,
     Snapshot,
     StateAdmin,
@@ -113,6 +114,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         *_add_metadata("teams", "name, groups, created, display_name, uid, labels, annotations, description"),
         *_add_metadata("access_keys", "name, type, display_name, user, team, digest, ttl, ttl_after_last_activity, "
                                       "disabled, scope, created, uid, labels, annotations, description"),
+    ),
+    (   # sleep-mode activity, on a generation of its own: its frequent writes never reload the keys
+        "ALTER TABLE meta ADD COLUMN activity_generation INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE namespace_activity (cluster TEXT NOT NULL, namespace TEXT NOT NULL,
+            last_activity REAL NOT NULL, info TEXT NOT NULL, PRIMARY KEY (cluster, namespace))""",
     ),
 )
 
@@ -346,22 +352,51 @@ class SqliteStore(StateAdmin):
                 "AND (last_activity IS NULL OR last_activity < ?1)",
                 [(when, name) for name, when in batch.items()])
 
+    def record_namespace_activity(self, batch: Mapping[tuple[str, str], NamespaceActivity]) -> None:
+        """Write namespace activity in one transaction, keeping the newer of stored and written; blocks."""
+        if not batch:
+            return
+        with self._transaction(write=True) as db:
+            db.executemany(
+                "INSERT INTO namespace_activity VALUES (?1, ?2, ?3, ?4) ON CONFLICT (cluster, namespace) DO UPDATE "
+                "SET last_activity = ?3, info = ?4 WHERE last_activity < ?3",
+                [(activity.cluster, activity.namespace, activity.last_activity, _json(_activity_info(activity)))
+                 for activity in batch.values()])
+            db.execute("UPDATE meta SET activity_generation = activity_generation + 1")
+
+    def list_namespace_activity(self) -> list[NamespaceActivity]:
+        with self._transaction() as db:
+            return list(_activities(db).values())
+
     # ---- what the reader uses ----
 
     def load_snapshot(self, now: float | None = None) -> Snapshot:
         with self._transaction() as db:  # one read transaction: a consistent view of every table
-            version = _generation(db)
+            version, activity_version = _generations(db)
             users = [_user(row) for row in db.execute(_USERS)]
             teams = _teams(db)
             keys = _access_keys(db)
             revoked = [row[0] for row in db.execute("SELECT jti FROM revoked_tokens")]
-        return build_snapshot(version, users, teams, keys, revoked, time.time() if now is None else now,
-                              project_namespace_prefix=self._prefix)
+            activities = _activities(db)
+        snapshot = build_snapshot(version, users, teams, keys, revoked, time.time() if now is None else now,
+                                  project_namespace_prefix=self._prefix)
+        return replace(snapshot, activities=activities, activity_version=activity_version)
+
+    def with_fresh_activity(self, snapshot: Snapshot) -> Snapshot:
+        """`snapshot` with the activity stored now (the rest is unchanged: only activity was written)."""
+        with self._transaction() as db:
+            _, activity_version = _generations(db)
+            activities = _activities(db)
+        return replace(snapshot, activities=activities, activity_version=activity_version)
+
+    def generations(self) -> tuple[int, int]:
+        """(generation, activity generation): what a reader compares with its snapshot's; cheap to poll."""
+        with self._lock:
+            return _generations(self._db())
 
     def changed_since(self, version: int) -> bool:
-        """Whether anything a snapshot holds changed after `version`; one row, cheap to poll."""
-        with self._lock:
-            return self._db().execute("SELECT generation FROM meta").fetchone()[0] != version
+        """Whether anything a snapshot holds, activity aside, changed after `version`; one row, cheap to poll."""
+        return self.generations()[0] != version
 
 
 class SqliteReader(StateReader):
@@ -403,14 +438,16 @@ class SqliteReader(StateReader):
         if self.polling:
             return  # the previous poll or reload is still running
         self.polling = True
-        snapshot = self.snapshot
-        self.loop.run_in_executor(self.executor, self._fresh_snapshot, snapshot.version,
-                                  snapshot.refresh_at).add_done_callback(self._polled)
+        self.loop.run_in_executor(self.executor, self._fresh_snapshot, self.snapshot).add_done_callback(self._polled)
 
-    def _fresh_snapshot(self, version: int, refresh_at: float) -> Snapshot | None:
-        """On the store thread: a new snapshot if anything changed or the old one is due."""
-        if self.store.changed_since(version) or time.time() >= refresh_at:
+    def _fresh_snapshot(self, snapshot: Snapshot) -> Snapshot | None:
+        """On the store thread: a new snapshot if anything changed or the old one is due; when only
+        activity changed, the old one with the new activity."""
+        version, activity_version = self.store.generations()
+        if version != snapshot.version or time.time() >= snapshot.refresh_at:
             return self.store.load_snapshot()
+        if activity_version != snapshot.activity_version:
+            return self.store.with_fresh_activity(snapshot)
         return None
 
     def _polled(self, done: asyncio.Future[Snapshot | None]) -> None:
@@ -450,6 +487,20 @@ class SqliteReader(StateReader):
         except Exception as error:
             log.warning("access key activity not recorded: %s", error)
 
+    def record_namespace_activity(self, batch: Mapping[tuple[str, str], NamespaceActivity]) -> None:
+        if not batch:
+            return
+        if self.executor is None:
+            self._write_namespace_activity(batch)
+        else:
+            self.executor.submit(self._write_namespace_activity, dict(batch))
+
+    def _write_namespace_activity(self, batch: Mapping[tuple[str, str], NamespaceActivity]) -> None:
+        try:
+            self.store.record_namespace_activity(batch)
+        except Exception as error:
+            log.warning("namespace activity not recorded: %s", error)
+
     def close(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
@@ -477,8 +528,26 @@ def _json(value: Any) -> str:
 
 
 def _generation(db: sqlite3.Connection) -> int:
-    generation: int = db.execute("SELECT generation FROM meta").fetchone()[0]
-    return generation
+    return _generations(db)[0]
+
+
+def _generations(db: sqlite3.Connection) -> tuple[int, int]:
+    generation, activity_generation = db.execute("SELECT generation, activity_generation FROM meta").fetchone()
+    return int(generation), int(activity_generation)
+
+
+_ACTIVITY_INFO = ("subject", "verb", "api_group", "resource", "subresource", "name", "virtual_cluster")
+
+
+def _activity_info(activity: NamespaceActivity) -> dict[str, str]:
+    return {field: getattr(activity, field) for field in _ACTIVITY_INFO}
+
+
+def _activities(db: sqlite3.Connection) -> dict[tuple[str, str], NamespaceActivity]:
+    rows = db.execute("SELECT cluster, namespace, last_activity, info FROM namespace_activity ORDER BY cluster, namespace")
+    return {(cluster, namespace): NamespaceActivity(cluster, namespace, last_activity, **{
+                field: value for field, value in orjson.loads(info).items() if field in _ACTIVITY_INFO})
+            for cluster, namespace, last_activity, info in rows}
 
 
 def _stamp(db: sqlite3.Connection, table: str, names: Iterable[str]) -> int:

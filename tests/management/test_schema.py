@@ -42,11 +42,12 @@ def causes(obj: dict[str, Any], resource: schema.Resource | None = USERS, *, for
 
 # --- resources and discovery -----------------------------------------------------------------------
 
-def test_the_six_resources_and_their_verbs():
+def test_the_resources_and_their_verbs():
     verbs = {resource.plural: resource.verbs for resource in RESOURCES}
     stored = ("create", "delete", "get", "list", "patch", "update", "watch")
     assert verbs == {"users": stored, "teams": stored, "ownedaccesskeys": stored, "selves": ("create",),
-                     "directclusterendpointtokens": ("create",), "clusters": ("get", "list", "watch")}
+                     "directclusterendpointtokens": ("create",), "clusters": ("get", "list", "watch"),
+                     "namespaceactivities": ("get", "list", "watch")}
     assert schema.resource("users") is USERS and USERS.list_kind == "UserList" and USERS.singular == "user"
     assert schema.resource("pods") is None
 

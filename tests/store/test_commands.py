@@ -172,3 +172,18 @@ def test_a_config_without_a_usable_state_path_is_refused(capsys, tmp_path, confi
 def test_disable_an_unknown_key(capsys, state):
     assert refused(capsys, "accesskey", "disable", "ghost", "--state", state) == (
         "fastproxy: error: access key 'ghost' does not exist")
+
+
+def test_activity_list_shows_the_latest_first(tmp_path, capsys):
+    from fastproxy.store import NamespaceActivity
+
+    store = SqliteStore(tmp_path / "state.db")
+    store.record_namespace_activity({
+        ("prod", "a"): NamespaceActivity("prod", "a", 1_000_000.0, "alice", "get", "", "pods", "log", "web"),
+        ("prod", "b"): NamespaceActivity("prod", "b", 2_000_000.0, "bob", "list", "apps", "deployments")})
+    store.close()
+    assert run(["activity", "list", "--state", str(tmp_path / "state.db")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["CLUSTER", "NAMESPACE", "LAST-ACTIVITY", "SUBJECT", "VERB", "RESOURCE"]
+    assert lines[1].split() == ["prod", "b", "1970-01-24T03:33:20Z", "bob", "list", "deployments"]
+    assert lines[2].split() == ["prod", "a", "1970-01-12T13:46:40Z", "alice", "get", "pods/log"]

@@ -178,3 +178,26 @@ def test_waits_given_up_are_dropped_and_close_cancels_the_rest(state, admin):
     assert dropped() is None
     assert pending.cancelled() and after_close.cancelled()
     assert reached.result() is reader.snapshot
+
+
+def test_namespace_activity_reloads_on_its_own_generation(tmp_path):
+    """Activity writes reach every reader without a full reload, and never move back in time."""
+    from fastproxy.store import NamespaceActivity
+    from fastproxy.store.sqlite import SqliteReader, SqliteStore
+
+    writer = SqliteStore(tmp_path / "state.db")
+    writer.create_user("alice")
+    reader = SqliteReader(SqliteStore(tmp_path / "state.db"))
+    before = reader.snapshot
+    assert before.activities == {}
+    writer.record_namespace_activity({("prod", "team-a"): NamespaceActivity(
+        "prod", "team-a", 100.0, subject="alice", verb="list", resource="pods")})
+    writer.record_namespace_activity({("prod", "team-a"): NamespaceActivity("prod", "team-a", 50.0, verb="get")})
+    fresh = reader._fresh_snapshot(before)
+    assert fresh is not None and fresh.version == before.version and fresh.keys is before.keys  # keys not rebuilt
+    assert fresh.activities[("prod", "team-a")] == NamespaceActivity(
+        "prod", "team-a", 100.0, subject="alice", verb="list", resource="pods")
+    assert reader._fresh_snapshot(fresh) is None
+    assert [activity.namespace for activity in writer.list_namespace_activity()] == ["team-a"]
+    reader.close()
+    writer.close()

@@ -15,7 +15,7 @@ from fastproxy.auth.requestinfo import request_info
 from fastproxy.auth.scopes import CompiledScope, ScopeError, check_scope
 from fastproxy.store import StoreError, build_identity
 from fastproxy.store.base import ACTIVITY_REFRESH_SECONDS
-from fastproxy.store.sqlite import SqliteStore
+from fastproxy.store.sqlite import _MIGRATIONS, SqliteStore
 
 NOW = 1_800_000_000.0
 BAD_VALUE = "must be non-empty, without CR, LF, NUL or other control characters and without leading or trailing spaces"
@@ -268,7 +268,7 @@ def test_schema_is_versioned_and_in_wal_mode(store, tmp_path):
     store.close()
     SqliteStore(tmp_path / "state.db").close()  # reopening migrates nothing and loses nothing
     db = sqlite3.connect(tmp_path / "state.db")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS) == 3
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("SELECT name FROM users").fetchall() == [("alice",)]
     db.close()
@@ -278,5 +278,5 @@ def test_a_newer_schema_is_refused(tmp_path):
     db = sqlite3.connect(tmp_path / "state.db")
     db.execute("PRAGMA user_version = 99")
     db.close()
-    with pytest.raises(StoreError, match=r"schema version 99, newer than this fastproxy understands \(2\)$"):
+    with pytest.raises(StoreError, match=r"schema version 99, newer than this fastproxy understands \(3\)$"):
         SqliteStore(tmp_path / "state.db")
