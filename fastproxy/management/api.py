@@ -67,7 +67,6 @@ ADMINS = "loft:admins"
 DEFAULT_TOKEN_TTL = 3600
 WATCH_TIMEOUT = 1800.0      # seconds a watch lasts unless it asks for less (timeoutSeconds)
 WRITE_VISIBLE_TIMEOUT = 5.0  # how long a write waits for this worker's snapshot to show it
-_STORE_RESOURCES = frozenset(("users", "teams", "ownedaccesskeys"))
 
 
 class ManagementAPI:
