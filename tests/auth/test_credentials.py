@@ -113,14 +113,14 @@ def test_changes_in_another_connection_are_picked_up_within_a_poll(tmp_path, sto
 def test_an_unreadable_store_keeps_the_last_snapshot_and_says_so_once(tmp_path, store, caplog, monkeypatch):
     _, key = store.create_access_key(user="alice", name="k")
     authenticator = Authenticator(make_config(tmp_path))
-    real = authenticator.store.reader.store.changed_since
+    real = authenticator.store.reader.store.generations
     broken = {"on": True}
 
-    def changed_since(version):
+    def generations():
         if broken["on"]:
             raise OSError("disk on fire")
-        return real(version)
-    monkeypatch.setattr(authenticator.store.reader.store, "changed_since", changed_since)
+        return real()
+    monkeypatch.setattr(authenticator.store.reader.store, "generations", generations)
 
     async def scenario():
         await asyncio.sleep(4 * sqlite.POLL_INTERVAL)
