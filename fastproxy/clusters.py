@@ -14,7 +14,7 @@ import ssl
 from collections.abc import Iterable, Iterator
 
 from .config import ClusterConfig
-from .upstream import Pool, ResumingContext
+from .upstream import Pool, PoolStats, ResumingContext
 
 log = logging.getLogger("fastproxy.clusters")
 
@@ -48,8 +48,8 @@ class Upstream:
         self.refresh_credential()
 
     @classmethod
-    def connect(cls, loop: asyncio.AbstractEventLoop, cluster: ClusterConfig) -> Upstream:
-        return cls(cluster, Pool(loop, cluster, upstream_ssl_context(cluster)))
+    def connect(cls, loop: asyncio.AbstractEventLoop, cluster: ClusterConfig, stats: PoolStats | None = None) -> Upstream:
+        return cls(cluster, Pool(loop, cluster, upstream_ssl_context(cluster), stats))
 
     def refresh_credential(self) -> None:
         """Re-read the token file when it changed (projected service-account tokens rotate)."""
@@ -78,7 +78,9 @@ class ClusterRegistry:
     def __init__(self, loop: asyncio.AbstractEventLoop, clusters: Iterable[ClusterConfig] = ()):
         self.loop = loop
         self._by_name: dict[str, Upstream] = {}
+        self.names = self._by_name.keys()  # a live view: `name in registry.names` costs no call
         self._retired: list[Pool] = []
+        self.stats: dict[str, PoolStats] = {}  # cluster name -> its pools' dial counts, replacements included
         for cluster in clusters:
             self.put(cluster)
 
@@ -96,7 +98,8 @@ class ClusterRegistry:
         old = self._by_name.get(cluster.name)
         if old is not None and old.cluster == cluster:
             return old
-        upstream = Upstream.connect(self.loop, cluster)
+        stats = self.stats.setdefault(cluster.name, PoolStats())
+        upstream = Upstream.connect(self.loop, cluster, stats)
         self._by_name[cluster.name] = upstream
         if old is not None:
             self._retire(old)
@@ -116,6 +119,12 @@ class ClusterRegistry:
             self.remove(name)
         for cluster in wanted.values():
             self.put(cluster)
+
+    def pools(self) -> Iterator[Pool]:
+        """Every pool holding connections: the clusters' own, and the retired ones still draining."""
+        for upstream in self._by_name.values():
+            yield upstream.pool
+        yield from self._retired
 
     def _retire(self, upstream: Upstream) -> None:
         upstream.pool.retire()

@@ -98,6 +98,22 @@ class TokensConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus metrics at GET /metrics (fastproxy.observe.metrics).
+
+    `enabled = false` registers no observer at all and /metrics answers 404. Unless `open`, a
+    scrape needs a bearer credential (an access key, or a token for any cluster) whose identity
+    is an administrator, with `loft:admins` or `system:masters` among its groups; a key with a
+    scope must also allow the non-resource URL: a rule with `nonResourceURLs: ["/metrics"]` and
+    the verb `get` (or none, or `*`) for the request target `Management` (or none). No
+    credential: 401; any other: 403, as a Kubernetes Status.
+    """
+
+    enabled: bool = True
+    open: bool = False  # anyone who reaches the port may scrape, without a credential
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     clusters: tuple[ClusterConfig, ...]
@@ -105,6 +121,7 @@ class Config:
     path: str = ""
     state: StateConfig | None = None    # None: only the static access keys exist
     tokens: TokensConfig | None = None  # None: tokens are neither issued nor accepted
+    metrics: MetricsConfig = MetricsConfig()
 
 
 class _Table:
@@ -336,6 +353,13 @@ def _tokens(data: object) -> TokensConfig:
     return tokens
 
 
+def _metrics(data: object) -> MetricsConfig:
+    t = _Table(data, "metrics")
+    metrics = MetricsConfig(enabled=t.bool("enabled", True), open=t.bool("open"))
+    t.finish()
+    return metrics
+
+
 def _check_jwks(table: _Table, path: str, algorithms: tuple[str, ...]) -> None:
     try:
         with open(path, "rb") as f:
@@ -360,6 +384,7 @@ def parse_config(data: dict, path: str = "") -> Config:
     access_keys = tuple(_access_key(item, where) for item, where in _list_of_tables(root, "access_keys"))
     state = _state(root._get("state", dict, None)) if "state" in root.data else None
     tokens = _tokens(root._get("tokens", dict, None)) if "tokens" in root.data else None
+    metrics = _metrics(root._get("metrics", dict, {}))
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):
@@ -372,7 +397,8 @@ def parse_config(data: dict, path: str = "") -> Config:
             raise ConfigError(f"access_keys[{i}].name: duplicate access key name {key.name!r}")
         if key.key_sha256 in digests[:i]:
             raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
-    return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens)
+    return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens,
+                  metrics=metrics)
 
 
 def load_config(path: str) -> Config:

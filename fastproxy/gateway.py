@@ -12,8 +12,9 @@ from .context import Observer, Observers, RequestContext, RequestHead
 from .exchange import Connection, Responder
 from .local import Health
 from .management.api import ManagementAPI
+from .observe.metrics import CountedReviewer, Metrics
 from .proxy import ClusterProxy
-from .routing import CLUSTER, HEALTH, MANAGEMENT, NOT_SERVED, route
+from .routing import CLUSTER, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, route
 from .status import StatusError, status_response
 
 # A handler: builds the responder for one request, or raises StatusError to refuse it.
@@ -23,17 +24,25 @@ Handler = Callable[[Connection, RequestContext, Observers, bool], Responder]
 class Gateway:
     """Everything one worker needs to answer requests; pools are usable from any handler."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, observers: Sequence[Observer] = ()):
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, observers: Sequence[Observer] = (),
+                 metrics_share: str | None = None):
         self.config = config
         self.loop = loop
         self.clusters = ClusterRegistry(loop, config.clusters)
         self.authenticator = Authenticator(config)
-        self.observers = Observers(observers)
+        # Metrics: an observer like any other, unless disabled ([metrics]); `metrics_share` is
+        # the folder where the workers add up their numbers (server.py, workers > 1).
+        self.metrics = (Metrics(config, self.clusters, self.authenticator, metrics_share)
+                        if config.metrics.enabled else None)
+        self.observers = Observers((*observers, self.metrics) if self.metrics is not None else observers)
         self.proxy = ClusterProxy(config.server, self.clusters, self.authenticator, loop)
         self.management = ManagementAPI(config, self.authenticator, self.clusters, loop)
         # The router table's kinds -> handlers; a kind without one answers 404 (routing.NOT_SERVED).
         self.handlers: dict[str, Handler] = {CLUSTER: self.proxy.responder, MANAGEMENT: self.management.responder,
                                              HEALTH: Health}
+        if self.metrics is not None:
+            self.handlers[METRICS] = self.metrics.responder
+            self.proxy.reviewer = CountedReviewer(self.metrics.impersonation)
         self.connections: set = set()  # open client connections, for deadlines and shutdown
 
     def start(self) -> None:
@@ -65,12 +74,16 @@ class Gateway:
 
     def tick(self) -> None:
         """Once a second or so: expire idle upstream connections, pick up rotated tokens,
-        write batched key activity, re-read changed revocation lists."""
+        write batched key activity, re-read changed revocation lists, share the metrics."""
         self.clusters.tick()
         self.authenticator.tick()
         self.management.tick()
+        if self.metrics is not None:
+            self.metrics.tick()
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         self.management.close()
         self.clusters.close()
         self.authenticator.close()

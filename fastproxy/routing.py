@@ -24,6 +24,7 @@ AUTH = "auth"
 OIDC = "oidc"
 GRAFANA = "grafana"
 HEALTH = "health"
+METRICS = "metrics"
 
 
 class Prefix(NamedTuple):
@@ -44,6 +45,7 @@ ROUTES = (
     Prefix("/healthz/", HEALTH, exact=True),
     Prefix("/readyz/", HEALTH, exact=True),
     Prefix("/livez/", HEALTH, exact=True),
+    Prefix("/metrics/", METRICS, exact=True),
 )
 
 _CLUSTER_PREFIX = ROUTES[0].text
@@ -56,6 +58,7 @@ NOT_SERVED = {
     AUTH: "the /auth/ endpoints are not served by this gateway yet",
     OIDC: "the /oidc/ endpoints are not served by this gateway yet",
     GRAFANA: "the /grafana/ proxy is not served by this gateway yet",
+    METRICS: "metrics are disabled on this gateway ([metrics] enabled = false)",
 }
 
 

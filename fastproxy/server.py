@@ -20,6 +20,7 @@ from .client import ClientConnection
 from .config import Config, ServerConfig
 from .context import Observer
 from .gateway import Gateway
+from .observe import metrics
 from .status import status_response
 from .tlssocket import TLSListener
 
@@ -75,12 +76,12 @@ class Worker:
     """One process: an event loop serving every client connection it accepts."""
 
     def __init__(self, config: Config, sock: socket.socket, observers: Sequence[Observer] = (), *,
-                 handle_signals: bool = True):
+                 handle_signals: bool = True, metrics_share: str | None = None):
         self.config = config
         self.sock = sock
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        self.gateway = Gateway(config, self.loop, observers)
+        self.gateway = Gateway(config, self.loop, observers, metrics_share)
         self.handle_signals = handle_signals  # off when embedded in another program's thread
         self.stopping = asyncio.Event()
 
@@ -162,17 +163,23 @@ def serve(config: Config) -> int:
     reserved = listening_socket(server.host, server.port, listen=False)
     port = reserved.getsockname()[1]
     log.info("listening on %s://%s:%d (%d workers)", scheme, server.host, port, server.workers)
-    return _supervise(config, port, reserved)
+    # Where the workers add up their metrics, so that a scrape reaching any of them sees all.
+    share = metrics.share_folder() if config.metrics.enabled else None
+    try:
+        return _supervise(config, port, reserved, share)
+    finally:
+        if share is not None:
+            metrics.remove_share(share)
 
 
-def _start_worker(config: Config, port: int) -> int:
+def _start_worker(config: Config, port: int, metrics_share: str | None) -> int:
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            Worker(config, listening_socket(config.server.host, port)).run()
+            Worker(config, listening_socket(config.server.host, port), metrics_share=metrics_share).run()
             code = 0
         except BaseException:
             log.exception("worker %d failed", os.getpid())
@@ -182,9 +189,9 @@ def _start_worker(config: Config, port: int) -> int:
     return pid
 
 
-def _supervise(config: Config, port: int, reserved: socket.socket) -> int:
+def _supervise(config: Config, port: int, reserved: socket.socket, metrics_share: str | None) -> int:
     """Keep N workers running; forward SIGTERM/SIGINT to them and wait for their drain."""
-    workers = {_start_worker(config, port) for _ in range(config.server.workers)}
+    workers = {_start_worker(config, port, metrics_share) for _ in range(config.server.workers)}
     reserved.close()
     stopping = False
 
@@ -208,6 +215,8 @@ def _supervise(config: Config, port: int, reserved: socket.socket) -> int:
         except InterruptedError:
             continue
         workers.discard(pid)
+        if metrics_share is not None:
+            metrics.retire_worker(metrics_share, pid)  # its counters stay in the sum, its gauges leave it
         if stopping:
             continue
         log.error("worker %d exited (status %d); starting another", pid, os.waitstatus_to_exitcode(status))
@@ -217,7 +226,7 @@ def _supervise(config: Config, port: int, reserved: socket.socket) -> int:
             log.error("workers keep failing; giving up")
             stop(None, None)
             continue
-        workers.add(_start_worker(config, port))
+        workers.add(_start_worker(config, port, metrics_share))
     return 0
 
 

@@ -263,13 +263,27 @@ class ResumingContext(ssl.SSLContext):
             self.latest_session = session
 
 
+class PoolStats:
+    """What a cluster's pools did, counted per dial (never per request); kept by the cluster
+    registry across a pool's replacements, so the totals only grow."""
+
+    __slots__ = ("dials", "dial_failures", "tls_resumptions")
+
+    def __init__(self) -> None:
+        self.dials = 0            # connections attempted
+        self.dial_failures = 0    # attempts that did not end in a connection (refused, TLS, timeout)
+        self.tls_resumptions = 0  # TLS handshakes that resumed a session instead of a full exchange
+
+
 class Pool:
     """Keep-alive HTTP/1.1 connections to one cluster, shared by every request of this worker."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, cluster: ClusterConfig, ssl_context: ResumingContext | None):
+    def __init__(self, loop: asyncio.AbstractEventLoop, cluster: ClusterConfig, ssl_context: ResumingContext | None,
+                 stats: PoolStats | None = None):
         self.loop = loop
         self.cluster = cluster
         self.ssl_context = ssl_context
+        self.stats = PoolStats() if stats is None else stats
         self.server_hostname = cluster.tls_server_name or cluster.host  # what TLS verifies
         self.idle: list[UpstreamConnection] = []
         self.open_count = 0
@@ -356,10 +370,12 @@ class Pool:
 
     async def _connect(self, exchange: UpstreamExchange) -> None:
         cluster = self.cluster
+        self.stats.dials += 1
         try:
             conn = await asyncio.wait_for(self._open(), cluster.connect_timeout)
         except (TimeoutError, OSError, ssl.SSLError) as exc:
             self.open_count -= 1
+            self.stats.dial_failures += 1
             reason = "timed out connecting" if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
             log.warning("cluster %s: %s", cluster.name, reason)
             exchange.upstream_unreachable(f'cluster "{cluster.name}" is unreachable: {reason}')
@@ -375,6 +391,8 @@ class Pool:
         if context is None:
             await self.loop.create_connection(lambda: conn, cluster.host, cluster.port)
         else:
-            await open_tls_connection(self.loop, lambda: conn, cluster.host, cluster.port,
-                                      context, self.server_hostname, context.latest_session)
+            transport = await open_tls_connection(self.loop, lambda: conn, cluster.host, cluster.port,
+                                                  context, self.server_hostname, context.latest_session)
+            if transport.get_extra_info("ssl_object").session_reused:
+                self.stats.tls_resumptions += 1
         return conn
