@@ -6,12 +6,16 @@ import os
 import ssl
 import tomllib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import orjson
 
 from .auth.identity import HeaderValueError, check_header_value, key_digest
 from .names import DNS_SUBDOMAIN
+
+if TYPE_CHECKING:
+    from .observe.audit import AuditConfig
 
 
 class ConfigError(Exception):
@@ -114,6 +118,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ActivityConfig:
+    """`[activity]`: which requests count as sleep-mode activity (fastproxy.observe.activity), with
+    `[state]`; requests the gateway refused never do."""
+
+    enabled: bool = True
+    ignore_verbs: frozenset[str] = frozenset()  # e.g. "watch": an open watch is not someone at work
+    ignore_users: frozenset[str] = frozenset()  # e.g. a monitoring robot's subject
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     clusters: tuple[ClusterConfig, ...]
@@ -122,6 +136,8 @@ class Config:
     state: StateConfig | None = None    # None: only the static access keys exist
     tokens: TokensConfig | None = None  # None: tokens are neither issued nor accepted
     metrics: MetricsConfig = MetricsConfig()
+    activity: ActivityConfig = ActivityConfig()
+    audit: AuditConfig | None = None    # None: no audit log
 
 
 class _Table:
@@ -360,6 +376,20 @@ def _metrics(data: object) -> MetricsConfig:
     return metrics
 
 
+def _activity(data: object) -> ActivityConfig:
+    t = _Table(data, "activity")
+    activity = ActivityConfig(t.bool("enabled", True), frozenset(t.strings("ignore_verbs")),
+                              frozenset(t.strings("ignore_users")))
+    t.finish()
+    return activity
+
+
+def _audit(data: object) -> AuditConfig:
+    from .observe.audit import parse_audit_config  # the audit module parses its own table
+
+    return parse_audit_config(data)
+
+
 def _check_jwks(table: _Table, path: str, algorithms: tuple[str, ...]) -> None:
     try:
         with open(path, "rb") as f:
@@ -385,6 +415,8 @@ def parse_config(data: dict, path: str = "") -> Config:
     state = _state(root._get("state", dict, None)) if "state" in root.data else None
     tokens = _tokens(root._get("tokens", dict, None)) if "tokens" in root.data else None
     metrics = _metrics(root._get("metrics", dict, {}))
+    activity = _activity(root._get("activity", dict, {}))
+    audit = _audit(root._get("audit", dict, None)) if "audit" in root.data else None
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):
@@ -398,7 +430,7 @@ def parse_config(data: dict, path: str = "") -> Config:
         if key.key_sha256 in digests[:i]:
             raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
     return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens,
-                  metrics=metrics)
+                  metrics=metrics, activity=activity, audit=audit)
 
 
 def load_config(path: str) -> Config:
@@ -415,7 +447,7 @@ def load_config(path: str) -> Config:
     return parse_config(data, path)
 
 
-_PATH_KEYS = ("tls_cert_file", "tls_key_file", "ca_file", "token_file", "client_cert_file",
+_PATH_KEYS = ("policy_file", "tls_cert_file", "tls_key_file", "ca_file", "token_file", "client_cert_file",
               "client_key_file", "key_file", "path", "signing_keys_dir", "jwks_file", "revocation_file")
 
 

@@ -12,6 +12,8 @@ from .context import Observer, Observers, RequestContext, RequestHead
 from .exchange import Connection, Responder
 from .local import Health
 from .management.api import ManagementAPI
+from .observe.activity import ActivityObserver
+from .observe.audit import AuditObserver
 from .observe.metrics import CountedReviewer, Metrics
 from .proxy import ClusterProxy
 from .routing import CLUSTER, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, route
@@ -34,9 +36,15 @@ class Gateway:
         # the folder where the workers add up their numbers (server.py, workers > 1).
         self.metrics = (Metrics(config, self.clusters, self.authenticator, metrics_share)
                         if config.metrics.enabled else None)
-        self.observers = Observers((*observers, self.metrics) if self.metrics is not None else observers)
+        # Sleep-mode activity needs the state store to keep it; the audit log is on with [audit].
+        store = self.authenticator.store
+        self.activity = (ActivityObserver(store.reader, config.activity)
+                         if store is not None and config.activity.enabled else None)
+        self.audit = AuditObserver(config.audit) if config.audit is not None else None
+        self.observers = Observers([*observers, *(observer for observer in (self.metrics, self.activity, self.audit)
+                                                  if observer is not None)])
         self.proxy = ClusterProxy(config.server, self.clusters, self.authenticator, loop)
-        self.management = ManagementAPI(config, self.authenticator, self.clusters, loop)
+        self.management = ManagementAPI(config, self.authenticator, self.clusters, loop, audit=self.audit)
         # The router table's kinds -> handlers; a kind without one answers 404 (routing.NOT_SERVED).
         self.handlers: dict[str, Handler] = {CLUSTER: self.proxy.responder, MANAGEMENT: self.management.responder,
                                              HEALTH: Health}
@@ -74,16 +82,25 @@ class Gateway:
 
     def tick(self) -> None:
         """Once a second or so: expire idle upstream connections, pick up rotated tokens,
-        write batched key activity, re-read changed revocation lists, share the metrics."""
+        write batched key and namespace activity, re-read changed revocation lists, share the
+        metrics, write the audit log's ResponseStarted events."""
         self.clusters.tick()
         self.authenticator.tick()
         self.management.tick()
         if self.metrics is not None:
             self.metrics.tick()
+        if self.activity is not None:
+            self.activity.tick()
+        if self.audit is not None:
+            self.audit.tick()
 
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+        if self.activity is not None:
+            self.activity.flush()  # written by the reader's close below
         self.management.close()
         self.clusters.close()
         self.authenticator.close()
+        if self.audit is not None:
+            self.audit.close()

@@ -17,7 +17,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from itertools import islice
@@ -58,6 +58,7 @@ from .probe import ClusterProbe
 from .watch import Event, EventLog, WatchStream
 
 if TYPE_CHECKING:
+    from ..observe.audit import AuditObserver
     from .schema import Resource
 
 log = logging.getLogger("fastproxy.management")
@@ -73,8 +74,9 @@ class ManagementAPI:
     """The handler of /kubernetes/management/: one per worker, one ManagementRequest per request."""
 
     def __init__(self, config: Config, authenticator: Authenticator, clusters: ClusterRegistry,
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop, audit: AuditObserver | None = None):
         self.config = config
+        self.audit = audit  # given the bodies of requests and responses, for Request(Response)-level events
         self.authenticator = authenticator
         self.clusters = clusters
         self.loop = loop
@@ -260,6 +262,13 @@ class ManagementRequest(LocalResponder):
 
     def raw_body(self) -> bytes:
         return b"".join(self.body)
+
+    def send(self, status: int, body: bytes, content_type: bytes = b"application/json",
+             headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        audit = self.api.audit
+        if audit is not None:  # before the response goes out: the event is complete when it ends
+            audit.record_bodies(self.ctx, self.raw_body() or None, body)
+        super().send(status, body, content_type, headers)
 
     # --- dispatch ----------------------------------------------------------------------------
 

@@ -118,7 +118,7 @@ def snapshot_events(old: Snapshot, new: Snapshot) -> list[Event]:
     return events
 
 
-def _diff(old: Mapping[str, Any], new: Mapping[str, Any], version: int, resource: str, render: Any) -> list[Event]:
+def _diff(old: Mapping[Any, Any], new: Mapping[Any, Any], version: int, resource: str, render: Any) -> list[Event]:
     events = []
     for name, obj in new.items():
         before = old.get(name)

@@ -8,48 +8,20 @@ loop. The management API serves what is stored as `namespaceactivities`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..config import ActivityConfig
 from ..context import RequestContext
 from ..routing import CLUSTER, VIRTUAL_CLUSTER
 from ..store import NamespaceActivity, StateReader
 
 FLUSH_INTERVAL = 5.0  # seconds between batched writes: activity is kept at that resolution
-
-
-@dataclass(frozen=True, slots=True)
-class ActivityConfig:
-    """`[activity]`: which requests count (requests the gateway refused never do)."""
-
-    enabled: bool = True
-    ignore_verbs: frozenset[str] = frozenset()   # e.g. "watch": an open watch is not someone at work
-    ignore_users: frozenset[str] = frozenset()   # e.g. a monitoring robot's subject
-
-
-def parse_activity_config(data: object) -> ActivityConfig:
-    """The `[activity]` table; ConfigError naming the key."""
-    if not isinstance(data, dict):
-        raise ConfigError("activity: must be a table")
-    unknown = sorted(set(data) - {"enabled", "ignore_verbs", "ignore_users"})
-    if unknown:
-        raise ConfigError(f"activity.{unknown[0]}: unknown key")
-    enabled = data.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise ConfigError("activity.enabled: must be true or false")
-    lists = {}
-    for key in ("ignore_verbs", "ignore_users"):
-        value = data.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
-            raise ConfigError(f"activity.{key}: must be a list of non-empty strings")
-        lists[key] = frozenset(value)
-    return ActivityConfig(enabled, lists["ignore_verbs"], lists["ignore_users"])
+EVERY_REQUEST = ActivityConfig()  # the default: every request the gateway served counts
 
 
 class ActivityObserver:
     """Notes the namespace activity of finished requests and writes it in batches."""
 
-    def __init__(self, reader: StateReader, config: ActivityConfig = ActivityConfig()):
+    def __init__(self, reader: StateReader, config: ActivityConfig = EVERY_REQUEST):
         self.reader = reader
         self.config = config
         self.pending: dict[tuple[str, str], NamespaceActivity] = {}

@@ -561,3 +561,20 @@ def test_every_worker_serves_what_another_one_wrote(stack, tmp_path):
             assert got.stdout == "200"
     finally:
         workers.stop()
+
+
+def test_requests_to_a_namespace_are_sleep_mode_activity(stack):
+    code, _ = stack.curl("GET", f"/kubernetes/cluster/{CLUSTER}/api/v1/namespaces/team-b/configmaps")
+    assert code == 200
+    deadline = time.monotonic() + 10  # batched: written within FLUSH_INTERVAL, then seen within a poll
+    while (got := stack.curl("GET", f"{GROUP_PATH}/namespaceactivities/{CLUSTER}.team-b"))[0] != 200:
+        assert time.monotonic() < deadline, got
+        time.sleep(0.3)
+    status = got[1]["status"]
+    assert status["lastActivityInfo"] == {"subject": "admin", "verb": "list", "resource": "configmaps"}
+    assert abs(status["lastActivity"] - time.time()) < 15
+    assert stack.curl("GET", f"{GROUP_PATH}/namespaceactivities", key=stack.jane_key)[0] == 403  # admins only
+    rows = [line.split() for line in cli(stack.config, "activity", "list").splitlines()]
+    assert [CLUSTER, "team-b"] in [row[:2] for row in rows]
+    table = stack.kubectl("get", "namespaceactivities").stdout.splitlines()
+    assert table[0].split()[:3] == ["NAME", "CLUSTER", "NAMESPACE"] and any(f"{CLUSTER}.team-b" in row for row in table)

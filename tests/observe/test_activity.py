@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from fastproxy.auth.identity import Identity
-from fastproxy.config import ConfigError
+from fastproxy.config import ActivityConfig, ConfigError, parse_config
 from fastproxy.context import RequestContext, RequestHead
-from fastproxy.observe.activity import ActivityConfig, ActivityObserver, parse_activity_config
+from fastproxy.observe.activity import ActivityObserver
 from fastproxy.routing import route
 from fastproxy.store.sqlite import SqliteReader, SqliteStore
 
@@ -67,11 +67,18 @@ def test_batches_are_handed_over_once_per_interval(reader, monkeypatch):
     assert [list(batch) for batch in written] == [[("prod", "a")]] and observer.pending == {}
 
 
+def test_activity_config():
+    assert parse_config({"activity": {"ignore_verbs": ["watch"]}}).activity == ActivityConfig(
+        ignore_verbs=frozenset({"watch"}))
+    assert parse_config({}).activity == ActivityConfig()
+
+
 @pytest.mark.parametrize(("data", "message"), [
     ({"enabled": "yes"}, "activity.enabled: must be true or false"),
-    ({"ignore_verbs": "watch"}, "activity.ignore_verbs: must be a list of non-empty strings"),
-    ({"ignore_user": []}, "activity.ignore_user: unknown key"),
+    ({"ignore_verbs": "watch"}, "activity.ignore_verbs: must be a list"),
+    ({"ignore_verbs": [""]}, "activity.ignore_verbs: must be a list of non-empty strings"),
+    ({"ignore_user": []}, "activity.ignore_user"),
 ])
 def test_bad_activity_config_names_the_key(data, message):
     with pytest.raises(ConfigError, match=message):
-        parse_activity_config(data)
+        parse_config({"activity": data})
