@@ -73,26 +73,35 @@ class Observer(Protocol):
 
 
 class Observers:
-    """The configured observers; with none, `active` is False and the connection calls nothing."""
+    """The configured observers; with none, `active` is False and the connection calls nothing.
 
-    __slots__ = ("observers", "active")
+    `start` and `finish` are set to the lone observer's own methods when there is one, so the
+    common case costs one call per event rather than a loop."""
+
+    __slots__ = ("observers", "active", "start", "finish")
 
     def __init__(self, observers: Sequence[Observer] = ()):
-        self.observers = tuple(observers)
-        self.active = bool(self.observers)
+        self.observers: tuple[Observer, ...] = ()
+        self._set(tuple(observers))
 
     def add(self, observer: Observer) -> None:
-        self.observers += (observer,)
-        self.active = True
+        self._set((*self.observers, observer))
 
     def remove(self, observer: Observer) -> None:
-        self.observers = tuple(o for o in self.observers if o is not observer)
-        self.active = bool(self.observers)
+        self._set(tuple(o for o in self.observers if o is not observer))
 
-    def start(self, ctx: RequestContext) -> None:
+    def _set(self, observers: tuple[Observer, ...]) -> None:
+        self.observers = observers
+        self.active = bool(observers)
+        if len(observers) == 1:
+            self.start, self.finish = observers[0].start, observers[0].finish
+        else:
+            self.start, self.finish = self._start_each, self._finish_each
+
+    def _start_each(self, ctx: RequestContext) -> None:
         for observer in self.observers:
             observer.start(ctx)
 
-    def finish(self, ctx: RequestContext) -> None:
+    def _finish_each(self, ctx: RequestContext) -> None:
         for observer in self.observers:
             observer.finish(ctx)

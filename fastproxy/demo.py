@@ -110,9 +110,10 @@ def prepare(state: Path, cluster_url: str, cluster_ca: Path, gateway_token: Path
     return config
 
 
-def instructions(state: Path) -> str:
+def instructions(state: Path, listen: str) -> str:
     kubeconfig = state / "kubeconfig"
     config = state / "fastproxy.toml"
+    ca, admin_key = state / "gateway-tls" / "ca.crt", state / "admin.key"
     return textwrap.dedent(f"""
         fastproxy demo is running. In another terminal:
 
@@ -134,6 +135,11 @@ def instructions(state: Path) -> str:
           kubectl --context management get users -w &  # then, from the CLI:
           fastproxy user create --config {config} bob --email bob@example.com
           kubectl --context management explain user.spec
+          kubectl --context management get namespaceactivities   # who last worked where (sleep mode)
+
+        Prometheus metrics, for the admin key:
+
+          curl -s --cacert {ca} -H "Authorization: Bearer $(cat {admin_key})" https://{listen}/metrics | grep ^fastproxy_requests
 
         Ctrl-C stops everything.
     """)
@@ -179,7 +185,7 @@ def run_demo(state_dir: str, listen: str, activity_rate: float) -> int:
         config = load_config(str(prepare(state, cluster.url, cluster.ca_file, cluster.gateway_token_file, listen)))
         seed_state(config)
         log.info("simulated cluster %r at %s (pid %d)", CLUSTER, cluster.url, cluster.pid)
-        print(instructions(state), flush=True)
+        print(instructions(state, listen), flush=True)
         return serve(config)
     finally:
         cluster.stop()

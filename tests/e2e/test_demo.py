@@ -1,0 +1,63 @@
+"""`fastproxy demo` as a user runs it (what scripts/run starts): the commands it prints work."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.e2e.test_kubectl_through_gateway import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    listen = f"127.0.0.1:{free_port()}"
+    log = open(folder / "demo.log", "w+")
+    process = subprocess.Popen([sys.executable, "-m", "fastproxy", "demo", "--dir", str(folder / "state"), "--listen", listen],
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while "Ctrl-C stops everything" not in (text := (folder / "demo.log").read_text()):
+            assert process.poll() is None and time.monotonic() < deadline, text
+            time.sleep(0.1)
+        time.sleep(0.5)  # the printed hints come before the listener is up
+        yield text, {**os.environ, "KUBECONFIG": str(folder / "state" / "kubeconfig"), "HOME": str(folder)}
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def printed(text: str, starting: str) -> str:
+    """The command the demo printed that starts with `starting`, without its comment."""
+    line = next(line.strip() for line in text.splitlines() if line.strip().startswith(starting))
+    return re.sub(r"\s+#.*$", "", line)
+
+
+def run(command: str, env: dict) -> str:
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 0, f"{command}: {result.stderr}"
+    return result.stdout
+
+
+def test_the_management_api_hints_work(demo):
+    text, env = demo
+    resources = run(printed(text, "kubectl --context management api-resources"), env)
+    assert "users" in resources and "namespaceactivities" in resources
+    listed = run(printed(text, "kubectl --context management get users,teams,clusters"), env)
+    assert "jane" in listed and "developers" in listed and "demo" in listed
+    run(printed(text, "fastproxy user create"), env | {"PATH": f"{os.path.dirname(sys.executable)}:{env['PATH']}"})
+    assert "bob" in run("kubectl --context management get users -o name", env)
+    assert "email" in run(printed(text, "kubectl --context management explain user.spec"), env)
+
+
+def test_the_metrics_hint_shows_the_requests_made(demo):
+    text, env = demo
+    run("kubectl get pods -A", env)
+    metrics = run(printed(text, "curl -s --cacert"), env)
+    assert re.search(r'^fastproxy_requests_total\{endpoint="cluster",cluster="demo",verb="list",code="200"\} [1-9]', metrics, re.M)
