@@ -253,7 +253,7 @@ def test_kubectl_watch_sees_a_user_the_cli_creates(stack):
         while (row := read_line(watch, 5).split())[0] != "watched":
             pass
         assert "watched@example.com" in row
-        assert time.monotonic() - created < 1.5
+        assert time.monotonic() - created < 1.0  # the CLI process exits first: this is an upper bound
     finally:
         watch.kill()
         watch.wait()
