@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from .context import Observers, RequestContext
 from .flow import ReadGate
-from .status import status_response
+from .status import StatusError, status_response
 
 # What the connection's deadline guards.
 AWAITING_HEAD, IDLE, AWAITING_RESPONSE = 1, 2, 3
@@ -103,15 +103,20 @@ class Responder:
         self.client.transport.write(response)
         self.finish()
 
-    def fail(self, code: int, message: str, *, close: bool = False) -> None:
+    def fail(self, code: int, message: str, *, close: bool = False, reason: str | None = None,
+             details: dict[str, Any] | None = None) -> None:
         """Answer with a Status in place of the handler's response (queued: answered in its turn)."""
         self.keep_alive = self.keep_alive and not close
         self.ctx.message = message
-        response = status_response(code, message, close=not self.keep_alive)
+        response = status_response(code, message, close=not self.keep_alive, reason=reason, details=details)
         if self is not self.client.active:
             self.canned = response  # still queued: answered in its turn
             return
         self.respond(response)
+
+    def refuse(self, error: StatusError, *, close: bool = False) -> None:
+        """`fail` with what a StatusError says: code, message, reason and details."""
+        self.fail(error.code, error.message, close=close or error.close, reason=error.reason, details=error.details)
 
     def finish(self) -> None:
         if not self.finished:

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from .exchange import Responder
-from .status import REASONS, StatusError, date_line, status_body, status_line
+from .status import StatusError, date_line, status_line
 
 log = logging.getLogger("fastproxy.local")
 
@@ -93,12 +93,8 @@ class LocalResponder(Responder):
     def _refuse(self, err: StatusError) -> None:
         if self.streaming:
             self.abort()
-        elif err.details or err.reason != REASONS.get(err.code):
-            self.keep_alive = self.keep_alive and not err.close
-            self.ctx.message = err.message
-            self.send(err.code, status_body(err.code, err.message, err.reason, err.details))
         else:
-            self.fail(err.code, err.message, close=err.close)
+            self.refuse(err)
 
     # --- what handlers call ------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from . import headers as hdrs
@@ -202,7 +202,7 @@ class ProxyExchange(Responder):
             return  # timed out or the client left meanwhile
         if refusal is not None:
             # A client still holding back its body (Expect) cannot go on with this connection.
-            self.fail(refusal.code, refusal.message, close=self.plan.expect_continue and not self.request_done)
+            self.refuse(refusal, close=self.plan.expect_continue and not self.request_done)
             return
         if self.plan.expect_continue:
             self.client.transport.write(CONTINUE)
@@ -376,14 +376,15 @@ class ProxyExchange(Responder):
         cluster = self.plan.upstream.cluster
         self.fail(504, f'cluster "{cluster.name}" did not answer within {cluster.response_header_timeout:g}s')
 
-    def fail(self, code: int, message: str, *, close: bool = False) -> None:
+    def fail(self, code: int, message: str, *, close: bool = False, reason: str | None = None,
+             details: dict[str, Any] | None = None) -> None:
         """Answer with a Status in place of the upstream's response."""
         if self.response_started:
             self.abort()
             return
         self._detach()
         self.response_started = True
-        super().fail(code, message, close=close)
+        super().fail(code, message, close=close, reason=reason, details=details)
 
     def abort(self) -> None:
         """The response cannot be completed: cut the client off so it sees a truncated message."""

@@ -228,7 +228,7 @@ class ManagementAPI:
 class ManagementRequest(LocalResponder):
     """One management API request."""
 
-    __slots__ = ("api", "credential", "content_type", "query", "watch")
+    __slots__ = ("api", "credential", "content_type", "query", "watch", "key", "key_known")
 
     def __init__(self, client: Connection, ctx: RequestContext, observers: Observers, keep_alive: bool,
                  api: ManagementAPI, credential: bytes):
@@ -238,6 +238,8 @@ class ManagementRequest(LocalResponder):
         self.content_type = self.header(b"content-type")
         self.query = dict(parse_qsl(ctx.route.query, keep_blank_values=True)) if ctx.route and ctx.route.query else {}
         self.watch: WatchStream | None = None
+        self.key: AccessKey | None = None
+        self.key_known = False
 
     @property
     def identity(self) -> Identity:
@@ -324,10 +326,13 @@ class ManagementRequest(LocalResponder):
         return ADMINS in self.identity.groups
 
     def caller_key(self) -> AccessKey | None:
-        """The state-store access key the request presented (None: a static key or a token)."""
-        snapshot = self.api.snapshot
-        entry = snapshot.keys.get(key_digest(self.credential)) if snapshot is not None else None
-        return entry.access_key if entry is not None else None
+        """The state-store access key the request presented (None: a static key or a token),
+        looked up once per request: authorization and filtering both ask."""
+        if not self.key_known:
+            snapshot = self.api.snapshot
+            entry = snapshot.keys.get(key_digest(self.credential)) if snapshot is not None else None
+            self.key, self.key_known = (entry.access_key if entry is not None else None), True
+        return self.key
 
     def caller_user(self) -> User | None:
         key = self.caller_key()
@@ -493,19 +498,23 @@ class ManagementRequest(LocalResponder):
             return schema.table(resource, [obj], include_object=include, list_meta={}) if table else obj
 
         timeout = self.query.get("timeoutSeconds", "")
-        seconds = float(timeout) if timeout.isdigit() and int(timeout) > 0 else WATCH_TIMEOUT
+        since = self.query.get("resourceVersion", "")
+        # Checked before the stream opens: afterwards a refusal could only be an ERROR event.
+        for name, value in (("timeoutSeconds", timeout), ("resourceVersion", since)):
+            if value and not value.isdigit():
+                raise StatusError(400, f"{name} must be a non-negative integer, not {value!r}")
+        seconds = float(timeout) if timeout and int(timeout) > 0 else WATCH_TIMEOUT
         watch = WatchStream(self.api.events, self, plural, admits or _everything, render,
                             kind=resource.kind, bookmarks=self.query.get("allowWatchBookmarks") in ("true", "1"),
                             timeout=seconds)
         self.watch = watch
         self.begin_stream(200, TABLE_TYPE if table else body.JSON.encode())
-        since = self.query.get("resourceVersion", "")
         # Clusters and activity have versions of their own: a watch of them starts from what is now.
         if since in ("", "0") or plural in ("clusters", "namespaceactivities"):
             version = self.list_version(resource)
             watch.start(Event(version, "ADDED", plural, obj) for obj in self.api.objects(plural).values())
             return
-        replay = self.api.events.since(int(since), plural) if since.isdigit() else None
+        replay = self.api.events.since(int(since), plural)
         if replay is None:
             watch.error(_status(410, f"too old resource version: {since} ({self.api.events.oldest})", "Expired"))
             return

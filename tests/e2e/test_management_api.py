@@ -578,3 +578,9 @@ def test_requests_to_a_namespace_are_sleep_mode_activity(stack):
     assert [CLUSTER, "team-b"] in [row[:2] for row in rows]
     table = stack.kubectl("get", "namespaceactivities").stdout.splitlines()
     assert table[0].split()[:3] == ["NAME", "CLUSTER", "NAMESPACE"] and any(f"{CLUSTER}.team-b" in row for row in table)
+
+
+def test_bad_watch_parameters_are_refused_before_the_stream_opens(stack):
+    for query in ("resourceVersion=abc", "timeoutSeconds=-1"):
+        code, status = stack.curl("GET", f"{GROUP_PATH}/users?watch=1&{query}")
+        assert code == 400 and status["reason"] == "BadRequest" and query.split("=")[0] in status["message"]
