@@ -30,7 +30,6 @@ from .identity import Identity
 from .scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX, AccessKeyScope, ScopeError, load_scope, parse_scope
 
 SUPPORTED_ALGORITHMS = ("RS256", "ES256")
-DEFAULT_MAX_TOKEN_LIFETIME = MAX_TOKEN_TTL
 _THUMBPRINT_MEMBERS = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y")}
 
 
@@ -87,7 +86,7 @@ class KeySet:
     """The active signing key and the retired public keys still needed to verify tokens."""
 
     def __init__(self, directory: str | os.PathLike[str], *, algorithm: str = "RS256",
-                 max_token_lifetime: int = DEFAULT_MAX_TOKEN_LIFETIME, now: float | None = None) -> None:
+                 max_token_lifetime: int = MAX_TOKEN_TTL, now: float | None = None) -> None:
         """Load the keys in `directory`, creating it and a key of `algorithm` if none can sign.
 
         A change of `algorithm` takes effect at the next rotation.

@@ -24,7 +24,7 @@ PROBE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
-class Health:
+class ClusterHealth:
     phase: str                 # Ready, Unreachable, or Unknown until the first probe ends
     kubernetes_version: str = ""
     latency: float = 0.0       # seconds for the /version round trip
@@ -32,7 +32,7 @@ class Health:
     message: str = ""
 
 
-UNKNOWN = Health("Unknown", message="not probed yet")
+UNKNOWN = ClusterHealth("Unknown", message="not probed yet")
 
 
 class ClusterProbe:
@@ -42,7 +42,7 @@ class ClusterProbe:
         self.clusters = clusters
         self.loop = loop
         self.changed = changed
-        self.health: dict[str, Health] = {}
+        self.health: dict[str, ClusterHealth] = {}
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -53,7 +53,7 @@ class ClusterProbe:
             self.task.cancel()
             self.task = None
 
-    def of(self, name: str) -> Health:
+    def of(self, name: str) -> ClusterHealth:
         return self.health.get(name, UNKNOWN)
 
     async def _run(self) -> None:
@@ -71,17 +71,17 @@ class ClusterProbe:
                     self.changed(name)
             await asyncio.sleep(PROBE_INTERVAL)
 
-    async def _probe(self, upstream: Upstream) -> Health:
+    async def _probe(self, upstream: Upstream) -> ClusterHealth:
         started = time.monotonic()
         try:
             code, body = await request(upstream, "GET", "/version", timeout=PROBE_TIMEOUT, limit=64 * 1024)
         except UpstreamRequestError as error:
-            return Health("Unreachable", checked=time.time(), message=error.message)
+            return ClusterHealth("Unreachable", checked=time.time(), message=error.message)
         latency = time.monotonic() - started
         if code != 200:
-            return Health("Unreachable", latency=latency, checked=time.time(), message=f"/version answered {code}")
+            return ClusterHealth("Unreachable", latency=latency, checked=time.time(), message=f"/version answered {code}")
         try:
             version = orjson.loads(body).get("gitVersion", "")
         except (orjson.JSONDecodeError, AttributeError):
             version = ""
-        return Health("Ready", str(version), latency, time.time())
+        return ClusterHealth("Ready", str(version), latency, time.time())
