@@ -15,10 +15,11 @@ import itertools
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
+from fastproxy.auth.requestinfo import request_verb
 from fastproxy.clusters import ClusterRegistry
 from fastproxy.config import parse_config
 from fastproxy.context import RequestContext, RequestHead
-from fastproxy.observe.metrics import DURATION_AT, DURATION_BUCKETS, SIZE_BUCKETS, Metrics, request_verb
+from fastproxy.observe.metrics import DURATION_AT, DURATION_BUCKETS, SIZE_BUCKETS, Metrics
 from fastproxy.routing import route
 
 BATCH = 1000
@@ -80,7 +81,7 @@ class LibraryObserver:
         self.in_flight.dec()
         where = ctx.route
         cluster = where.cluster if where.cluster in self.known else ""
-        key = (where.kind, cluster, request_verb(ctx.head.method, where.path, where.query), ctx.status)
+        key = (where.kind, cluster, request_verb(ctx.method, where.path, where.query), ctx.status)
         children = self.children.get(key)
         if children is None:
             route_labels = key[:3]

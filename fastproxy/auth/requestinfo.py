@@ -84,6 +84,35 @@ def request_info(method: str, path: str, query: str) -> RequestInfo:
                        subresource, name, tuple(rest))
 
 
+def request_verb(method: str, path: str, query: str) -> str:
+    """`request_info(method, path, query).verb` for a normalised path (no empty segments), in a
+    third of its time: the same steps, keeping only what decides the verb (the API prefix, a path
+    verb, the namespace, and whether a name follows the resource)."""
+    parts = path.strip("/").split("/")
+    count = len(parts)
+    first = parts[0]
+    if first == "api" and count > 2:
+        i = 2
+    elif first == "apis" and count > 3:
+        i = 3
+    else:
+        return method.lower()
+    verb = parts[i]
+    if verb in _PATH_VERBS:
+        if count - i < 2:
+            return method.lower()
+        i += 1
+    else:
+        verb = _METHOD_VERBS.get(method, "")
+    if parts[i] == "namespaces" and count - i > 2 and parts[i + 2] not in _NAMESPACE_SUBRESOURCES:
+        i += 2
+    if count - i > 1:  # a name follows the resource
+        return verb
+    if verb == "get":
+        return _list_or_watch(query)[0]
+    return "deletecollection" if verb == "delete" else verb
+
+
 def _list_or_watch(query: str) -> tuple[str, str]:
     """The verb of a GET without a name, and the name an exact metadata.name selector gives it."""
     # An escaped key could spell "watch", so only a query without "%" may skip the parse.

@@ -33,7 +33,7 @@ import orjson
 
 from .. import headers as hdrs
 from ..auth.impersonation import ImpersonationReviewer
-from ..auth.requestinfo import _METHOD_VERBS, _NAMESPACE_SUBRESOURCES, _PATH_VERBS, _list_or_watch, request_info
+from ..auth.requestinfo import request_info, request_verb
 from ..auth.scopes import check_scope
 from ..local import LocalResponder
 from ..proxy import is_long_running
@@ -96,43 +96,6 @@ def auth_failure_reason(message: str) -> str:
             or "claim" in message or "no key id" in message):
         return "malformed"
     return "invalid_key"  # unknown, disabled or expired access key; untrusted or unverifiable token
-
-
-_VERB_OF_METHOD = {method.encode(): verb for method, verb in _METHOD_VERBS.items()}
-# Non-resource requests: the method, lower-cased, of those the label may carry.
-_METHOD_LABELS = {method.encode(): method.lower() for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
-
-
-def request_verb(method: bytes, path: str, query: str) -> str:
-    """`request_info(method, path, query).verb` for a normalised path (no empty segments), in
-    a third of its time, bounded to VERBS ("other" for other methods of non-resource requests).
-
-    The same steps as auth.requestinfo.request_info, keeping only what decides the verb: the
-    API prefix, a path verb (watch, proxy), the namespace, and whether a name follows the resource.
-    """
-    parts = path.strip("/").split("/")
-    count = len(parts)
-    first = parts[0]
-    if first == "api" and count > 2:
-        i = 2
-    elif first == "apis" and count > 3:
-        i = 3
-    else:
-        return _METHOD_LABELS.get(method, OTHER_VERB)
-    verb = parts[i]
-    if verb in _PATH_VERBS:
-        if count - i < 2:
-            return _METHOD_LABELS.get(method, OTHER_VERB)
-        i += 1
-    else:
-        verb = _VERB_OF_METHOD.get(method, OTHER_VERB)
-    if parts[i] == "namespaces" and count - i > 2 and parts[i + 2] not in _NAMESPACE_SUBRESOURCES:
-        i += 2
-    if count - i > 1:  # a name follows the resource
-        return verb
-    if verb == "get":
-        return _list_or_watch(query)[0]
-    return "deletecollection" if verb == "delete" else verb
 
 
 class Metrics:
@@ -222,7 +185,8 @@ class Metrics:
             labels = (NO_ROUTE, "", "")
         else:
             cluster = route.cluster
-            labels = (route.kind, cluster if cluster in self._known else "", request_verb(ctx.head.method, route.path, route.query))
+            verb = request_verb(ctx.method, route.path, route.query)
+            labels = (route.kind, cluster if cluster in self._known else "", verb if verb in VERBS else OTHER_VERB)
         if len(self._targets) >= TARGET_MEMO:
             self._targets.clear()
         series = self._targets[target] = (self.short.setdefault(labels, {}), self.long.setdefault(labels, {}))

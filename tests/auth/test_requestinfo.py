@@ -1,9 +1,12 @@
 """request_info against the API server's reading of requests, field by field."""
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 
-from fastproxy.auth.requestinfo import RequestInfo, RequestTarget, request_info
+from fastproxy.auth.requestinfo import RequestInfo, RequestTarget, request_info, request_verb
 
 # (method, path, query) -> (verb, api_group, namespace, resource, subresource, name)
 RESOURCE_CASES = [
@@ -105,6 +108,31 @@ def test_non_resource_requests(method, path):
 
 def test_path_verb_without_a_resource_is_a_resource_request_with_nothing_known():
     assert request_info("GET", "/api/v1/watch", "") == RequestInfo(True, "/api/v1/watch", "get", "api", "", "v1")
+
+
+SEGMENTS = ("api", "apis", "v1", "apps", "namespaces", "ns", "status", "finalize", "watch", "proxy", "pods", "log")
+QUERIES = ("", "watch=1", "watch=false", "limit=5", "fieldSelector=metadata.name%3Dweb", "w%61tch=1")
+
+
+def paths():
+    for length in range(5):
+        for segments in itertools.product(SEGMENTS, repeat=length):
+            yield "/" + "/".join(segments)
+    rng = random.Random(7)
+    for _ in range(3000):
+        yield "/" + "/".join(rng.choice(SEGMENTS) for _ in range(rng.randint(5, 8)))
+
+
+def test_request_verb_is_request_infos_verb():
+    checked = 0
+    for path in paths():
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND"):
+            for query in QUERIES if method == "GET" else ("",):
+                for variant in (path, path + "/") if path != "/" else (path,):
+                    assert request_verb(method, variant, query) == request_info(method, variant, query).verb, (
+                        method, variant, query)
+                    checked += 1
+    assert checked > 200_000
 
 
 def test_request_targets_are_the_loft_names():
