@@ -19,11 +19,11 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import replace
-from typing import Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -190,6 +190,30 @@ class SqliteStore(StateAdmin):
                 self._connection.close()
             self._connection = None
 
+    # ---- the read-check-write path of every update and delete ----
+
+    @contextmanager
+    def _current(self, kind: _Kind[Obj], name: str,
+                 expected_version: int | None) -> Iterator[tuple[sqlite3.Connection, Obj]]:
+        """A write transaction and the object `name` as stored in it: NotFoundError if there is none,
+        ConflictError if it is not at `expected_version` (None: any)."""
+        with self._transaction(write=True) as db:
+            obj = kind.read(db, name)
+            check_version(obj, kind.what, expected_version)
+            yield db, obj
+
+    def _update_object(self, kind: _Kind[Obj], name: str, expected_version: int | None,
+                       fields: Mapping[str, Any]) -> Obj:
+        """Set the checked `fields` of the object `name`; a change of nothing writes nothing."""
+        with self._current(kind, name, expected_version) as (db, obj):
+            updated = replace(obj, **fields)
+            if updated == obj:
+                return obj
+            _update(db, kind.table, kind.columns, kind.row(updated))
+            if kind.written is not None:
+                kind.written(db, obj, updated)
+            return replace(updated, resource_version=_stamp(db, kind.table, [name]))
+
     # ---- users ----
 
     def create_user(self, name: str, *, username: str = "", display_name: str = "", email: str = "",
@@ -215,22 +239,13 @@ class SqliteStore(StateAdmin):
             return [_user(row) for row in db.execute(f"{_USERS} ORDER BY name")]
 
     def update_user(self, name: str, *, expected_version: int | None = None, **changes: Any) -> User:
-        fields = user_changes(name, changes)
-        with self._transaction(write=True) as db:
-            user = _read_user(db, name)
-            updated = _apply(user, "user", expected_version, fields)
-            if updated is user:
-                return user
-            _update(db, "users", _USER_COLUMNS, _user_row(updated))
-            return replace(updated, resource_version=_stamp(db, "users", [name]))
+        return self._update_object(_USER_KIND, name, expected_version, user_changes(name, changes))
 
     def disable_user(self, name: str) -> None:
         self.update_user(name, disabled=True)
 
     def delete_user(self, name: str, *, expected_version: int | None = None) -> User:
-        with self._transaction(write=True) as db:
-            user = _read_user(db, name)
-            check_version(user, "user", expected_version)
+        with self._current(_USER_KIND, name, expected_version) as (db, user):
             teams = [team for (team,) in db.execute("SELECT team FROM team_members WHERE user = ?", (name,))]
             db.execute("DELETE FROM team_members WHERE user = ?", (name,))
             db.execute("DELETE FROM access_keys WHERE user = ?", (name,))
@@ -263,20 +278,10 @@ class SqliteStore(StateAdmin):
             return _teams(db)
 
     def update_team(self, name: str, *, expected_version: int | None = None, **changes: Any) -> Team:
-        fields = checked_changes(TEAM_FIELDS, changes, "team")
-        with self._transaction(write=True) as db:
-            team = _read_team(db, name)
-            updated = _apply(team, "team", expected_version, fields)
-            if updated is team:
-                return team
-            _update(db, "teams", _TEAM_COLUMNS, _team_row(updated))
-            _set_members(db, name, team.members, updated.members)
-            return replace(updated, resource_version=_stamp(db, "teams", [name]))
+        return self._update_object(_TEAM_KIND, name, expected_version, checked_changes(TEAM_FIELDS, changes, "team"))
 
     def delete_team(self, name: str, *, expected_version: int | None = None) -> Team:
-        with self._transaction(write=True) as db:
-            team = _read_team(db, name)
-            check_version(team, "team", expected_version)
+        with self._current(_TEAM_KIND, name, expected_version) as (db, team):
             db.execute("DELETE FROM access_keys WHERE team = ?", (name,))
             db.execute("DELETE FROM teams WHERE name = ?", (name,))  # and its memberships, by ON DELETE CASCADE
             return replace(team, resource_version=_generation(db))
@@ -315,22 +320,14 @@ class SqliteStore(StateAdmin):
             return _access_keys(db)
 
     def update_access_key(self, name: str, *, expected_version: int | None = None, **changes: Any) -> AccessKey:
-        fields = checked_changes(ACCESS_KEY_FIELDS, changes, "access key")
-        with self._transaction(write=True) as db:
-            key = _read_key(db, name)
-            updated = _apply(key, "access key", expected_version, fields)
-            if updated is key:
-                return key
-            _update(db, "access_keys", _KEY_COLUMNS, _key_row(updated))
-            return replace(updated, resource_version=_stamp(db, "access_keys", [name]))
+        return self._update_object(_KEY_KIND, name, expected_version,
+                                   checked_changes(ACCESS_KEY_FIELDS, changes, "access key"))
 
     def disable_access_key(self, name: str) -> None:
         self.update_access_key(name, disabled=True)
 
     def delete_access_key(self, name: str, *, expected_version: int | None = None) -> AccessKey:
-        with self._transaction(write=True) as db:
-            key = _read_key(db, name)
-            check_version(key, "access key", expected_version)
+        with self._current(_KEY_KIND, name, expected_version) as (db, key):
             db.execute("DELETE FROM access_keys WHERE name = ?", (name,))
             return replace(key, resource_version=_generation(db))
 
@@ -578,14 +575,6 @@ def _fetch(db: sqlite3.Connection, query: str, name: str, what: str) -> tuple[An
     return row
 
 
-def _apply(obj: Obj, what: str, expected_version: int | None, fields: Mapping[str, Any]) -> Obj:
-    """`obj` with `fields` set, or `obj` itself if they change nothing; ConflictError if `obj` is not
-    at `expected_version`."""
-    check_version(obj, what, expected_version)
-    updated = replace(obj, **fields)
-    return obj if updated == obj else updated
-
-
 def _user_row(user: User) -> tuple[Any, ...]:
     return (user.name, user.username, user.display_name, user.email, user.subject, _json(user.groups), int(user.disabled),
             user.created, user.uid, _json(user.labels), _json(user.annotations), user.description)
@@ -655,3 +644,22 @@ def _read_key(db: sqlite3.Connection, name: str) -> AccessKey:
 
 def _access_keys(db: sqlite3.Connection) -> list[AccessKey]:
     return [_access_key(row) for row in db.execute(f"{_KEYS} ORDER BY name")]
+
+
+@dataclass(frozen=True)
+class _Kind(Generic[Obj]):
+    """How one kind of object is stored: what updates and deletes read and write through."""
+
+    what: str                                             # as refusals name it: "access key"
+    table: str
+    columns: tuple[str, ...]
+    row: Callable[[Obj], tuple[Any, ...]]
+    read: Callable[[sqlite3.Connection, str], Obj]        # NotFoundError if there is none
+    # what else an update writes, given the object before and after (a team's members)
+    written: Callable[[sqlite3.Connection, Obj, Obj], None] | None = None
+
+
+_USER_KIND = _Kind[User]("user", "users", _USER_COLUMNS, _user_row, _read_user)
+_TEAM_KIND = _Kind[Team]("team", "teams", _TEAM_COLUMNS, _team_row, _read_team,
+                         lambda db, old, new: _set_members(db, new.name, old.members, new.members))
+_KEY_KIND = _Kind[AccessKey]("access key", "access_keys", _KEY_COLUMNS, _key_row, _read_key)
