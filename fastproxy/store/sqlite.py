@@ -471,32 +471,19 @@ class SqliteReader(StateReader):
         return snapshot
 
     def record_activity(self, batch: Mapping[str, float]) -> None:
-        if not batch:
-            return
-        if self.executor is None:
-            self._write_activity(batch)
-        else:
-            self.executor.submit(self._write_activity, dict(batch))
-
-    def _write_activity(self, batch: Mapping[str, float]) -> None:
-        try:
-            self.store.record_activity(batch)
-        except Exception as error:
-            log.warning("access key activity not recorded: %s", error)
+        self._submit(self.store.record_activity, batch, "access key activity")
 
     def record_namespace_activity(self, batch: Mapping[tuple[str, str], NamespaceActivity]) -> None:
+        self._submit(self.store.record_namespace_activity, batch, "namespace activity")
+
+    def _submit(self, write: Callable[[Mapping[Any, Any]], None], batch: Mapping[Any, Any], what: str) -> None:
+        """Run `write(batch)` on the store thread (in place before start and after close); a failure is logged."""
         if not batch:
             return
         if self.executor is None:
-            self._write_namespace_activity(batch)
+            _logging_failure(write, batch, what)
         else:
-            self.executor.submit(self._write_namespace_activity, dict(batch))
-
-    def _write_namespace_activity(self, batch: Mapping[tuple[str, str], NamespaceActivity]) -> None:
-        try:
-            self.store.record_namespace_activity(batch)
-        except Exception as error:
-            log.warning("namespace activity not recorded: %s", error)
+            self.executor.submit(_logging_failure, write, dict(batch), what)
 
     def close(self) -> None:
         if self.timer is not None:
@@ -507,6 +494,13 @@ class SqliteReader(StateReader):
             self.executor = None
         self.store.close()
         super().close()
+
+
+def _logging_failure(write: Callable[[Mapping[Any, Any]], None], batch: Mapping[Any, Any], what: str) -> None:
+    try:
+        write(batch)
+    except Exception as error:
+        log.warning("%s not recorded: %s", what, error)
 
 
 # ---- rows ----
