@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import re
 import time
@@ -367,7 +368,10 @@ def parse_audit_config(data: object) -> AuditConfig:
 
 
 def _number(t: _Table, key: str, kind: type, default: float, *, allow_zero: bool = False) -> Any:
-    return t.positive(key, kind, default, allow_zero=allow_zero)  # type: ignore[no-untyped-call]
+    value = t.positive(key, kind, default, allow_zero=allow_zero)  # type: ignore[no-untyped-call]
+    if not math.isfinite(value):  # TOML's nan and inf: no size, age or count
+        raise ConfigError(f"{t.key(key)}: must be a finite number, not {value!r}")
+    return value
 
 
 # --- secrets ------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ refusals and their messages, and the [audit] configuration table."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -255,6 +256,9 @@ def test_every_key(tmp_path):
     ({"path": "/nonexistent-folder/audit.log"}, "audit.path: folder not found"),
     ({"path": "{tmp}"}, "audit.path: {tmp} is a directory"),
     ({"path": "{tmp}/a.log", "max_size_mb": 0}, "audit.max_size_mb: must be > 0"),
+    ({"path": "{tmp}/a.log", "max_size_mb": math.nan}, "audit.max_size_mb: must be a finite number, not nan"),
+    ({"path": "{tmp}/a.log", "max_size_mb": math.inf}, "audit.max_size_mb: must be a finite number, not inf"),
+    ({"path": "{tmp}/a.log", "max_age_days": math.nan}, "audit.max_age_days: must be a finite number"),
     ({"path": "{tmp}/a.log", "max_backups": -1}, "audit.max_backups: must be >= 0"),
     ({"path": "{tmp}/a.log", "max_age_days": "7d"}, "audit.max_age_days: must be a number"),
     ({"path": "{tmp}/a.log", "compress": "yes"}, "audit.compress: must be true or false"),
