@@ -29,13 +29,6 @@ UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = SqliteStore(tmp_path / "state.db")
-    yield store
-    store.close()
-
-
-@pytest.fixture
 def alice(store):
     store.create_user("alice", groups=["devs"])
     store.create_team("ops", members=["alice"])

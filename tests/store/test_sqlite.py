@@ -22,13 +22,6 @@ BAD_VALUE = "must be non-empty, without CR, LF, NUL or other control characters 
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = SqliteStore(tmp_path / "state.db")
-    yield store
-    store.close()
-
-
-@pytest.fixture
 def alice(store):
     store.create_user("alice", display_name="Alice", email="alice@example.com", groups=["devs", "admins"])
     store.create_team("ops", members=["alice"], groups=["oncall"])
