@@ -483,10 +483,6 @@ def _stamp(wall: float) -> bytes:
     return b"%s.%06dZ" % (second[1], (wall - whole) * 1e6)  # %d truncates: never 1000000
 
 
-def _header_text(value: bytes) -> str:
-    return value.decode("utf-8", "replace")
-
-
 # First bytes of the request header names the observer reads: User-Agent, X-Forwarded-For,
 # X-Real-Ip, Impersonate-* (any case).
 _HEADER_INITIALS = frozenset(b"UuXxIi")
@@ -722,10 +718,10 @@ class AuditObserver:
         return who
 
     def _emit_started(self, state: _Request, wall: float) -> None:
+        """ResponseStarted, for a request start marked long-running (it does so only when the rule keeps that stage)."""
         state.started_sent = True
-        if "ResponseStarted" not in state.rule.omit_stages:
-            self._emit(state, _stage_fields(b"ResponseStarted", b'{"metadata":{},"code":%d}' % state.ctx.status),
-                       _stamp(wall))
+        self._emit(state, _stage_fields(b"ResponseStarted", b'{"metadata":{},"code":%d}' % state.ctx.status),
+                   _stamp(wall))
 
     def _emit(self, state: _Request, middle: bytes, stamp: bytes, objects: bytes = b"") -> None:
         """One event: the request's fields, encoded at its first event, then the stage's own
@@ -774,7 +770,7 @@ def _decode(raw: bytes) -> Any:
 def _impersonation(found: dict[str, Any] | None, name: bytes, value: bytes) -> dict[str, Any]:
     """Add one client Impersonate-* header to the impersonated user it asks for (values only)."""
     found = {} if found is None else found
-    text = _header_text(value).strip()
+    text = value.decode("utf-8", "replace").strip()
     if name == b"impersonate-user":
         found["username"] = text
     elif name == b"impersonate-group":
