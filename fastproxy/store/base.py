@@ -306,10 +306,16 @@ def check_new_key(user: str | None, team: str | None, type: str, ttl: int, ttl_a
     """The fields an access key has from its creation on."""
     if (user is None) == (team is None):
         raise InvalidError("an access key belongs to exactly one user or one team", "user")
+    owner, what = (user, "user") if user is not None else (team, "team")
+    if not isinstance(owner, str):
+        raise InvalidError(f"access key owner {owner!r} is not a {what} name", what)
     if type not in ACCESS_KEY_TYPES:
         raise InvalidError(f"access key type {type!r} is not one of {', '.join(ACCESS_KEY_TYPES)}", "type")
     if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0:
         raise InvalidError(f"ttl {ttl!r} must be a whole number of seconds, 0 for no expiry", "ttl")
+    if not isinstance(ttl_after_last_activity, bool):
+        raise InvalidError(f"ttl_after_last_activity {ttl_after_last_activity!r} is not true or false",
+                           "ttl_after_last_activity")
     if ttl_after_last_activity and not ttl:
         raise InvalidError("ttlAfterLastActivity needs a ttl", "ttl_after_last_activity")
 
@@ -339,6 +345,13 @@ def user_changes(name: str, changes: Mapping[str, Any]) -> dict[str, Any]:
     """Checked user fields; an empty username or subject stands for the user's name, at creation as on update."""
     named = {field: changes[field] or name for field in ("username", "subject") if field in changes}
     return checked_changes(USER_FIELDS, {**changes, **named}, "user")
+
+
+def check_revoked_token(jti: Any, expires_at: Any) -> None:
+    if not isinstance(jti, str) or not jti:
+        raise InvalidError(f"token id {jti!r} is not a non-empty string", "jti")
+    if not isinstance(expires_at, (int, float)) or isinstance(expires_at, bool) or not math.isfinite(expires_at):
+        raise InvalidError(f"token expiry {expires_at!r} is not a unix time", "expires_at")
 
 
 def build_identity(user: str, groups: Iterable[str], source: str, scope: CompiledScope | None) -> Identity:

@@ -46,6 +46,7 @@ from .base import (
     build_snapshot,
     check_new_key,
     check_object_name,
+    check_revoked_token,
     check_version,
     checked_changes,
     key_digest,
@@ -335,6 +336,7 @@ class SqliteStore(StateAdmin):
         self.delete_access_key(name)
 
     def revoke_token(self, jti: str, expires_at: float) -> None:
+        check_revoked_token(jti, expires_at)
         with self._transaction(write=True) as db:
             db.execute("DELETE FROM revoked_tokens WHERE expires_at <= ?", (time.time(),))
             db.execute("INSERT OR REPLACE INTO revoked_tokens VALUES (?, ?)", (jti, expires_at))
@@ -563,7 +565,9 @@ def _update(db: sqlite3.Connection, table: str, columns: Sequence[str], row: tup
 
 
 def _fetch(db: sqlite3.Connection, query: str, name: str, what: str) -> tuple[Any, ...]:
-    row: tuple[Any, ...] | None = db.execute(f"{query} WHERE name = ?", (name,)).fetchone()
+    row: tuple[Any, ...] | None = None
+    if isinstance(name, str):  # no object has any other name (and SQLite cannot bind most other values)
+        row = db.execute(f"{query} WHERE name = ?", (name,)).fetchone()
     if row is None:
         raise NotFoundError(f"{what} {name!r} does not exist")
     return row

@@ -196,6 +196,9 @@ def test_conflict_names_the_object(alice):
     (lambda s: s.create_user("alice"), AlreadyExistsError, "user 'alice' already exists"),
     (lambda s: s.create_team("ops"), AlreadyExistsError, "team 'ops' already exists"),
     (lambda s: s.create_access_key(user="alice", name="k"), AlreadyExistsError, "access key 'k' already exists"),
+    (lambda s: s.get_user(["alice"]), NotFoundError, "user ['alice'] does not exist"),
+    (lambda s: s.update_team(None, description="x"), NotFoundError, "team None does not exist"),
+    (lambda s: s.delete_access_key(5), NotFoundError, "access key 5 does not exist"),
 ])
 def test_refusals_have_their_kind(alice, call, kind, message):
     alice.create_access_key(user="alice", name="k")
@@ -231,6 +234,13 @@ def test_refusals_have_their_kind(alice, call, kind, message):
     (lambda s: s.create_access_key(user="alice", ttl=1.5), "ttl", "ttl 1.5 must be a whole number of seconds, 0 for no expiry"),
     (lambda s: s.create_access_key(user="alice", ttl_after_last_activity=True), "ttl_after_last_activity",
      "ttlAfterLastActivity needs a ttl"),
+    (lambda s: s.create_access_key(user="alice", ttl=60, ttl_after_last_activity="yes"), "ttl_after_last_activity",
+     "ttl_after_last_activity 'yes' is not true or false"),
+    (lambda s: s.create_access_key(user={"name": "alice"}), "user", "access key owner {'name': 'alice'} is not a user name"),
+    (lambda s: s.create_access_key(team=["ops"]), "team", "access key owner ['ops'] is not a team name"),
+    (lambda s: s.revoke_token(["j"], time.time() + 60), "jti", "token id ['j'] is not a non-empty string"),
+    (lambda s: s.revoke_token("", time.time() + 60), "jti", "token id '' is not a non-empty string"),
+    (lambda s: s.revoke_token("j", "soon"), "expires_at", "token expiry 'soon' is not a unix time"),
 ])
 def test_invalid_values_name_their_field(alice, call, field, message):
     alice.create_access_key(user="alice", name="k")
