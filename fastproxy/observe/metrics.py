@@ -371,15 +371,8 @@ def merge(states: Iterable[dict[str, Any]], *, gauges: bool = True) -> dict[str,
                              "auth_failures": dict.fromkeys(AUTH_FAILURE_REASONS, 0),
                              "impersonation": dict.fromkeys(IMPERSONATION_OUTCOMES, 0)}
     for state in states:
-        for rows, table in ((state.get("short", ()), short), (state.get("long", ()), long)):
-            for row in rows:
-                key = tuple(row[:4])
-                found = table.get(key)
-                if found is None:
-                    table[key] = list(row[4:])
-                else:
-                    for i, value in enumerate(row[4:]):
-                        found[i] += value
+        _add_rows(short, state.get("short", ()), 4)
+        _add_rows(long, state.get("long", ()), 4)
         for name in ("auth_failures", "impersonation"):
             for label, value in state.get(name, {}).items():
                 total[name][label] = total[name].get(label, 0) + value
@@ -396,6 +389,19 @@ def merge(states: Iterable[dict[str, Any]], *, gauges: bool = True) -> dict[str,
     total["short"] = [[*key, *record] for key, record in short.items()]
     total["long"] = [[*key, *record] for key, record in long.items()]
     return total
+
+
+def _add_rows(table: dict[tuple[Any, ...], list[float]], rows: Iterable[list[Any]], labels: int) -> None:
+    """Add state rows ([endpoint, cluster, verb, code, *record]) into `table`, keyed by their first
+    `labels` fields: their records summed field by field."""
+    for row in rows:
+        key, record = tuple(row[:labels]), row[4:]
+        found = table.get(key)
+        if found is None:
+            table[key] = list(record)
+        else:
+            for i, value in enumerate(record):
+                found[i] += value
 
 
 # --- the process -----------------------------------------------------------------------------
@@ -512,14 +518,7 @@ def _by_route(*tables: Iterable[list[Any]]) -> dict[tuple[Any, ...], list[float]
     """Rows added up over the code: (endpoint, cluster, verb) -> record."""
     summed: dict[tuple[Any, ...], list[float]] = {}
     for rows in tables:
-        for row in rows:
-            key, record = tuple(row[:3]), row[4:]
-            found = summed.get(key)
-            if found is None:
-                summed[key] = list(record)
-            else:
-                for i, value in enumerate(record):
-                    found[i] += value
+        _add_rows(summed, rows, 3)
     return summed
 
 
