@@ -294,8 +294,10 @@ def check_members(members: Any) -> tuple[str, ...]:
 
 def scope_json(scope: Any) -> dict[str, Any] | None:
     """The JSON form of an access key scope given as JSON, a mapping or an AccessKeyScope (None: no scope)."""
-    if scope is None or isinstance(scope, AccessKeyScope):
-        return None if scope is None else scope.to_dict()
+    if scope is None:
+        return None
+    if isinstance(scope, AccessKeyScope):
+        return scope.to_dict()
     try:
         return parse_scope(scope).to_dict()
     except ScopeError as error:

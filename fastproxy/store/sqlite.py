@@ -1,11 +1,11 @@
 """The SQLite state store: one file shared by every worker process, in WAL mode.
 
 `SqliteStore` is the admin side (and the primitives the reader uses); `SqliteReader` is the
-data path's side: it polls `changed_since` off the event loop every POLL_INTERVAL, and at once
+data path's side: it polls `generations` off the event loop every POLL_INTERVAL, and at once
 when `wait_for` waits for a version it has not seen yet.
 
 Every write except last-activity updates bumps `meta.generation` (by trigger, so no write path
-can forget it); `changed_since` reads that one row. Activity is left out so that the batched
+can forget it); `generations` reads that one row. Activity is left out so that the batched
 activity writes do not make every worker reload its snapshot. The last statement of every write
 stamps the objects it wrote with the generation it ends at (`_stamp`); resource_version is left out
 of the triggers too, so that the stamp does not move the generation past itself.
