@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import ssl
 import tomllib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -170,8 +171,10 @@ class _Table:
     def bool(self, key, default=False) -> bool:
         return self._get(key, bool, default)
 
-    def positive(self, key, kind, default, *, allow_zero=False):
+    def positive(self, key: str, kind: type, default: float, *, allow_zero: bool = False) -> Any:
         value = self._get(key, kind, default)
+        if not math.isfinite(value):  # TOML has nan and inf: no timeout, size or count is either
+            raise ConfigError(f"{self.key(key)}: must be a finite number, not {value!r}")
         if value < 0 or (value == 0 and not allow_zero):
             raise ConfigError(f"{self.key(key)}: must be {'>= 0' if allow_zero else '> 0'}, not {value!r}")
         return value

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import math
 import os
 import re
 import time
@@ -356,22 +355,15 @@ def parse_audit_config(data: object) -> AuditConfig:
             raise ConfigError(f"{t.key('policy_file')}: {policy_file}: {error}") from None
     config = AuditConfig(
         path=path, policy_file=policy_file,
-        max_size_mb=_number(t, "max_size_mb", float, 100.0),
-        max_age_days=_number(t, "max_age_days", float, 7.0, allow_zero=True),
-        max_backups=_number(t, "max_backups", int, 5, allow_zero=True),
+        max_size_mb=t.positive("max_size_mb", float, 100.0),
+        max_age_days=t.positive("max_age_days", float, 7.0, allow_zero=True),
+        max_backups=t.positive("max_backups", int, 5, allow_zero=True),
         compress=t.bool("compress", True),
-        max_object_bytes=_number(t, "max_object_bytes", int, 65536),
+        max_object_bytes=t.positive("max_object_bytes", int, 65536),
         policy=policy,
     )
     t.finish()
     return config
-
-
-def _number(t: _Table, key: str, kind: type, default: float, *, allow_zero: bool = False) -> Any:
-    value = t.positive(key, kind, default, allow_zero=allow_zero)  # type: ignore[no-untyped-call]
-    if not math.isfinite(value):  # TOML's nan and inf: no size, age or count
-        raise ConfigError(f"{t.key(key)}: must be a finite number, not {value!r}")
-    return value
 
 
 # --- secrets ------------------------------------------------------------------------------------
