@@ -52,7 +52,10 @@ def test_the_management_api_hints_work(demo):
     listed = run(printed(text, "kubectl --context management get users,teams,clusters"), env)
     assert "jane" in listed and "developers" in listed and "demo" in listed
     run(printed(text, "fastproxy user create"), env | {"PATH": f"{os.path.dirname(sys.executable)}:{env['PATH']}"})
-    assert "bob" in run("kubectl --context management get users -o name", env)
+    deadline = time.monotonic() + 3  # the CLI writes the store; the gateway sees it within a poll
+    while "user.management.loft.sh/bob" not in run("kubectl --context management get users -o name", env):
+        assert time.monotonic() < deadline, "the user the CLI created never appeared"
+        time.sleep(0.2)
     assert "email" in run(printed(text, "kubectl --context management explain user.spec"), env)
 
 
