@@ -141,7 +141,11 @@ def run_matrix(setup: Setup, args: argparse.Namespace, plan: Plan, cases: list[t
                         continue  # only the gateway serves its own API
                     say(f"[{repetition + 1}/{args.repeat}] {case_name:<16} {target.name:<14} ...")
                     try:
-                        endpoint = target.start(setup, client_tls)
+                        # Only the management cases get the state store: the others measure the proxy
+                        # alone, and a baseline older than the store's schema can still run them.
+                        case_setup = setup if report.family(case) == "management" else dataclasses.replace(
+                            setup, state_file=None)
+                        endpoint = target.start(case_setup, client_tls)
                     except Unavailable as problem:
                         unavailable[target.name] = str(problem)
                         say(f"\n*** target {target.name} unavailable, skipped for the rest of the run:\n{problem}\n")
