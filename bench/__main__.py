@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import report
 from .processes import LOAD_CPU, PROXY_CPU, Unavailable
-from .targets import MANAGEMENT_USERS, TARGETS, Setup, baseline_target, build_go_proxy, make_state_file
+from .targets import MANAGEMENT_USERS, OPT_IN_TARGETS, TARGETS, Setup, baseline_target, build_go_proxy, make_state_file
 from .upstream import Upstream, make_tls_files
 from .workloads import (
     FULL_PLAN,
@@ -51,7 +51,9 @@ def parse_args() -> argparse.Namespace:
                         help="comma list of get, list, watch, management (the gateway's own API: fastproxy only)")
     parser.add_argument("--tls", action="store_true", help="also measure every workload with TLS on the client side")
     parser.add_argument("--targets", default=",".join(target.name for target in TARGETS),
-                        help="comma list of targets (default: all)")
+                        help="comma list of targets (default: all but the opt-in ones: "
+                             + ", ".join(target.name for target in OPT_IN_TARGETS) + ", fastproxy with its observers set "
+                             "otherwise, see bench/targets.py VARIANTS)")
     parser.add_argument("--baseline", metavar="REVISION",
                         help="also measure fastproxy as of this git revision (e.g. HEAD~1), interleaved with the rest")
     parser.add_argument("--list-mb", type=float, default=50, help="size of the chunked LIST answer")
@@ -60,10 +62,14 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.workloads = args.workloads.split(",")
-    args.targets = [target for target in TARGETS if target.name in args.targets.split(",")]
+    names = args.targets.split(",")
+    args.targets = [target for target in TARGETS + OPT_IN_TARGETS if target.name in names]
     unknown = set(args.workloads) - {"get", "list", "watch", "management"}
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    unknown = set(names) - {target.name for target in args.targets}
+    if unknown:
+        parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     return args
 
 

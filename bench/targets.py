@@ -77,10 +77,19 @@ def _ready(endpoint: Endpoint, setup: Setup, probe_url: str | None = None) -> En
     return endpoint
 
 
-def start_fastproxy(setup: Setup, client_tls: bool, source: Path | None = None) -> Endpoint:
-    """The gateway as installed, or the `fastproxy` package found in `source` (a baseline build)."""
-    port = free_port()
-    scheme = "https" if client_tls else "http"
+# fastproxy with its observers set otherwise than by default, for the cost of each (opt-in targets:
+# `--targets fastproxy,fastproxy-bare,...`). The defaults: metrics on, the access log at 1%.
+VARIANTS = {
+    "fastproxy-bare": "[metrics]\nenabled = false\n\n[access_log]\nenabled = false\n",  # no observer at all
+    "fastproxy-metrics": "[access_log]\nenabled = false\n",                               # metrics alone
+    "fastproxy-access": "[metrics]\nenabled = false\n",                                   # the access log alone (1%)
+    "fastproxy+audit": '[audit]\npath = "{workdir}/audit-{port}.log"\n',                  # every request at Metadata
+    "fastproxy+access": '[access_log]\npath = "{workdir}/access-{port}.log"\nsample = 1.0\n',  # every request logged
+}
+
+
+def fastproxy_config(setup: Setup, port: int, client_tls: bool, extra: str = "") -> Path:
+    """The gateway's configuration for one start (`extra`: more tables, {workdir} and {port} filled in)."""
     client_tls_settings = (
         f'tls_cert_file = "{setup.tls.cert}"\ntls_key_file = "{setup.tls.key}"\n' if client_tls else ""
     )
@@ -92,8 +101,21 @@ def start_fastproxy(setup: Setup, client_tls: bool, source: Path | None = None) 
         f'[[access_keys]]\nname = "bench"\nkey_file = "{setup.access_key_file}"\n'
         f'user = "bench-user"\ngroups = ["bench", "loft:admins"]\n'
         + (f'\n[state]\npath = "{setup.state_file}"\n' if setup.state_file else "")
+        + "\n" + extra.format(workdir=setup.workdir, port=port)
     )
-    argv = [sys.executable, "-P", "-m", "fastproxy", "serve", "--config", str(config)]  # -P: no cwd on the path
+    return config
+
+
+def fastproxy_argv(config: Path) -> list[str]:
+    return [sys.executable, "-P", "-m", "fastproxy", "serve", "--config", str(config)]  # -P: no cwd on the path
+
+
+def start_fastproxy(setup: Setup, client_tls: bool, source: Path | None = None, extra: str = "") -> Endpoint:
+    """The gateway as installed, or the `fastproxy` package found in `source` (a baseline build)."""
+    port = free_port()
+    scheme = "https" if client_tls else "http"
+    config = fastproxy_config(setup, port, client_tls, extra)
+    argv = fastproxy_argv(config)
     env = {**os.environ, "PYTHONPATH": str(source)} if source else None
     process = Process("fastproxy", argv, PROXY_CPU, setup.workdir, env=env)
     endpoint = Endpoint(
@@ -196,17 +218,23 @@ TARGETS = [
     Target("go-proxy", start_go_proxy),
     Target("direct", start_direct),
 ]
+OPT_IN_TARGETS = [Target(name, functools.partial(start_fastproxy, extra=extra)) for name, extra in VARIANTS.items()]
 
 
-def baseline_target(revision: str, workdir: Path) -> Target:
-    """fastproxy as of a git revision, from the same environment: compares builds in one run."""
+def baseline_source(revision: str, workdir: Path) -> Path:
+    """A folder holding the `fastproxy` package as of a git revision."""
     source = workdir / "baseline"
     source.mkdir()
     archive = subprocess.run(["git", "archive", revision, "fastproxy"], cwd=REPO, capture_output=True)
     if archive.returncode != 0:
         raise SystemExit(f"scripts/bench: --baseline {revision}: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
-    return Target(f"fastproxy@{revision}", functools.partial(start_fastproxy, source=source))
+    return source
+
+
+def baseline_target(revision: str, workdir: Path) -> Target:
+    """fastproxy as of a git revision, from the same environment: compares builds in one run."""
+    return Target(f"fastproxy@{revision}", functools.partial(start_fastproxy, source=baseline_source(revision, workdir)))
 
 
 def build_go_proxy(workdir: Path) -> Path:

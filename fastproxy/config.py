@@ -16,6 +16,7 @@ from .auth.identity import HeaderValueError, check_header_value, key_digest
 from .names import DNS_SUBDOMAIN
 
 if TYPE_CHECKING:
+    from .observe.accesslog import AccessLogConfig
     from .observe.audit import AuditConfig
 
 
@@ -139,6 +140,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     activity: ActivityConfig = ActivityConfig()
     audit: AuditConfig | None = None    # None: no audit log
+    access_log: AccessLogConfig | None = None  # None: no access log (it is on unless [access_log] enabled = false)
 
 
 class _Table:
@@ -393,6 +395,12 @@ def _audit(data: object) -> AuditConfig:
     return parse_audit_config(data)
 
 
+def _access_log(data: object) -> AccessLogConfig | None:
+    from .observe.accesslog import parse_access_log_config  # the access log parses its own table
+
+    return parse_access_log_config(data)
+
+
 def _check_jwks(table: _Table, path: str, algorithms: tuple[str, ...]) -> None:
     try:
         with open(path, "rb") as f:
@@ -420,6 +428,7 @@ def parse_config(data: dict, path: str = "") -> Config:
     metrics = _metrics(root._get("metrics", dict, {}))
     activity = _activity(root._get("activity", dict, {}))
     audit = _audit(root._get("audit", dict, None)) if "audit" in root.data else None
+    access_log = _access_log(root._get("access_log", dict, {}))
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):
@@ -433,7 +442,7 @@ def parse_config(data: dict, path: str = "") -> Config:
         if key.key_sha256 in digests[:i]:
             raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
     return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens,
-                  metrics=metrics, activity=activity, audit=audit)
+                  metrics=metrics, activity=activity, audit=audit, access_log=access_log)
 
 
 def load_config(path: str) -> Config:

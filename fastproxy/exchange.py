@@ -108,7 +108,8 @@ class Responder:
         """Answer with a Status in place of the handler's response (queued: answered in its turn)."""
         self.keep_alive = self.keep_alive and not close
         self.ctx.message = message
-        response = status_response(code, message, close=not self.keep_alive, reason=reason, details=details)
+        response = status_response(code, message, close=not self.keep_alive, reason=reason, details=details,
+                                   extra=self.ctx.id_line)
         if self is not self.client.active:
             self.canned = response  # still queued: answered in its turn
             return

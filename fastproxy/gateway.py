@@ -8,10 +8,11 @@ from collections.abc import Callable, Sequence
 from .auth.credentials import Authenticator
 from .clusters import ClusterRegistry
 from .config import Config
-from .context import Observer, Observers, RequestContext, RequestHead
+from .context import FLUSH_INTERVAL, BatchObserver, Observer, Observers, RequestContext, RequestHead, RequestIds
 from .exchange import Connection, Responder
 from .local import Health
 from .management.api import ManagementAPI
+from .observe.accesslog import AccessLog
 from .observe.activity import ActivityObserver
 from .observe.audit import AuditObserver
 from .observe.metrics import CountedReviewer, Metrics
@@ -26,7 +27,7 @@ Handler = Callable[[Connection, RequestContext, Observers, bool], Responder]
 class Gateway:
     """Everything one worker needs to answer requests; pools are usable from any handler."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, observers: Sequence[Observer] = (),
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, observers: Sequence[Observer | BatchObserver] = (),
                  metrics_share: str | None = None):
         self.config = config
         self.loop = loop
@@ -41,8 +42,11 @@ class Gateway:
         self.activity = (ActivityObserver(store.reader, config.activity)
                          if store is not None and config.activity.enabled else None)
         self.audit = AuditObserver(config.audit) if config.audit is not None else None
-        self.observers = Observers([*observers, *(observer for observer in (self.metrics, self.activity, self.audit)
-                                                  if observer is not None)])
+        self.access_log = AccessLog(config.access_log) if config.access_log is not None else None
+        # While a log records requests, each gets an id: X-Request-Id, the access log's id, the auditID.
+        self.request_ids = RequestIds() if self.access_log is not None or self.audit is not None else None
+        self.observers = Observers([*observers, *(observer for observer in (self.metrics, self.activity, self.audit,
+                                                                            self.access_log) if observer is not None)])
         self.proxy = ClusterProxy(config.server, self.clusters, self.authenticator, loop)
         self.management = ManagementAPI(config, self.authenticator, self.clusters, loop, audit=self.audit)
         # The router table's kinds -> handlers; a kind without one answers 404 (routing.NOT_SERVED).
@@ -50,18 +54,30 @@ class Gateway:
                                              HEALTH: Health}
         if self.metrics is not None:
             self.handlers[METRICS] = self.metrics.responder
+            self.metrics.logs = {name: log.writer for name, log in (("audit", self.audit), ("access", self.access_log))
+                                 if log is not None}
             self.proxy.reviewer = CountedReviewer(self.metrics.impersonation)
         self.connections: set = set()  # open client connections, for deadlines and shutdown
 
     def start(self) -> None:
-        """Begin the background work: keeping the state store's snapshot fresh, probing clusters."""
+        """Begin the background work: keeping the state store's snapshot fresh, probing clusters,
+        handing the batched observers their requests."""
         self.authenticator.start(self.loop)
         self.management.start()
+        if self.observers.batched:
+            self.loop.call_later(FLUSH_INTERVAL, self._flush_observers)
+
+    def _flush_observers(self) -> None:
+        self.observers.flush()
+        self.loop.call_later(FLUSH_INTERVAL, self._flush_observers)
 
     def responder(self, client: Connection, head: RequestHead, keep_alive: bool) -> Responder:
         """Route a request to its handler; a refusal becomes a responder with a Status to give."""
         observers = self.observers
         ctx = RequestContext(head, time.monotonic() if observers.active else 0.0)
+        ids = self.request_ids
+        if ids is not None:  # RequestIds.assign, inlined: it runs for every request
+            ctx.id_line = ids.lines.pop() if ids.lines else ids()
         try:
             if head.method == b"CONNECT":
                 raise StatusError(405, "CONNECT is not supported", close=True)
@@ -74,7 +90,8 @@ class Gateway:
             # A refused request whose body the client may hold back (Expect) must end the connection.
             close = err.close or not keep_alive or any(n.lower() == b"expect" for n, _ in head.headers)
             responder = Responder(client, ctx, observers, not close)
-            responder.canned = status_response(err.code, err.message, close=close, reason=err.reason, details=err.details)
+            responder.canned = status_response(err.code, err.message, close=close, reason=err.reason, details=err.details,
+                                               extra=ctx.id_line)
             ctx.message = err.message
         if observers.active:
             observers.start(ctx)
@@ -87,6 +104,7 @@ class Gateway:
         self.clusters.tick()
         self.authenticator.tick()
         self.management.tick()
+        self.observers.flush()  # before the metrics are shared
         if self.metrics is not None:
             self.metrics.tick()
         if self.activity is not None:
@@ -95,6 +113,7 @@ class Gateway:
             self.audit.tick()
 
     def close(self) -> None:
+        self.observers.flush()
         if self.metrics is not None:
             self.metrics.close()
         if self.activity is not None:
@@ -104,3 +123,5 @@ class Gateway:
         self.authenticator.close()
         if self.audit is not None:
             self.audit.close()
+        if self.access_log is not None:
+            self.access_log.close()

@@ -108,7 +108,7 @@ class LocalResponder(Responder):
     def send(self, status: int, body: bytes, content_type: bytes = JSON,
              headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
         """One complete response; never cached by clients or proxies."""
-        parts = [status_line(status), date_line(), b"Content-Type: ", content_type,
+        parts = [status_line(status), date_line(), self.ctx.id_line, b"Content-Type: ", content_type,
                  b"\r\nCache-Control: no-store\r\nContent-Length: %d\r\n" % len(body)]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
@@ -123,7 +123,7 @@ class LocalResponder(Responder):
     def begin_stream(self, status: int = 200, content_type: bytes = JSON) -> None:
         """Start a chunked response; each `send_chunk` reaches the client as one chunk."""
         self.streaming = True
-        head = b"".join((status_line(status), date_line(), b"Content-Type: ", content_type,
+        head = b"".join((status_line(status), date_line(), self.ctx.id_line, b"Content-Type: ", content_type,
                          b"\r\nCache-Control: no-store\r\nTransfer-Encoding: chunked\r\n",
                          b"\r\n" if self.keep_alive else b"Connection: close\r\n\r\n"))
         self.ctx.status = status

@@ -311,6 +311,8 @@ class ProxyExchange(Responder):
         # Without framing the response ends when the upstream closes, and so must the client's.
         self.keep_alive = self.keep_alive and conn.framed and not self.plan.upgrade
         head = hdrs.relay_response_head(conn.head, keep_alive=self.keep_alive)
+        if ctx.id_line:
+            head = head[:-2] + ctx.id_line + b"\r\n"
         if body is None:
             self.sink.write(head)
             self.bytes_out += len(head)
@@ -324,6 +326,8 @@ class ProxyExchange(Responder):
         self.keep_alive = False
         transport = self.client.transport
         head = hdrs.client_response_head(101, hdrs.response_headers(conn.head), keep_alive=False, upgrade=True)
+        if self.ctx.id_line:
+            head = head[:-2] + self.ctx.id_line + b"\r\n"
         transport.write(head)
         self.bytes_out += len(head) + len(early)
         if early:

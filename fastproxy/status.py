@@ -85,12 +85,13 @@ def status_body(code: int, message: str, reason: str | None = None, details: dic
 
 
 def status_response(code: int, message: str, *, close: bool = False, reason: str | None = None,
-                    details: dict[str, Any] | None = None) -> bytes:
-    """A complete HTTP/1.1 response carrying a Status body."""
+                    details: dict[str, Any] | None = None, extra: bytes = b"") -> bytes:
+    """A complete HTTP/1.1 response carrying a Status body; `extra`: more header lines."""
     body = status_body(code, message, reason, details)
     return b"".join((
         status_line(code),
         date_line(),
+        extra,
         b"Content-Type: application/json\r\nCache-Control: no-store\r\n",
         b"Content-Length: %d\r\n" % len(body),
         b"Connection: close\r\n\r\n" if close else b"\r\n",

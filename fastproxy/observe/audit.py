@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -52,13 +51,13 @@ import yaml
 
 from ..auth.identity import Identity
 from ..auth.requestinfo import RequestInfo, RequestTarget
-from ..config import ConfigError, _Table, _writable_path
-from ..context import RequestContext
+from ..config import ConfigError, _Table
+from ..context import RequestContext, RequestIds
 from ..management.body import decode_object
 from ..names import DNS_SUBDOMAIN
 from ..routing import CLUSTER, MANAGEMENT, VIRTUAL_CLUSTER, Route
 from ..status import REASONS, StatusError
-from .rotating import BackgroundWriter, RotatingFile, Sink, StderrSink
+from .rotating import BackgroundWriter, LogFile, Sink, log_file_fields, open_sink
 
 log = logging.getLogger("fastproxy.observe")
 
@@ -325,15 +324,10 @@ def _boolean(value: object, where: str) -> bool:
 # --- configuration ------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class AuditConfig:
-    """The [audit] table: where events go, which requests at what level, how files rotate."""
+class AuditConfig(LogFile):
+    """The [audit] table: where events go and how files rotate (LogFile), which requests at what level."""
 
-    path: str                           # the log file; "-" for standard error
     policy_file: str | None = None      # None: every request at Metadata
-    max_size_mb: float = 100.0          # rotate when the file would pass this size
-    max_age_days: float = 7.0           # delete backups older than this (by the time in their name); 0: keep
-    max_backups: int = 5                # keep this many backups at most; 0: no limit
-    compress: bool = True               # gzip the backups
     max_object_bytes: int = 65536       # larger request/response objects are left out (an annotation says so)
     policy: Policy = field(default=DEFAULT_POLICY, compare=False)
 
@@ -341,11 +335,7 @@ class AuditConfig:
 def parse_audit_config(data: object) -> AuditConfig:
     """The [audit] table, its policy file loaded and checked; ConfigError naming the key otherwise."""
     t = _Table(data, "audit")
-    path = t.str("path", required=True)
-    if not path:
-        raise ConfigError(f"{t.key('path')}: must not be empty (\"-\" writes to standard error)")
-    if path != "-":
-        _writable_path(t, "path", required=True)
+    log_file = log_file_fields(t)
     policy_file = t.file("policy_file")
     policy = DEFAULT_POLICY
     if policy_file is not None:
@@ -354,11 +344,7 @@ def parse_audit_config(data: object) -> AuditConfig:
         except PolicyError as error:
             raise ConfigError(f"{t.key('policy_file')}: {policy_file}: {error}") from None
     config = AuditConfig(
-        path=path, policy_file=policy_file,
-        max_size_mb=t.positive("max_size_mb", float, 100.0),
-        max_age_days=t.positive("max_age_days", float, 7.0, allow_zero=True),
-        max_backups=t.positive("max_backups", int, 5, allow_zero=True),
-        compress=t.bool("compress", True),
+        **log_file, policy_file=policy_file,
         max_object_bytes=t.positive("max_object_bytes", int, 65536),
         policy=policy,
     )
@@ -438,30 +424,6 @@ class _Request:
 _Who = tuple[orjson.Fragment, orjson.Fragment | None, dict[str, str]]
 
 
-class _AuditIDs:
-    """Random (version 4) UUIDs, made 512 at a time by a few calls that each do the whole batch:
-    one urandom byte per hex digit, mapped to digits, dashes, version and variant put in place."""
-
-    BATCH = 512
-    _DIGITS = bytes(b"0123456789abcdef"[b & 15] for b in range(256))
-    _VARIANT = bytes(b"89ab"[b & 3] for b in range(256))
-
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-
-    def __call__(self) -> str:
-        ids = self.ids
-        if not ids:
-            n = self.BATCH
-            text = bytearray(os.urandom(37 * n)).translate(self._DIGITS)
-            text[8::37] = text[13::37] = text[18::37] = text[23::37] = b"-" * n
-            text[14::37] = b"4" * n
-            text[19::37] = text[19::37].translate(self._VARIANT)
-            text[36::37] = b" " * n
-            ids = self.ids = text.decode("ascii").split()
-        return ids.pop()
-
-
 _second = (-1, b"")  # (a whole second, its RFC 3339 date and time): formatted once a second
 
 
@@ -493,15 +455,13 @@ class AuditObserver:
         self.policy = config.policy
         self.max_object_bytes = config.max_object_bytes
         if sink is None:  # else: where the lines go instead of config.path
-            sink = StderrSink() if config.path == "-" else RotatingFile(
-                config.path, max(1, int(config.max_size_mb * 1024 * 1024)), config.max_backups, config.max_age_days,
-                config.compress)
+            sink = open_sink(config)
         self.writer = BackgroundWriter(sink, max_lines=max_queued, max_bytes=max_queued_bytes, what="audit log",
                                        name="audit-writer")
         self._put = self.writer.put
         self.requests: dict[int, _Request] = {}     # id(ctx) -> logged requests in flight
         self.long_running: dict[int, _Request] = {}  # those of them still owed a ResponseStarted
-        self._ids = _AuditIDs()
+        self._ids = RequestIds()  # for requests without a request id (no access log)
         self._who_cache: dict[tuple[int, str | None, str], tuple[Identity | None, _Who]] = {}
         self._peers: dict[bytes, orjson.Fragment] = {}
         self.failures = 0            # events that could not be made (a bug: logged once a minute)
@@ -543,8 +503,7 @@ class AuditObserver:
             resource_request, _, verb, _, group, version, namespace, resource, subresource, name, _ = info
             who = self._who_cache.get((id(identity), target, cluster))
             user, annotations, annotation_values = who[1] if who is not None else self._who(identity, where, target)
-            ids = self._ids.ids
-            audit_id = ids.pop() if ids else self._ids()
+            audit_id = ctx.request_id or self._ids.new_id()
             head: dict[str, Any] = {"kind": "Event", "apiVersion": "audit.k8s.io/v1", "level": LEVELS[rule.level],
                                     "auditID": audit_id, "requestURI": uri, "verb": verb, "user": user}
             request_head = ctx.head
@@ -641,11 +600,6 @@ class AuditObserver:
         state = self.long_running.pop(id(ctx), None)
         if state is not None:
             self._emit_started(state, _wall(ctx.first_byte) if ctx.first_byte else time.time())
-
-    def audit_id(self, ctx: RequestContext) -> str | None:
-        """The auditID of a logged request in flight (for an `Audit-Id` response header), else None."""
-        state = self.requests.get(id(ctx))
-        return None if state is None else state.audit_id
 
     def record_bodies(self, ctx: RequestContext, request: bytes | Mapping[str, Any] | None = None,
                       response: bytes | Mapping[str, Any] | None = None) -> None:

@@ -1,11 +1,14 @@
 """Prometheus metrics: counted per request as plain numbers, written out as text only when scraped.
 
-The request observer (`Metrics.start` / `Metrics.finish`, on every request on the event loop)
-finds the list of numbers kept for the request's bounded labels (endpoint, cluster, verb, code)
-with two dict lookups, the request target's series and its code's, and adds to it: the bytes,
-and the buckets and sums of the duration, first-byte and size histograms. A target's labels are
-derived when it is first seen (bench/micro/test_metrics_micro.py measures both cases, and the
-same series kept with prometheus-client, several times slower). Labels never carry a user, a
+The request observer takes requests in batches (context.BatchObserver: the connection's part is
+a list append at each end of a request, and `Observers.flush` hands the batches over every
+100 ms and before a scrape). For each finished request `finish_batch` finds the list of numbers
+kept for its bounded labels (endpoint, cluster, verb, code) with two dict lookups, the request
+target's series and its code's, and adds to it: the bytes, and the buckets and sums of the
+duration, first-byte and size histograms, in one loop that makes no call but the bisections.
+A target's labels are derived when it is first seen (bench/micro/test_metrics_micro.py measures
+both cases, and the same series kept with prometheus-client, several times slower;
+`scripts/bench instructions` counts what the observer adds to a small GET). Labels never carry a user, a
 user agent, a path or a key: the endpoint is the route kind ("none" for requests refused before
 routing), the cluster a configured cluster's name ("" for any other), the verb one of VERBS
 ("other" otherwise), the code the status the client got (0: it left before one).
@@ -26,7 +29,7 @@ import resource
 import shutil
 import tempfile
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..context import Observers, RequestContext
     from ..exchange import Connection
+    from .rotating import BackgroundWriter
 
 log = logging.getLogger("fastproxy.metrics")
 
@@ -61,6 +65,7 @@ VERBS = frozenset(("get", "list", "watch", "create", "update", "patch", "delete"
 OTHER_VERB = "other"
 AUTH_FAILURE_REASONS = ("missing", "invalid_key", "expired_token", "revoked_token", "wrong_cluster", "malformed")
 IMPERSONATION_OUTCOMES = ("allowed", "refused", "failed")
+LOGS = ("audit", "access")
 
 # Histogram buckets (upper bounds, seconds or bytes); the last bucket of each is +Inf.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -121,62 +126,78 @@ class Metrics:
         self.streams: dict[RequestContext, tuple[dict[str, int], str]] = {}
         self.auth_failures = dict.fromkeys(AUTH_FAILURE_REASONS, 0)
         self.impersonation = dict.fromkeys(IMPERSONATION_OUTCOMES, 0)
+        self.logs: dict[str, BackgroundWriter] = {}  # the audit and access logs' writers, by LOGS name
 
-    # --- the observer: every request, on the event loop --------------------------------------
+    # --- the observer: batches of requests, on the event loop (context.BatchObserver) ----------
 
-    def start(self, ctx: RequestContext) -> None:
-        route = ctx.route
-        if route is None or not (ctx.head.upgrade or route.query and ("watch" in route.query or "follow" in route.query)
-                                 and is_long_running(route.query)):
-            self.in_flight += 1
-            return
-        # A long-running request: an upgrade (exec, attach, port-forward), a watch, a followed log.
-        # Its cluster label is kept, for the registry may change before the request finishes.
-        cluster = route.cluster
-        if cluster not in self._known:
-            cluster = ""
-        gauge = self.tunnels if ctx.head.upgrade else self.watches
-        gauge[cluster] = gauge.get(cluster, 0) + 1
-        self.streams[ctx] = (gauge, cluster)
+    batched = True
 
-    def finish(self, ctx: RequestContext, bisect: Callable[[Sequence[float], float], int] = bisect_left) -> None:
-        head = ctx.head
-        target = (head.method, head.target)
-        series = self._targets.get(target)
-        if series is None:
-            series = self._series(ctx, target)
-        status = ctx.status
-        if not self.streams or (stream := self.streams.pop(ctx, None)) is None:
+    def start_batch(self, begun: list[RequestContext]) -> None:
+        """Count the requests begun as in flight; the long-running ones (an upgrade, a watch, a
+        followed log) in their own gauges, with the cluster label of the moment they began."""
+        self.in_flight += len(begun)
+        for ctx in begun:
+            route = ctx.route
+            if route is None or not (ctx.head.upgrade or route.query and is_long_running(route.query)):
+                continue
+            cluster = route.cluster
+            if cluster not in self._known:
+                cluster = ""
+            gauge = self.tunnels if ctx.head.upgrade else self.watches
+            gauge[cluster] = gauge.get(cluster, 0) + 1
+            self.streams[ctx] = (gauge, cluster)
             self.in_flight -= 1
-            by_code = series[0]
-            record = by_code.get(status)
-            if record is None:
-                record = by_code[status] = [0] * SHORT_LENGTH
-            bounds: tuple[float, ...] = DURATION_BUCKETS
-        else:
-            stream[0][stream[1]] -= 1
-            by_code = series[1]
-            record = by_code.get(status)
-            if record is None:
-                record = by_code[status] = [0] * LONG_LENGTH
-            bounds = LONG_RUNNING_BUCKETS
-        started = ctx.started
-        duration = ctx.ended - started
-        sent = ctx.bytes_out
-        received = ctx.bytes_in
-        if received:  # most requests have no body
-            record[RECEIVED] += received
-        record[SENT] += sent
-        record[DURATION_SUM] += duration
-        record[DURATION_AT + bisect(bounds, duration)] += 1
-        record[SIZE_AT + bisect(SIZE_BUCKETS, sent)] += 1
-        first_byte = ctx.first_byte
-        if first_byte:
-            first_byte -= started
-            record[FIRST_BYTE_SUM] += first_byte
-            record[FIRST_BYTE_AT + bisect(DURATION_BUCKETS, first_byte)] += 1
-        if status == 401:
-            self.auth_failures[auth_failure_reason(ctx.message)] += 1
+
+    def finish_batch(self, done: list[RequestContext]) -> None:
+        """Add each finished request to its series: the bytes, the sums and the buckets.
+
+        One loop with everything it reads bound to locals: per request it costs no call but
+        the three bisections (see the module docstring)."""
+        targets, streams, make_series = self._targets, self.streams, self._series
+        bisect, size_bounds = bisect_left, SIZE_BUCKETS
+        short_bounds: tuple[float, ...] = DURATION_BUCKETS
+        long_bounds: tuple[float, ...] = LONG_RUNNING_BUCKETS
+        duration_at, size_at, first_byte_at = DURATION_AT, SIZE_AT, FIRST_BYTE_AT
+        finished_short = 0
+        for ctx in done:
+            head = ctx.head
+            target = (head.method, head.target)
+            series = targets.get(target)
+            if series is None:
+                series = make_series(ctx, target)
+            status = ctx.status
+            if not streams or (stream := streams.pop(ctx, None)) is None:
+                finished_short += 1
+                by_code = series[0]
+                record = by_code.get(status)
+                if record is None:
+                    record = by_code[status] = [0] * SHORT_LENGTH
+                bounds = short_bounds
+            else:
+                stream[0][stream[1]] -= 1
+                by_code = series[1]
+                record = by_code.get(status)
+                if record is None:
+                    record = by_code[status] = [0] * LONG_LENGTH
+                bounds = long_bounds
+            started = ctx.started
+            duration = ctx.ended - started
+            sent = ctx.bytes_out
+            received = ctx.bytes_in
+            if received:  # most requests have no body
+                record[RECEIVED] += received
+            record[SENT] += sent
+            record[DURATION_SUM] += duration
+            record[duration_at + bisect(bounds, duration)] += 1
+            record[size_at + bisect(size_bounds, sent)] += 1
+            first_byte = ctx.first_byte
+            if first_byte:
+                first_byte -= started
+                record[FIRST_BYTE_SUM] += first_byte
+                record[first_byte_at + bisect(short_bounds, first_byte)] += 1
+            if status == 401:
+                self.auth_failures[auth_failure_reason(ctx.message)] += 1
+        self.in_flight -= finished_short
 
     def _series(self, ctx: RequestContext, target: tuple[bytes, bytes]) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
         """The series of a request target not seen lately (its labels follow from the method and the target)."""
@@ -242,6 +263,7 @@ class Metrics:
             "auth_failures": self.auth_failures,
             "impersonation": self.impersonation,
             "pools": pools,
+            "logs": {name: [writer.written, writer.dropped] for name, writer in self.logs.items()},
         }
 
     def _gauge(self, gauge: dict[str, int]) -> dict[str, int]:
@@ -275,6 +297,7 @@ class MetricsRequest(LocalResponder):
         self.metrics = metrics
 
     def handle(self) -> None:
+        self.observers.flush()  # the requests observed until now, this one included
         self.send(200, self.metrics.scrape(), CONTENT_TYPE)
 
 
@@ -369,13 +392,18 @@ def merge(states: Iterable[dict[str, Any]], *, gauges: bool = True) -> dict[str,
     long: dict[tuple[Any, ...], list[float]] = {}
     total: dict[str, Any] = {"in_flight": 0, "watches": {}, "tunnels": {}, "pools": {},
                              "auth_failures": dict.fromkeys(AUTH_FAILURE_REASONS, 0),
-                             "impersonation": dict.fromkeys(IMPERSONATION_OUTCOMES, 0)}
+                             "impersonation": dict.fromkeys(IMPERSONATION_OUTCOMES, 0),
+                             "logs": {name: [0, 0] for name in LOGS}}
     for state in states:
         _add_rows(short, state.get("short", ()), 4)
         _add_rows(long, state.get("long", ()), 4)
         for name in ("auth_failures", "impersonation"):
             for label, value in state.get(name, {}).items():
                 total[name][label] = total[name].get(label, 0) + value
+        for name, figures in state.get("logs", {}).items():
+            summed = total["logs"].setdefault(name, [0, 0])
+            summed[0] += figures[0]
+            summed[1] += figures[1]
         for name, figures in state.get("pools", {}).items():
             summed = total["pools"].setdefault(name, [0, 0, 0, 0, 0])
             for i, value in enumerate(figures):
@@ -569,6 +597,10 @@ def render(state: dict[str, Any], processes: list[tuple[float, int, int, int, in
             ("fastproxy_impersonation_reviews_total", "impersonation", "outcome",
              "Impersonation (kubectl --as) checked with the cluster: allowed, refused, or failed to check.")):
         out.samples(name, "counter", help, (label,), (((value_label,), value) for value_label, value in sorted(state[field].items())))
+    out.samples("fastproxy_log_lines_total", "counter",
+                "Audit and access log lines written, or dropped (queue full, disk full, file not writable).",
+                ("log", "outcome"), (((name, outcome), figures[i]) for name, figures in sorted(state["logs"].items())
+                                     for i, outcome in enumerate(("written", "dropped"))))
     out.samples("fastproxy_workers", "gauge", "Worker processes whose numbers this scrape adds up.", (), [((), workers)])
     for name, kind, i, help in (("process_cpu_seconds_total", "counter", 0, "User and system CPU time of the workers, in seconds."),
                                 ("process_resident_memory_bytes", "gauge", 1, "Resident memory of the workers, in bytes."),

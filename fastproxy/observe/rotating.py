@@ -22,8 +22,12 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..config import _Table
 
 log = logging.getLogger("fastproxy.observe")
 
@@ -35,6 +39,38 @@ MAINTAIN_EVERY = 3600.0    # seconds between age prunings when nothing rotates
 DROP_REPORT_EVERY = 60.0   # seconds between warnings about dropped lines
 MAX_WRITE = 1 << 20        # bytes handed to one write call at most
 MAX_BATCH = 8192           # lines taken from the queue at once
+
+
+@dataclass(frozen=True, slots=True)
+class LogFile:
+    """Where a log's lines go and how its file rotates (the audit and access logs' tables)."""
+
+    path: str                           # the log file; "-" for standard error
+    max_size_mb: float = 100.0          # rotate when the file would pass this size
+    max_age_days: float = 7.0           # delete backups older than this (by the time in their name); 0: keep
+    max_backups: int = 5                # keep this many backups at most; 0: no limit
+    compress: bool = True               # gzip the backups
+
+
+def log_file_fields(t: _Table, default_path: str | None = None) -> dict[str, Any]:
+    """A table's LogFile keys, checked (ConfigError naming the key), as keyword arguments."""
+    from ..config import ConfigError, _writable_path
+
+    path = t.str("path", default_path, required=default_path is None)
+    if not path:
+        raise ConfigError(f"{t.key('path')}: must not be empty (\"-\" writes to standard error)")
+    if path != "-":
+        _writable_path(t, "path", required=True)
+    return {"path": path, "max_size_mb": t.positive("max_size_mb", float, 100.0),
+            "max_age_days": t.positive("max_age_days", float, 7.0, allow_zero=True),
+            "max_backups": t.positive("max_backups", int, 5, allow_zero=True), "compress": t.bool("compress", True)}
+
+
+def open_sink(log_file: LogFile) -> Sink:
+    if log_file.path == "-":
+        return StderrSink()
+    return RotatingFile(log_file.path, max(1, int(log_file.max_size_mb * 1024 * 1024)), log_file.max_backups,
+                        log_file.max_age_days, log_file.compress)
 
 
 class Sink(Protocol):

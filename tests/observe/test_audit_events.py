@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import pytest
 
 from fastproxy.auth.identity import Identity
-from fastproxy.context import RequestContext, RequestHead
+from fastproxy.context import RequestContext, RequestHead, RequestIds
 from fastproxy.observe.audit import INTERNAL_ERROR, REDACTED, AuditConfig, AuditObserver, parse_policy, redact
 from fastproxy.routing import route
 from fastproxy.status import StatusError
@@ -105,14 +105,15 @@ def test_a_get_field_by_field(log):
     assert received["stageTimestamp"] == received["requestReceivedTimestamp"] <= complete["stageTimestamp"]
 
 
-def test_the_audit_id_of_a_request_in_flight(log):
+def test_the_request_id_is_the_audit_id(log):
+    """With a request id (the access log's, sent as X-Request-Id) the events carry it as auditID."""
     ctx = context(f"{CLUSTER}/api/v1/pods")
-    assert log.observer.audit_id(ctx) is None
+    RequestIds().assign(ctx)
+    assert uuid.UUID(ctx.request_id).version == 4 and ctx.id_line == f"X-Request-Id: {ctx.request_id}\r\n".encode()
     log.observer.start(ctx)
-    audit_id = log.observer.audit_id(ctx)
     answer(ctx, 200)
     log.observer.finish(ctx)
-    assert [e["auditID"] for e in log.events()] == [audit_id, audit_id] and log.observer.audit_id(ctx) is None
+    assert [e["auditID"] for e in log.events()] == [ctx.request_id, ctx.request_id]
 
 
 def test_each_request_has_its_own_audit_id(log):

@@ -78,7 +78,7 @@ def value(families, family: str, sample: str | None = None, **labels) -> float:
 ])
 def test_the_verb_label_is_request_infos_verb_bounded(observer, method, path, query):
     ctx = request(f"/kubernetes/cluster/prod{path}" + (f"?{query}" if query else ""), method)
-    observer.finish(finished(ctx, 200))
+    observer.finish_batch([finished(ctx, 200)])
     expected = request_info(method.decode(), path, query).verb
     assert [verb for _, _, verb in observer.short] == [expected if expected in m.VERBS else "other"]
 
@@ -91,8 +91,8 @@ def test_a_request_is_counted_with_bounded_labels(observer):
                 request("/kubernetes/cluster/elsewhere/api/v1/pods"),  # not a configured cluster
                 request("/healthz", b"PROPFIND"),
                 request("/anything/at/all", routed=False)):
-        observer.start(ctx)
-        observer.finish(finished(ctx, 404 if ctx.route is None else 200))
+        observer.start_batch([ctx])
+        observer.finish_batch([finished(ctx, 404 if ctx.route is None else 200)])
     assert observer.in_flight == 0
     families = scrape(observer)
     requests = families["fastproxy_requests"]
@@ -108,8 +108,8 @@ def test_a_request_is_counted_with_bounded_labels(observer):
 def test_histograms_count_each_request_in_its_bucket(observer):
     for duration, first_byte, sent in ((0.0004, 0.0003, 100), (0.02, 0.015, 5000), (7.0, 6.5, 300_000)):
         ctx = request("/kubernetes/cluster/prod/api/v1/namespaces/dev/configmaps")
-        observer.start(ctx)
-        observer.finish(finished(ctx, duration=duration, first_byte=first_byte, sent=sent))
+        observer.start_batch([ctx])
+        observer.finish_batch([finished(ctx, duration=duration, first_byte=first_byte, sent=sent)])
     families = scrape(observer)
     labels = {"endpoint": "cluster", "cluster": "prod", "verb": "list"}
 
@@ -131,14 +131,14 @@ def test_long_running_requests_have_their_own_histogram_and_gauges(observer):
     tunnel = request("/kubernetes/cluster/prod/api/v1/namespaces/a/pods/p/exec?command=sh", b"POST", upgrade=True)
     plain = request("/kubernetes/cluster/prod/api/v1/pods")
     for ctx in (watch, tunnel, plain):
-        observer.start(ctx)
+        observer.start_batch([ctx])
     families = scrape(observer)
     assert value(families, "fastproxy_watches_open", cluster="prod") == 1
     assert value(families, "fastproxy_tunnels_open", cluster="prod") == 1
     assert value(families, "fastproxy_requests_in_flight") == 1
-    observer.finish(finished(watch, duration=120.0))
-    observer.finish(finished(tunnel, 101, duration=3.0, received=5000))
-    observer.finish(finished(plain))
+    observer.finish_batch([finished(watch, duration=120.0)])
+    observer.finish_batch([finished(tunnel, 101, duration=3.0, received=5000)])
+    observer.finish_batch([finished(plain)])
     families = scrape(observer)
     assert value(families, "fastproxy_watches_open", cluster="prod") == 0
     assert value(families, "fastproxy_tunnels_open", cluster="prod") == 0
@@ -156,9 +156,9 @@ def test_long_running_requests_have_their_own_histogram_and_gauges(observer):
 
 def test_a_watch_counted_on_a_cluster_removed_meanwhile_leaves_its_gauge(observer):
     watch = request("/kubernetes/cluster/prod/api/v1/pods?watch=1")
-    observer.start(watch)
+    observer.start_batch([watch])
     observer.clusters.remove("prod")
-    observer.finish(finished(watch))
+    observer.finish_batch([finished(watch)])
     assert observer.watches == {"prod": 0}
 
 
@@ -166,8 +166,8 @@ def test_targets_are_remembered_boundedly(observer, monkeypatch):
     monkeypatch.setattr(m, "TARGET_MEMO", 10)
     for n in range(25):
         ctx = request(f"/kubernetes/cluster/prod/api/v1/namespaces/dev/pods/p{n}")
-        observer.start(ctx)
-        observer.finish(finished(ctx))
+        observer.start_batch([ctx])
+        observer.finish_batch([finished(ctx)])
     assert len(observer._targets) <= 10
     assert sum(observer.short[("cluster", "prod", "get")][200][m.DURATION_AT:]) == 25
     observer.tick()
@@ -217,8 +217,8 @@ def test_401s_are_counted_by_reason(observer):
     for message in ("Unauthorized: a bearer access key is required", "Unauthorized: invalid access key",
                     "Unauthorized: invalid access key", "Unauthorized: token has expired"):
         ctx = request("/kubernetes/cluster/prod/api/v1/pods")
-        observer.start(ctx)
-        observer.finish(finished(ctx, 401, message=message))
+        observer.start_batch([ctx])
+        observer.finish_batch([finished(ctx, 401, message=message)])
     assert observer.auth_failures == {"missing": 1, "invalid_key": 2, "expired_token": 1, "revoked_token": 0,
                                       "wrong_cluster": 0, "malformed": 0}
 
@@ -257,11 +257,11 @@ def test_the_metrics_section(tmp_path):
 
 def test_workers_add_up_and_an_ended_workers_counters_stay(observer, tmp_path):
     ctx = request("/kubernetes/cluster/prod/api/v1/pods?watch=1")
-    observer.start(ctx)  # a watch still open on the worker that ends
+    observer.start_batch([ctx])  # a watch still open on the worker that ends
     for _ in range(3):
         get = request("/kubernetes/cluster/prod/api/v1/pods")
-        observer.start(get)
-        observer.finish(finished(get))
+        observer.start_batch([get])
+        observer.finish_batch([finished(get)])
     observer.auth_failures["missing"] += 2
     observer.clusters.stats["prod"].dials += 4
     folder = str(tmp_path)

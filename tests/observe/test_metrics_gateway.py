@@ -226,10 +226,11 @@ def test_promtool_passes_a_real_scrape(inproc, client):
 
 
 def test_disabled_metrics_cost_nothing(gateway_config, tmp_path, tls_files):
-    folder, text = gateway_text(gateway_config, tmp_path, "[metrics]\nenabled = false\n")
+    folder, text = gateway_text(gateway_config, tmp_path, "[metrics]\nenabled = false\n[access_log]\nenabled = false\n")
     server = InProcessGateway(text, folder)
     try:
         assert server.gateway.metrics is None and server.gateway.observers.active is False
+        assert server.gateway.request_ids is None
         client = Client(server.port, tls_files["ca"])
         status = get(client, "/metrics", ADMIN, 404).json()
         assert status["message"] == "metrics are disabled on this gateway ([metrics] enabled = false)"
