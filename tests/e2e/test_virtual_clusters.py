@@ -25,8 +25,10 @@ pytestmark = pytest.mark.e2e
 
 POD = "web-5d4f8c7b9-h7k2m"
 HOST_NAMESPACE = "vcluster-a"
-# alice uses the virtual clusters, carol may also impersonate in them, dave counts reviews, bob may not.
-KEYS = {name: f"vc-key-{name}-0123456789" for name in ("alice", "bob", "carol", "dave")}
+# alice uses the virtual clusters, carol may also impersonate in them, dave counts reviews, bob may
+# not use them; root administers the gateway.
+KEYS = {name: f"vc-key-{name}-0123456789" for name in ("alice", "bob", "carol", "dave", "root")}
+GROUPS = {"root": ["loft:admins"]}
 # Where each context's server points: the same virtual cluster by both reach modes.
 PATHS = {"proxied": f"/kubernetes/virtualcluster/host/{HOST_NAMESPACE}/vc1",
          "direct": f"/kubernetes/virtualcluster/host/{HOST_NAMESPACE}/vc-direct"}
@@ -75,7 +77,7 @@ def _write_config(folder, host, vcluster, listen):
         name = "{user}"
         key_file = "{user}.key"
         user = "{user}"
-        groups = ["dev"]
+        groups = {json.dumps(GROUPS.get(user, ["dev"]))}
     """ for user in KEYS)
     return tls, config
 
@@ -296,3 +298,18 @@ def test_a_refusal_is_cached_briefly(stack):
     time.sleep(DENIED_TTL + 0.2)
     assert stack.request(f"{PATHS['proxied']}/api/v1/namespaces", user="bob")[0] == 403
     assert len(stack.host_reviews("bob")) == max(before, 1) + 1  # asked again once it expired
+
+
+def test_sleep_mode_activity_names_the_virtual_cluster(stack):
+    stack.kubectl("alice-direct", "get", "configmap", "only-in-vcluster")
+    path = f"/kubernetes/management/apis/management.loft.sh/v1/namespaceactivities/host.{HOST_NAMESPACE}"
+    expected = {"subject": "alice", "verb": "get", "resource": "configmaps", "name": "only-in-vcluster",
+                "virtualCluster": "vc-direct"}
+    deadline = time.monotonic() + 10  # written in batches every few seconds
+    while True:
+        code, activity = stack.request(path, user="root")
+        if code == 200 and activity["status"]["lastActivityInfo"] == expected:
+            break
+        assert time.monotonic() < deadline, activity
+        time.sleep(0.25)
+    assert activity["spec"] == {"cluster": "host", "namespace": HOST_NAMESPACE}
