@@ -33,7 +33,7 @@ GROUPS = {"root": ["loft:admins"]}
 PATHS = {"proxied": f"/kubernetes/virtualcluster/host/{HOST_NAMESPACE}/vc1",
          "direct": f"/kubernetes/virtualcluster/host/{HOST_NAMESPACE}/vc-direct"}
 # On the host, only alice may use the virtual clusters of the namespace.
-HOST_RULES = [{"verbs": ["get"], "users": ["alice", "carol", "dave"], "apiGroups": ["storage.loft.sh"],
+HOST_RULES = [{"verbs": ["get"], "users": ["alice", "carol", "dave", "erin"], "apiGroups": ["storage.loft.sh"],
                "resources": ["virtualclusters"], "namespaces": [HOST_NAMESPACE]}]
 # Inside the virtual cluster everyone may do anything but impersonate, which carol alone may.
 VCLUSTER_RULES = [{"verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
@@ -159,7 +159,12 @@ def stack(tmp_path_factory):
                                                  "virtualClusters": [{"name": "other", "namespace": HOST_NAMESPACE}]}]}))
         cli(folder / "fastproxy.toml", "user", "create", "erin")
         scoped_key = new_key(folder / "fastproxy.toml", "erin", "--scope", str(scoped))
-        _kubeconfig(folder, tls, gateway.port, {**KEYS, "scoped": scoped_key})
+        # ...and one that may read configmaps in vc1 only.
+        scoped.write_text(json.dumps({"rules": [{
+            "requestTargets": ["VirtualCluster"], "verbs": ["get", "list"], "resources": [{"resources": ["configmaps"]}],
+            "virtualClusters": [{"name": "vc1", "namespace": HOST_NAMESPACE}]}]}))
+        narrow_key = new_key(folder / "fastproxy.toml", "erin", "--scope", str(scoped))
+        _kubeconfig(folder, tls, gateway.port, {**KEYS, "scoped": scoped_key, "narrow": narrow_key})
         env = {**os.environ, "KUBECONFIG": str(folder / "kubeconfig"), "HOME": str(folder)}
         # Something only the virtual cluster holds, written there directly.
         direct = subprocess.run([KUBECTL, "--server", vcluster.url, "--certificate-authority", str(vcluster.ca_file),
@@ -236,6 +241,19 @@ def test_watch_streams(stack, mode):
 
 
 @pytest.mark.parametrize("mode", PATHS)
+def test_logs_follow_streams(stack, mode):
+    follow = subprocess.Popen([KUBECTL, "--context", f"alice-{mode}", "logs", "-f", POD], env=stack.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        lines = [read_line(follow, 10) for _ in range(3)]
+        assert all(line.startswith(f"{POD}/nginx: log line") for line in lines), lines
+        assert follow.poll() is None  # still following
+    finally:
+        follow.kill()
+        follow.wait()
+
+
+@pytest.mark.parametrize("mode", PATHS)
 @pytest.mark.parametrize("websockets", ["true", "false"])
 def test_exec(stack, mode, websockets):
     env = {**stack.env, "KUBECTL_REMOTE_COMMAND_WEBSOCKETS": websockets}
@@ -271,6 +289,17 @@ def test_a_scope_without_the_virtual_cluster_is_refused(stack):
     refused = stack.kubectl("scoped-proxied", "get", "configmaps", check=False)
     assert refused.returncode == 1 and "access key scope does not allow" in refused.stderr, refused.stderr
     assert f"virtual cluster {HOST_NAMESPACE}/vc1 on cluster 'host'" in refused.stderr
+
+
+def test_a_scope_naming_the_virtual_cluster_allows_what_it_lists(stack):
+    # kubectl discovers the API first: allowed, as the scope reaches this virtual cluster.
+    names = stack.kubectl("narrow-proxied", "get", "configmaps", "-o", "name").stdout.split()
+    assert "configmap/only-in-vcluster" in names
+    for args in (("get", "pods"), ("delete", "configmap", "only-in-vcluster")):
+        refused = stack.kubectl("narrow-proxied", *args, check=False)
+        assert refused.returncode == 1 and "access key scope does not allow" in refused.stderr, refused.stderr
+    other = stack.kubectl("narrow-direct", "get", "configmaps", check=False)
+    assert other.returncode == 1 and f"virtual cluster {HOST_NAMESPACE}/vc-direct" in other.stderr, other.stderr
 
 
 def test_an_unknown_virtual_cluster_is_not_found(stack):
