@@ -167,7 +167,7 @@ class VirtualClusterProxy(ClusterProxy):
             done(StatusError(404, f'cluster "{route.cluster}" not found'))
             return
         answer = self.access.answer(host, plan.identity, access_check(route.namespace, route.virtual_cluster))
-        if answer.done():
+        if answer.done() and not answer.cancelled():
             done(access_refusal(answer, route.cluster, plan.identity, route))
             return
 
