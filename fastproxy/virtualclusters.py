@@ -77,9 +77,6 @@ class ServiceProxyUpstream(Upstream):
         self.credential = host.credential
         self.path_prefix = service_proxy_path(config.namespace, config.name)
 
-    def refresh_credential(self) -> None:
-        """The host's registry refreshes the host's credential; a changed one means a new handle."""
-
 
 class VirtualClusters:
     """(cluster, namespace, name) -> the virtual cluster's upstream; those with a URL have pools
