@@ -39,6 +39,8 @@ def upstream_ssl_context(cluster: ClusterConfig) -> ResumingContext | None:
 class Upstream:
     """One cluster as this worker reaches it: the pool plus prebuilt header lines."""
 
+    path_prefix = ""  # put before every path sent; a virtual cluster's service proxy sets one
+
     def __init__(self, cluster: ClusterConfig, pool: Pool):
         self.cluster = cluster
         self.pool = pool

@@ -1,6 +1,7 @@
 """The TOML configuration: parsed and checked once into frozen objects, with one-line errors."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -66,6 +67,20 @@ class ClusterConfig:
         host = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.scheme == "https" else 80
         return host if self.port == default else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualClusterConfig:
+    """`[[virtual_clusters]]`: a virtual cluster in namespace `namespace` of host cluster `cluster`."""
+
+    cluster: str
+    namespace: str
+    name: str
+    server: ClusterConfig | None = None  # its own API server URL; None: the host's service proxy
+
+    @property
+    def key(self) -> str:
+        return f"{self.cluster}/{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +156,7 @@ class Config:
     activity: ActivityConfig = ActivityConfig()
     audit: AuditConfig | None = None    # None: no audit log
     access_log: AccessLogConfig | None = None  # None: no access log (it is on unless [access_log] enabled = false)
+    virtual_clusters: tuple[VirtualClusterConfig, ...] = ()
 
 
 class _Table:
@@ -303,6 +319,29 @@ def _cluster(data: object, where: str) -> ClusterConfig:
     return cluster
 
 
+def _virtual_cluster(data: object, where: str, clusters: tuple[ClusterConfig, ...]) -> VirtualClusterConfig:
+    t = _Table(data, where)
+    names = []
+    for key in ("cluster", "namespace", "name"):
+        value = t.str(key, required=True)
+        if not DNS_SUBDOMAIN.match(value):
+            raise ConfigError(f"{t.key(key)}: must be a lower-case DNS name, not {value!r}")
+        names.append(value)
+    cluster, namespace, name = names
+    if cluster not in [c.name for c in clusters]:
+        raise ConfigError(f"{t.key('cluster')}: no cluster is named {cluster!r}")
+    endpoint_keys = set(t.data) - t.used
+    server = None
+    if "server" in endpoint_keys:
+        # The same keys as a [[clusters]] entry; named after the virtual cluster in logs and messages.
+        endpoint = _cluster({key: t.data[key] for key in endpoint_keys | {"name"}}, where)
+        server = dataclasses.replace(endpoint, name=f"{cluster}/{namespace}/{name}")
+    elif endpoint_keys:
+        raise ConfigError(f"{t.key(sorted(endpoint_keys)[0])}: only with server (without it the virtual "
+                          "cluster is reached through its host cluster's service proxy)")
+    return VirtualClusterConfig(cluster, namespace, name, server)
+
+
 def _access_key(data: object, where: str) -> AccessKeyConfig:
     t = _Table(data, where)
     name = t.str("name", required=True)
@@ -429,11 +468,17 @@ def parse_config(data: dict, path: str = "") -> Config:
     activity = _activity(root._get("activity", dict, {}))
     audit = _audit(root._get("audit", dict, None)) if "audit" in root.data else None
     access_log = _access_log(root._get("access_log", dict, {}))
+    virtual_clusters = tuple(_virtual_cluster(item, where, clusters)
+                             for item, where in _list_of_tables(root, "virtual_clusters"))
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):
         if name in names[:i]:
             raise ConfigError(f"clusters[{i}].name: duplicate cluster name {name!r}")
+    keys = [v.key for v in virtual_clusters]
+    for i, key in enumerate(keys):
+        if key in keys[:i]:
+            raise ConfigError(f"virtual_clusters[{i}].name: duplicate virtual cluster {key!r}")
     key_names = [k.name for k in access_keys]
     digests = [k.key_sha256 for k in access_keys]
     for i, key in enumerate(access_keys):
@@ -442,7 +487,8 @@ def parse_config(data: dict, path: str = "") -> Config:
         if key.key_sha256 in digests[:i]:
             raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
     return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens,
-                  metrics=metrics, activity=activity, audit=audit, access_log=access_log)
+                  metrics=metrics, activity=activity, audit=audit, access_log=access_log,
+                  virtual_clusters=virtual_clusters)
 
 
 def load_config(path: str) -> Config:

@@ -17,8 +17,9 @@ from .observe.activity import ActivityObserver
 from .observe.audit import AuditObserver
 from .observe.metrics import CountedReviewer, Metrics
 from .proxy import ClusterProxy
-from .routing import CLUSTER, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, route
+from .routing import CLUSTER, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, VIRTUAL_CLUSTER, route
 from .status import StatusError, status_response
+from .virtualclusters import VirtualClusterProxy, VirtualClusters
 
 # A handler: builds the responder for one request, or raises StatusError to refuse it.
 Handler = Callable[[Connection, RequestContext, Observers, bool], Responder]
@@ -48,15 +49,19 @@ class Gateway:
         self.observers = Observers([*observers, *(observer for observer in (self.metrics, self.activity, self.audit,
                                                                             self.access_log) if observer is not None)])
         self.proxy = ClusterProxy(config.server, self.clusters, self.authenticator, loop)
+        self.virtual_clusters = VirtualClusters(loop, self.clusters, config.virtual_clusters)
+        self.vcluster_proxy = VirtualClusterProxy(config.server, self.clusters, self.authenticator, loop,
+                                                  self.virtual_clusters)
         self.management = ManagementAPI(config, self.authenticator, self.clusters, loop, audit=self.audit)
         # The router table's kinds -> handlers; a kind without one answers 404 (routing.NOT_SERVED).
         self.handlers: dict[str, Handler] = {CLUSTER: self.proxy.responder, MANAGEMENT: self.management.responder,
-                                             HEALTH: Health}
+                                             VIRTUAL_CLUSTER: self.vcluster_proxy.responder, HEALTH: Health}
         if self.metrics is not None:
             self.handlers[METRICS] = self.metrics.responder
             self.metrics.logs = {name: log.writer for name, log in (("audit", self.audit), ("access", self.access_log))
                                  if log is not None}
             self.proxy.reviewer = CountedReviewer(self.metrics.impersonation)
+            self.vcluster_proxy.reviewer = self.proxy.reviewer
         self.connections: set = set()  # open client connections, for deadlines and shutdown
 
     def start(self) -> None:
@@ -102,6 +107,7 @@ class Gateway:
         write batched key and namespace activity, re-read changed revocation lists, share the
         metrics, write the audit log's ResponseStarted events."""
         self.clusters.tick()
+        self.virtual_clusters.tick()
         self.authenticator.tick()
         self.management.tick()
         self.observers.flush()  # before the metrics are shared
@@ -120,6 +126,7 @@ class Gateway:
             self.activity.flush()  # written by the reader's close below
         self.management.close()
         self.clusters.close()
+        self.virtual_clusters.close()
         self.authenticator.close()
         if self.audit is not None:
             self.audit.close()

@@ -71,13 +71,8 @@ class ClusterProxy:
     def plan(self, ctx: RequestContext) -> ProxyPlan:
         """Decide what goes to the cluster, or raise StatusError. No I/O; fills in ctx.identity."""
         head, where = ctx.head, ctx.route
-        method = head.method
         found = hdrs.scan_client_headers(head.headers)
-        upgrade = None
-        if head.upgrade:
-            if found.upgrade is None or found.upgrade.lower() not in hdrs.UPGRADE_PROTOCOLS:
-                raise StatusError(400, "only SPDY/3.1 and websocket upgrades are supported", close=True)
-            upgrade = found.upgrade
+        upgrade = requested_upgrade(found) if head.upgrade else None
         identity = ctx.identity = self.authenticator.authenticate(hdrs.bearer_credential(found, upgrade), where.cluster)
         if identity.scope is not None:
             info = ctx.info
@@ -89,6 +84,13 @@ class ClusterProxy:
         upstream = self.clusters.get(where.cluster)
         if upstream is None:
             raise StatusError(404, f'cluster "{where.cluster}" not found')
+        return self.relay_plan(ctx, found, upgrade, identity, upstream, where.path)
+
+    def relay_plan(self, ctx: RequestContext, found: hdrs.ClientHeaders, upgrade: bytes | None, identity: Identity,
+                   upstream: Upstream, path: str) -> ProxyPlan:
+        """The plan for a request `identity` may send to `upstream` as `path` (and the route's query)."""
+        head, where = ctx.head, ctx.route
+        method = head.method
         if found.impersonation is None:
             nested, impersonation = None, identity.impersonation
         else:
@@ -106,7 +108,7 @@ class ClusterProxy:
             framing = b"Content-Length: 0\r\n"
         else:
             framing = b""
-        upstream_target = where.path + "?" + where.query if where.query else where.path
+        upstream_target = path + "?" + where.query if where.query else path
         version = b"1.0" if head.version == b"1.0" else b"1.1"
         forwarded_for = head.client_ip if found.forwarded_for is None else found.forwarded_for + b", " + head.client_ip
         return ProxyPlan(
@@ -140,6 +142,13 @@ class ClusterProxy:
                 refusal = StatusError(500, "impersonation could not be checked")
             done(refusal)
         review.add_done_callback(reviewed)
+
+
+def requested_upgrade(found: hdrs.ClientHeaders) -> bytes:
+    """The protocol an upgrade request asks for, if the gateway relays it."""
+    if found.upgrade is None or found.upgrade.lower() not in hdrs.UPGRADE_PROTOCOLS:
+        raise StatusError(400, "only SPDY/3.1 and websocket upgrades are supported", close=True)
+    return found.upgrade
 
 
 def is_long_running(query: str) -> bool:

@@ -40,12 +40,13 @@ async def request(upstream: Upstream, method: str, path: str, body: bytes = b"",
                   limit: int = DEFAULT_RESPONSE_LIMIT) -> tuple[int, bytes]:
     """Send one request to `upstream`'s cluster; returns its status and de-chunked body.
 
-    `path` is sent as given (already percent-encoded, query included); `headers` must not
+    `path` is sent as given (already percent-encoded, query included) below the upstream's
+    `path_prefix` (a virtual cluster behind its host's service proxy); `headers` must not
     repeat the framing, Host or Authorization headers this function sets. Raises UpstreamRequestError when the cluster cannot be reached,
     breaks HTTP, takes longer than `timeout` (default: the cluster's response_header_timeout)
     for the whole exchange, or sends more than `limit` body bytes.
     """
-    head = _request_head(upstream, method, path, body, headers)
+    head = _request_head(upstream, method, upstream.path_prefix + path, body, headers)
     loop = upstream.pool.loop
     exchange = InternalExchange(upstream, method.encode(), head, body, loop.create_future(), limit)
     timer = loop.call_later(timeout or upstream.cluster.response_header_timeout, exchange.timed_out)

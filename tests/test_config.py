@@ -89,6 +89,49 @@ def test_bad_values_name_the_key(files, change, message):
     assert "\n" not in str(err.value)
 
 
+VIRTUAL = """
+    [[virtual_clusters]]
+    cluster = "prod"
+    namespace = "team-a"
+    name = "vc1"
+
+    [[virtual_clusters]]
+    cluster = "prod"
+    namespace = "team-a"
+    name = "vc2"
+    server = "https://vc2.team-a:8443"
+    ca_file = "{ca}"
+    token_file = "token"
+"""
+
+
+def test_virtual_clusters(files):
+    tmp, tls = files
+    via_host, direct = load_config(write(tmp, good(tls) + VIRTUAL.format(ca=tls["ca"]))).virtual_clusters
+    assert (via_host.key, via_host.server) == ("prod/team-a/vc1", None)  # through the host's service proxy
+    assert direct.key == "prod/team-a/vc2"
+    assert (direct.server.name, direct.server.authority, direct.server.token_file) == (
+        "prod/team-a/vc2", "vc2.team-a:8443", str(tmp / "token"))
+
+
+@pytest.mark.parametrize("change,message", [
+    (('cluster = "prod"', 'cluster = "dev"'), "virtual_clusters[0].cluster: no cluster is named 'dev'"),
+    (('namespace = "team-a"', 'namespace = "Team A"'), "virtual_clusters[0].namespace: must be a lower-case DNS name"),
+    (('name = "vc1"', ''), "virtual_clusters[0].name: is required"),
+    (('name = "vc1"', 'name = "vc1"\ntoken_file = "token"'), "virtual_clusters[0].token_file: only with server"),
+    (('name = "vc2"', 'name = "vc1"'), "virtual_clusters[1].name: duplicate virtual cluster 'prod/team-a/vc1'"),
+    (('server = "https://vc2.team-a:8443"', 'server = "vc2"'), "virtual_clusters[1].server: must be an https://"),
+    (('token_file = "token"', ''), "virtual_clusters[1].token_file: a cluster needs token_file"),
+    (('name = "vc2"', 'name = "vc2"\nport = 1'), "virtual_clusters[1].port: unknown key"),
+])
+def test_bad_virtual_clusters_name_the_key(files, change, message):
+    tmp, tls = files
+    text = good(tls) + VIRTUAL.replace(*change).format(ca=tls["ca"])
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp, text))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
 def test_a_certificate_that_does_not_load(files):
     tmp, tls = files
     text = good(tls).replace(f'tls_cert_file = "{tls["cert"]}"', 'tls_cert_file = "token"')

@@ -33,13 +33,14 @@ _BAD_ESCAPE = re.compile(r"%(?![0-9a-fA-F]{2})")
 
 
 class Check(NamedTuple):
-    """One `impersonate` permission the caller needs, as SubjectAccessReview resourceAttributes."""
+    """One permission the caller needs, as SubjectAccessReview resourceAttributes."""
 
     group: str
     resource: str
     subresource: str
     namespace: str
     name: str
+    verb: str = "impersonate"
 
     def describe(self) -> str:
         what = f"{self.resource}/{self.subresource}" if self.subresource else self.resource
@@ -123,8 +124,8 @@ def _extra_key(name: bytes) -> str:
 
 
 def review_body(identity: Identity, check: Check) -> bytes:
-    """The SubjectAccessReview asking whether `identity` may impersonate what `check` names."""
-    attributes = {"verb": "impersonate", "group": check.group, "resource": check.resource}
+    """The SubjectAccessReview asking whether `identity` may do what `check` names."""
+    attributes = {"verb": check.verb, "group": check.group, "resource": check.resource}
     for key in ("subresource", "namespace", "name"):
         if getattr(check, key):
             attributes[key] = getattr(check, key)
@@ -151,35 +152,23 @@ def review_answer(status: int, body: bytes) -> tuple[bool, str]:
     return result.get("allowed") is True and result.get("denied") is not True, reason
 
 
-class ImpersonationReviewer:
-    """Asks clusters whether identities may impersonate; answers are kept for `ttl` seconds.
+class AccessReviewer:
+    """Asks clusters SubjectAccessReviews for identities; an allowed answer is kept for `ttl`
+    seconds, a denied one for `denied_ttl` (default: the same), at most `max_entries` of them.
 
     Concurrent requests for the same answer share one SubjectAccessReview.
     """
 
-    def __init__(self, ttl: float = 10.0, max_entries: int = 10_000):
+    def __init__(self, ttl: float = 10.0, max_entries: int = 10_000, denied_ttl: float | None = None):
         self.ttl = ttl
+        self.denied_ttl = ttl if denied_ttl is None else denied_ttl
         self.max_entries = max_entries
         # (cluster, user, groups, check) -> (expires, the answer being or already fetched)
         self._answers: dict[tuple, tuple[float, asyncio.Future]] = {}
 
-    async def refusal(self, upstream: Upstream, identity: Identity, nested: NestedIdentity) -> StatusError | None:
-        """None when the cluster lets `identity` impersonate every part of `nested`."""
-        checks = nested.checks()
-        try:
-            # Shielded: an answer is shared, so one waiter's cancellation must not cancel it for all.
-            answers = await asyncio.gather(*(asyncio.shield(self._answer(upstream, identity, check))
-                                             for check in checks))
-        except (UpstreamRequestError, ValueError) as error:
-            message = error.message if isinstance(error, UpstreamRequestError) else str(error)
-            return StatusError(403, f"impersonation cannot be checked on cluster {upstream.cluster.name!r}: {message}")
-        for check, (allowed, reason) in zip(checks, answers):
-            if not allowed:
-                return StatusError(403, f"user {identity.user!r} may not impersonate {check.describe()} on cluster "
-                                        f"{upstream.cluster.name!r}" + (f": {reason}" if reason else ""))
-        return None
-
-    def _answer(self, upstream: Upstream, identity: Identity, check: Check) -> asyncio.Future:
+    def answer(self, upstream: Upstream, identity: Identity, check: Check) -> asyncio.Future:
+        """(allowed, reason) from `upstream`'s cluster, or the cached answer; the future raises
+        UpstreamRequestError or ValueError when the cluster gave no answer."""
         key = (upstream.cluster.name, identity.user, identity.groups, check)
         now = time.monotonic()
         cached = self._answers.get(key)
@@ -188,7 +177,7 @@ class ImpersonationReviewer:
         if len(self._answers) >= self.max_entries:
             self._prune(now)
         answer = asyncio.ensure_future(self._ask(upstream, identity, check))
-        answer.add_done_callback(lambda done: self._forget_failure(key, done))
+        answer.add_done_callback(lambda done: self._settle(key, done))
         self._answers[key] = (now + self.ttl, answer)
         return answer
 
@@ -198,14 +187,36 @@ class ImpersonationReviewer:
                                      limit=1024 * 1024)
         return review_answer(status, body)
 
-    def _forget_failure(self, key: tuple, answer: asyncio.Future) -> None:
-        # Only answers are kept; a failure is asked again by the next request.
+    def _settle(self, key: tuple, answer: asyncio.Future) -> None:
+        cached = self._answers.get(key)
+        if cached is None or cached[1] is not answer:
+            return
         if answer.cancelled() or answer.exception() is not None:
-            cached = self._answers.get(key)
-            if cached is not None and cached[1] is answer:
-                del self._answers[key]
+            del self._answers[key]  # only answers are kept; a failure is asked again by the next request
+        elif not answer.result()[0] and self.denied_ttl != self.ttl:
+            self._answers[key] = (time.monotonic() + self.denied_ttl, answer)
 
     def _prune(self, now: float) -> None:
         self._answers = {key: entry for key, entry in self._answers.items() if now < entry[0]}
         while len(self._answers) >= self.max_entries:
             del self._answers[next(iter(self._answers))]  # the oldest
+
+
+class ImpersonationReviewer(AccessReviewer):
+    """Whether identities may impersonate (`kubectl --as`): one review per part of the nested identity."""
+
+    async def refusal(self, upstream: Upstream, identity: Identity, nested: NestedIdentity) -> StatusError | None:
+        """None when the cluster lets `identity` impersonate every part of `nested`."""
+        checks = nested.checks()
+        try:
+            # Shielded: an answer is shared, so one waiter's cancellation must not cancel it for all.
+            answers = await asyncio.gather(*(asyncio.shield(self.answer(upstream, identity, check))
+                                             for check in checks))
+        except (UpstreamRequestError, ValueError) as error:
+            message = error.message if isinstance(error, UpstreamRequestError) else str(error)
+            return StatusError(403, f"impersonation cannot be checked on cluster {upstream.cluster.name!r}: {message}")
+        for check, (allowed, reason) in zip(checks, answers):
+            if not allowed:
+                return StatusError(403, f"user {identity.user!r} may not impersonate {check.describe()} on cluster "
+                                        f"{upstream.cluster.name!r}" + (f": {reason}" if reason else ""))
+        return None

@@ -298,9 +298,7 @@ class _Rule:
     def matches(self, info: RequestInfo, cluster: str, virtual_cluster: str, vcluster_namespace: str) -> bool:
         if self.cluster and self.cluster != cluster:
             return False
-        if self.virtual_clusters and virtual_cluster and not any(
-                (not name or name == virtual_cluster) and (not namespace or namespace == vcluster_namespace)
-                for name, namespace in self.virtual_clusters):
+        if virtual_cluster and not self.covers_virtual_cluster(virtual_cluster, vcluster_namespace):
             return False
         verbs = self.verbs
         if info.is_resource_request:
@@ -320,6 +318,11 @@ class _Rule:
             return False
         path = info.path
         return self.urls is None or path in self.urls or path.startswith(self.url_prefixes)
+
+    def covers_virtual_cluster(self, virtual_cluster: str, vcluster_namespace: str) -> bool:
+        return not self.virtual_clusters or any(
+            (not name or name == virtual_cluster) and (not namespace or namespace == vcluster_namespace)
+            for name, namespace in self.virtual_clusters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,6 +524,13 @@ def reaches_cluster(scope: CompiledScope, cluster: str) -> bool:
     """Whether the scope allows anything at all on `cluster` (then kubectl may discover it)."""
     return (scope.all_clusters or cluster in scope.clusters
             or any(not rule.cluster or rule.cluster == cluster for rule in scope.rules.get(_CLUSTER, ())))
+
+
+def reaches_virtual_cluster(scope: CompiledScope, cluster: str, name: str, namespace: str) -> bool:
+    """Whether the scope allows anything at all on the virtual cluster `name` in `namespace` of `cluster`."""
+    return (scope.all_clusters or cluster in scope.clusters
+            or any((not rule.cluster or rule.cluster == cluster) and rule.covers_virtual_cluster(name, namespace)
+                   for rule in scope.rules.get(_VIRTUAL_CLUSTER, ())))
 
 
 def covers(limit: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:

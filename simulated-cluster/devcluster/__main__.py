@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .auth import load_rules, read_token_file
 from .server import Options, serve
+from .services import parse_service_map
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -38,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="changes kept for watch resumption; older versions get 410 Expired")
     parser.add_argument("--seed", action=argparse.BooleanOptionalAction, default=True,
                         help="start with demo namespaces, pods, configmaps and a deployment")
+    parser.add_argument("--service", action="append", default=[], metavar="NS/NAME=DIR",
+                        help="serve the service proxy of service NAME in namespace NS by another "
+                             "devcluster, named by its --dir (a virtual cluster); repeatable")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request to stderr")
     return parser
 
@@ -53,12 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rules = load_rules(args.rules) if args.rules else []
         tokens = read_token_file(args.token_auth_file) if args.token_auth_file else {}
+        services = parse_service_map(args.service)
     except (OSError, ValueError) as exc:
         print(f"devcluster: {exc}", file=sys.stderr)
         return 2
     host, port = args.listen
     asyncio.run(serve(Options(args.dir, host, port, rules, tokens, args.activity_rate, args.seed,
-                              args.watch_history)))
+                              args.watch_history, services)))
     return 0
 
 

@@ -228,6 +228,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
          api_groups=("authentication.k8s.io",)),
     Rule(verbs=("create",), users=(GATEWAY_USER,), resources=("subjectaccessreviews",),
          api_groups=("authorization.k8s.io",)),
+    Rule(verbs=("*",), users=(GATEWAY_USER,), resources=("services/proxy",), api_groups=("",)),
     Rule(verbs=("get",), groups=(AUTHENTICATED,), non_resource_urls=_DISCOVERY_PATHS),
     Rule(verbs=("create",), groups=(AUTHENTICATED,),
          resources=("selfsubjectreviews", "selfsubjectaccessreviews"),

@@ -66,11 +66,13 @@ class DevCluster:
 def start_devcluster(directory: str | os.PathLike, *, rules: RulesArg = None,
                      tokens: Mapping[str, tuple[str, Iterable[str]]] | None = None,
                      activity_rate: float = 0, seed: bool = True, listen: str = "127.0.0.1:0",
-                     watch_history: int = 1000, timeout: float = 20) -> DevCluster:
+                     watch_history: int = 1000, services: Mapping[str, str | os.PathLike] | None = None,
+                     timeout: float = 20) -> DevCluster:
     """Start `python -m devcluster` and wait until it is ready.
 
     `rules` is a rules file path or the rules themselves (written to DIR/rules.json); `tokens`
-    maps extra bearer tokens to (user, groups). Output goes to DIR/devcluster.log, which the
+    maps extra bearer tokens to (user, groups); `services` maps "NS/NAME" to another devcluster's
+    directory, served through this one's service proxy. Output goes to DIR/devcluster.log, which the
     raised DevClusterError quotes if the process dies or is not ready within `timeout` seconds.
     """
     directory = Path(directory).resolve()
@@ -86,6 +88,8 @@ def start_devcluster(directory: str | os.PathLike, *, rules: RulesArg = None,
             rules_file.write_text(json.dumps(list(rules), indent=2))
             rules = rules_file
         command += ["--rules", str(rules)]
+    for service, backend in (services or {}).items():
+        command += ["--service", f"{service}={Path(backend).resolve()}"]
     if tokens:
         token_file = directory / "tokens.csv"
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -40,6 +40,7 @@ from .certs import Credentials, ensure_credentials, read_token
 from .discovery import PODS, ResourceType
 from .logs import serve_log
 from .seed import run_activity, seed_store
+from .services import is_service_proxy, serve_service_proxy
 from .store import Store
 from .tables import table, wants_table
 
@@ -50,6 +51,9 @@ DEFAULT_WATCH_SECONDS = 1800
 BOOKMARK_INTERVAL = 2.0
 STREAM_SUBRESOURCES = ("exec", "attach", "portforward")
 _HEALTH_PATHS = ("/healthz", "/livez", "/readyz")
+# The SubjectAccessReviews this cluster answered (their specs, the latest REVIEWS_KEPT), for tests.
+REVIEWS_PATH = "/devcluster/subjectaccessreviews"
+REVIEWS_KEPT = 1000
 
 
 @dataclass
@@ -57,6 +61,8 @@ class Cluster:
     store: Store
     authenticator: Authenticator
     authorizer: Authorizer
+    services: dict[tuple[str, str], Path] = field(default_factory=dict)  # --service backends
+    reviews: list[dict[str, Any]] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -91,9 +97,15 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     transport = request.transport
     identity = cluster.authenticator.authenticate(
         request.headers.get("Authorization"), transport.get_extra_info("peercert") if transport else None)
-    identity = impersonate(request.headers, identity, cluster.authorizer)
     attrs = request_attributes(request.method, request.rel_url.raw_path, request.query)
+    if is_service_proxy(attrs):
+        # Authorised as the caller itself: its Impersonate-* headers are for the service (services.py).
+        cluster.authorizer.check(identity, attrs)
+        return await serve_service_proxy(request, cluster.services, attrs)
+    identity = impersonate(request.headers, identity, cluster.authorizer)
     cluster.authorizer.check(identity, attrs)
+    if attrs.path == REVIEWS_PATH and request.method == "GET":
+        return json_response(cluster.reviews)
     if not attrs.is_resource:
         return serve_non_resource(request, attrs)
     rt = discovery.find_resource(attrs.api_group, attrs.api_version, attrs.resource)
@@ -375,6 +387,8 @@ async def serve_review(request: web.Request, cluster: Cluster, rt: ResourceType,
         subject = Identity(str(spec.get("user", "")), tuple(spec.get("groups") or ()),
                            str(spec.get("uid", "")), extra)
         status = _access_review_status(cluster.authorizer, subject, rt, spec)
+        cluster.reviews.append(spec)
+        del cluster.reviews[:-REVIEWS_KEPT]
     return json_response({"kind": rt.kind, "apiVersion": rt.api_version,
                           "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}, 201)
 
@@ -420,6 +434,7 @@ class Options:
     activity_rate: float = 0.0
     seed: bool = True
     watch_history: int = 1000
+    services: dict[tuple[str, str], Path] = field(default_factory=dict)
 
 
 def _tls_context(creds: Credentials) -> ssl.SSLContext:
@@ -449,7 +464,7 @@ async def serve(options: Options) -> None:
     store = Store(options.watch_history)
     if options.seed:
         seed_store(store)
-    cluster = Cluster(store, Authenticator(tokens), Authorizer(options.rules))
+    cluster = Cluster(store, Authenticator(tokens), Authorizer(options.rules), options.services)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, cluster.stopping.set)

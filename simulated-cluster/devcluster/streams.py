@@ -474,7 +474,7 @@ def _protocol_refusal(request: web.Request, supported: tuple[str, ...]) -> web.R
     return response
 
 
-class _UpgradedInput:
+class UpgradedInput:
     """Takes every byte that arrives after the 101, in place of aiohttp's HTTP parser."""
 
     def __init__(self) -> None:
@@ -506,7 +506,7 @@ async def _accept_spdy(request: web.Request, protocol: str) -> tuple[web.StreamR
         headers={"Connection": "Upgrade", "Upgrade": "SPDY/3.1", "X-Stream-Protocol-Version": protocol},
     )
     response.force_close()
-    upgraded = _UpgradedInput()
+    upgraded = UpgradedInput()
     request.protocol.set_parser(upgraded)
     writer = await response.prepare(request)
     assert writer is not None

@@ -13,6 +13,7 @@ from fastproxy.auth.scopes import (
     check_scope,
     load_scope,
     parse_scope,
+    reaches_virtual_cluster,
 )
 
 MGMT = "/apis/management.loft.sh/v1"
@@ -357,6 +358,19 @@ def test_rule_virtual_clusters():
     any_name = rule(virtualClusters=[{"namespace": "ns"}])
     assert allowed(any_name, "GET", "/api/v1/pods", target="VirtualCluster", virtual_cluster="w",
                    vcluster_namespace="ns")
+
+
+def test_what_reaches_a_virtual_cluster():
+    """Whether kubectl may discover a virtual cluster: anything the scope allows there."""
+    def reaches(scope, cluster="prod", name="v", namespace="ns"):
+        return reaches_virtual_cluster(load_scope(scope), cluster, name, namespace)
+    assert reaches({"clusters": [{"cluster": "prod"}]}) and not reaches({"clusters": [{"cluster": "dev"}]})
+    assert reaches({"clusters": [{"cluster": "*"}]}, cluster="any")
+    named = {"rules": [{"requestTargets": ["VirtualCluster"], "virtualClusters": [{"name": "v", "namespace": "ns"}]}]}
+    assert reaches(named) and not reaches(named, name="w") and not reaches(named, namespace="other")
+    assert reaches({"rules": [{"requestTargets": ["VirtualCluster"], "cluster": "prod"}]})
+    assert not reaches({"rules": [{"requestTargets": ["VirtualCluster"], "cluster": "dev"}]})
+    assert not reaches({"rules": [{"requestTargets": ["Cluster"]}]})  # a cluster rule is not a virtual cluster's
 
 
 @pytest.mark.parametrize("verbs", [["create"], ["get"]])

@@ -27,6 +27,8 @@ CAROL_TOKEN = "carol-secret-token"
 RULES = [
     {"users": ["bob"], "verbs": ["get", "list", "watch"], "resources": ["pods", "pods/log"],
      "namespaces": ["team-a"]},
+    {"users": ["bob"], "verbs": ["get"], "apiGroups": ["storage.loft.sh"], "resources": ["virtualclusters"],
+     "namespaces": ["vcluster-a"]},
 ]
 
 

@@ -177,7 +177,7 @@ def test_discovery_documents(api):
     assert api.request("GET", "/version")[1]["gitVersion"] == "v1.32.0"
 
 
-def test_subject_access_review_for_the_gateway(api, cluster):
+def test_subject_access_review_for_the_gateway(api, cluster, bob_token):
     def review(user, groups, attributes):
         status, body = api.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", {
             "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
@@ -191,6 +191,25 @@ def test_subject_access_review_for_the_gateway(api, cluster):
     assert review("bob", ["system:authenticated"], impersonate_alice) is False
     assert review("bob", [], {"verb": "list", "resource": "pods", "namespace": "team-a"}) is True
     assert review("bob", [], {"verb": "list", "resource": "pods", "namespace": "team-b"}) is False
+    # The rule a host cluster holds for who may use the virtual clusters of a namespace.
+    vcluster = {"verb": "get", "group": "storage.loft.sh", "resource": "virtualclusters", "namespace": "vcluster-a",
+                "name": "vc1"}
+    assert review("bob", [], vcluster) is True
+    assert review("bob", [], {**vcluster, "namespace": "vcluster-b"}) is False
+    assert review("bob", [], {**vcluster, "verb": "delete"}) is False
+    assert review("bob", [], {**vcluster, "group": "management.loft.sh"}) is False
+    status, answered = api.request("GET", "/devcluster/subjectaccessreviews")
+    assert status == 200 and answered[-1] == {"user": "bob", "groups": [],
+                                              "resourceAttributes": {**vcluster, "group": "management.loft.sh"}}
+    assert api.request("GET", "/devcluster/subjectaccessreviews", token=bob_token)[0] == 403
+
+
+def test_the_service_proxy_is_for_the_gateway_and_known_services(api, cluster, bob_token):
+    path = "/api/v1/namespaces/vcluster-a/services/https:vc1:443/proxy/api/v1/namespaces"
+    status, body = api.request("GET", path, token=bob_token)
+    assert status == 403 and 'cannot get resource "services/proxy"' in body["message"]
+    status, body = api.request("GET", path, token=cluster.gateway_token)
+    assert status == 404 and body["message"] == 'services "vc1" not found'
 
 
 def test_gateway_impersonates_with_token_and_client_certificate(api, cluster):

@@ -1,11 +1,14 @@
 """The devcluster's parsing and policy pieces, without a process."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from devcluster import protobuf
 from devcluster.auth import Attributes, Authorizer, Rule, authenticated, request_attributes
 from devcluster.errors import ApiError
+from devcluster.services import backend_path, is_service_proxy, parse_service_map, service_name
 from devcluster.tables import human_duration, wants_table
 
 
@@ -63,3 +66,22 @@ def test_table_negotiation_and_ages():
     assert not wants_table("application/json")
     assert ([human_duration(s) for s in (5, 150, 900, 7300, 14460, 86400 * 3 + 3600)]
             == ["5s", "2m30s", "15m", "121m", "4h1m", "3d1h"])
+
+
+def test_service_proxy_paths():
+    path = "/api/v1/namespaces/ns/services/https:vc1:443/proxy/api/v1/pods"
+    attrs = request_attributes("GET", path, {})
+    assert is_service_proxy(attrs) and service_name(attrs.name) == "vc1"
+    assert backend_path(path, attrs) == "/api/v1/pods"
+    bare = "/api/v1/namespaces/ns/services/vc1/proxy"
+    assert backend_path(bare, request_attributes("GET", bare, {})) == "/"
+    assert service_name("vc1:8443") == "vc1"
+    assert not is_service_proxy(request_attributes("GET", "/api/v1/namespaces/ns/services/vc1", {}))
+    assert not is_service_proxy(request_attributes("GET", "/apis/x.io/v1/namespaces/ns/services/vc1/proxy", {}))
+
+
+def test_service_map_options():
+    assert parse_service_map(["ns/vc1=/tmp/a", "ns/vc2=b"]) == {("ns", "vc1"): Path("/tmp/a"), ("ns", "vc2"): Path("b")}
+    for bad in ("ns/vc1", "vc1=/tmp/a", "/vc1=/a", "ns/=/a", "ns/vc1="):
+        with pytest.raises(ValueError, match="--service must be NAMESPACE/NAME=DIR"):
+            parse_service_map([bad])

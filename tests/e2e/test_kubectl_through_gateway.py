@@ -177,18 +177,22 @@ def test_port_forward_carries_bytes(stack, websockets):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert "Forwarding from 127.0.0.1" in read_line(forward, 10)
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-            payload = b"through the gateway\n" * 1000
-            conn.sendall(payload)
-            received = b""
-            while len(received) < len(payload):
-                chunk = conn.recv(65536)
-                assert chunk, "port-forward closed early"
-                received += chunk
-            assert received == payload
+        assert_echoed(port, b"through the gateway\n" * 1000)
     finally:
         forward.kill()
         forward.wait()
+
+
+def assert_echoed(port: int, payload: bytes) -> None:
+    """A forwarded port (the simulated pods' echo service) gives back every byte sent to it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(payload)
+        received = b""
+        while len(received) < len(payload):
+            chunk = conn.recv(65536)
+            assert chunk, "port-forward closed early"
+            received += chunk
+        assert received == payload
 
 
 def test_python_client_watch_through_the_gateway(stack):

@@ -325,6 +325,8 @@ def test_two_workers_scrape_as_one(gateway_config, tmp_path, tls_files, monkeypa
     ca = tls_files["ca"]
     try:
         [share] = eventually(lambda: glob.glob(str(shares / "fastproxy-metrics-*")), "the workers' folder")
+        # A worker's file is written after its socket listens: until both are, one would take every request.
+        eventually(lambda: len(glob.glob(os.path.join(share, "[0-9]*.json"))) == 2, "both workers listening")
         count = 40
         for n in range(count):
             client = Client(gateway.port, ca)
