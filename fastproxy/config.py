@@ -16,6 +16,7 @@ from .auth.identity import HeaderValueError, check_header_value, key_digest
 from .names import DNS_SUBDOMAIN
 
 if TYPE_CHECKING:
+    from .grafana.config import GrafanaConfig
     from .observe.audit import AuditConfig
 
 
@@ -139,6 +140,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     activity: ActivityConfig = ActivityConfig()
     audit: AuditConfig | None = None    # None: no audit log
+    grafana: GrafanaConfig | None = None  # None: /grafana/ is not served
 
 
 class _Table:
@@ -258,24 +260,38 @@ def _server(data: object) -> ServerConfig:
     return server
 
 
-def _cluster(data: object, where: str) -> ClusterConfig:
-    t = _Table(data, where)
-    name = t.str("name", required=True)
-    if not DNS_SUBDOMAIN.match(name):
-        raise ConfigError(f"{t.key('name')}: must be a lower-case DNS name, not {name!r}")
-    server = t.str("server", required=True)
-    url = urlsplit(server)
+def base_url(table: _Table, key: str) -> tuple[str, str, int]:
+    """The required `key` as an http(s)://HOST[:PORT] URL: (scheme, host, port)."""
+    text = table.str(key, required=True)
+    url = urlsplit(text)
     try:
         port = url.port
     except ValueError:
         port = -1
     if url.scheme not in ("https", "http") or not url.hostname or port == -1 or url.path not in ("", "/") \
-            or url.query or url.username:
-        raise ConfigError(f"{t.key('server')}: must be an https://HOST[:PORT] URL, not {server!r}")
-    insecure = t.bool("insecure_skip_tls_verify")
-    ca_file = t.file("ca_file")
+            or url.query or url.fragment or url.username:
+        raise ConfigError(f"{table.key(key)}: must be an https://HOST[:PORT] URL, not {text!r}")
+    return url.scheme, url.hostname, port or (443 if url.scheme == "https" else 80)
+
+
+def server_trust(table: _Table) -> tuple[str | None, bool]:
+    """How a server's certificate is checked: (ca_file, insecure_skip_tls_verify), the CA loaded."""
+    insecure = table.bool("insecure_skip_tls_verify")
+    ca_file = table.file("ca_file")
     if ca_file and insecure:
-        raise ConfigError(f"{t.key('insecure_skip_tls_verify')}: cannot be combined with ca_file")
+        raise ConfigError(f"{table.key('insecure_skip_tls_verify')}: cannot be combined with ca_file")
+    if ca_file is not None:
+        _check_tls(table, "ca_file", lambda: ssl.create_default_context(cafile=ca_file))
+    return ca_file, insecure
+
+
+def _cluster(data: object, where: str) -> ClusterConfig:
+    t = _Table(data, where)
+    name = t.str("name", required=True)
+    if not DNS_SUBDOMAIN.match(name):
+        raise ConfigError(f"{t.key('name')}: must be a lower-case DNS name, not {name!r}")
+    scheme, host, port = base_url(t, "server")
+    ca_file, insecure = server_trust(t)
     token_file = t.file("token_file")
     cert, key = t.file("client_cert_file"), t.file("client_key_file")
     if (cert is None) != (key is None):
@@ -283,12 +299,10 @@ def _cluster(data: object, where: str) -> ClusterConfig:
                           "client_cert_file and client_key_file go together")
     if token_file is None and cert is None:
         raise ConfigError(f"{t.key('token_file')}: a cluster needs token_file or client_cert_file + client_key_file")
-    if ca_file is not None:
-        _check_tls(t, "ca_file", lambda: ssl.create_default_context(cafile=ca_file))
     if cert is not None:
         _check_tls(t, "client_cert_file", lambda: ssl.create_default_context().load_cert_chain(cert, key))
     cluster = ClusterConfig(
-        name=name, scheme=url.scheme, host=url.hostname, port=port or (443 if url.scheme == "https" else 80),
+        name=name, scheme=scheme, host=host, port=port,
         ca_file=ca_file, insecure_skip_tls_verify=insecure, tls_server_name=t.str("tls_server_name"),
         token_file=token_file, client_cert_file=cert, client_key_file=key,
         connect_timeout=t.positive("connect_timeout", float, 5.0),
@@ -393,6 +407,12 @@ def _audit(data: object) -> AuditConfig:
     return parse_audit_config(data)
 
 
+def _grafana(data: object, clusters: tuple[ClusterConfig, ...]) -> GrafanaConfig:
+    from .grafana.config import parse_grafana_config  # the grafana package parses its own table
+
+    return parse_grafana_config(data, frozenset(cluster.name for cluster in clusters))
+
+
 def _check_jwks(table: _Table, path: str, algorithms: tuple[str, ...]) -> None:
     try:
         with open(path, "rb") as f:
@@ -420,6 +440,7 @@ def parse_config(data: dict, path: str = "") -> Config:
     metrics = _metrics(root._get("metrics", dict, {}))
     activity = _activity(root._get("activity", dict, {}))
     audit = _audit(root._get("audit", dict, None)) if "audit" in root.data else None
+    grafana = _grafana(root._get("grafana", dict, None), clusters) if "grafana" in root.data else None
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):
@@ -433,7 +454,7 @@ def parse_config(data: dict, path: str = "") -> Config:
         if key.key_sha256 in digests[:i]:
             raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
     return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens,
-                  metrics=metrics, activity=activity, audit=audit)
+                  metrics=metrics, activity=activity, audit=audit, grafana=grafana)
 
 
 def load_config(path: str) -> Config:
