@@ -10,13 +10,14 @@ from .clusters import ClusterRegistry
 from .config import Config
 from .context import Observer, Observers, RequestContext, RequestHead
 from .exchange import Connection, Responder
+from .grafana.proxy import GrafanaProxy
 from .local import Health
 from .management.api import ManagementAPI
 from .observe.activity import ActivityObserver
 from .observe.audit import AuditObserver
 from .observe.metrics import CountedReviewer, Metrics
 from .proxy import ClusterProxy
-from .routing import CLUSTER, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, route
+from .routing import CLUSTER, GRAFANA, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, route
 from .status import StatusError, status_response
 
 # A handler: builds the responder for one request, or raises StatusError to refuse it.
@@ -51,6 +52,10 @@ class Gateway:
         if self.metrics is not None:
             self.handlers[METRICS] = self.metrics.responder
             self.proxy.reviewer = CountedReviewer(self.metrics.impersonation)
+        self.grafana: GrafanaProxy | None = None
+        if config.grafana is not None:
+            self.grafana = GrafanaProxy(config.grafana, config.server, self.authenticator, loop)
+            self.handlers[GRAFANA] = self.grafana.responder
         self.connections: set = set()  # open client connections, for deadlines and shutdown
 
     def start(self) -> None:
@@ -85,6 +90,8 @@ class Gateway:
         write batched key and namespace activity, re-read changed revocation lists, share the
         metrics, write the audit log's ResponseStarted events."""
         self.clusters.tick()
+        if self.grafana is not None:
+            self.grafana.clusters.tick()
         self.authenticator.tick()
         self.management.tick()
         if self.metrics is not None:
@@ -101,6 +108,8 @@ class Gateway:
             self.activity.flush()  # written by the reader's close below
         self.management.close()
         self.clusters.close()
+        if self.grafana is not None:
+            self.grafana.clusters.close()
         self.authenticator.close()
         if self.audit is not None:
             self.audit.close()
