@@ -6,6 +6,7 @@ import http.client
 import json
 import shutil
 import ssl
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,7 +40,12 @@ def gateway(grafana, gateway_config, tmp_path_factory):
     folder = tmp_path_factory.mktemp("gateway-grafana")
     for name in ("token", "key"):
         shutil.copy(base / name, folder / name)
+    state = folder / "state.db"
+    scoped_keys = {cluster: scoped_key(state, cluster) for cluster in ("one", "down")}
     process = start_gateway(text + f"""
+        [state]
+        path = "{state}"
+
         [grafana]
         user_header = "X-Grafana-User"
 
@@ -47,8 +53,23 @@ def gateway(grafana, gateway_config, tmp_path_factory):
         cluster = "one"
         url = "http://127.0.0.1:{grafana[0]}"
     """, folder)
+    process.scoped_keys = scoped_keys
     yield process
     process.stop()
+
+
+def scoped_key(state, cluster: str) -> str:
+    """A state-store key of user bob whose scope reaches only `cluster`, made with the CLI."""
+    def cli(*args):
+        result = subprocess.run([sys.executable, "-m", "fastproxy", *args, "--state", str(state)],
+                                capture_output=True, text=True, timeout=30, check=True)
+        return result.stdout
+    if cluster == "one":
+        cli("user", "create", "bob", "--group", "viewers")
+    scope = state.parent / f"scope-{cluster}.json"
+    scope.write_text(json.dumps({"clusters": [{"cluster": cluster}]}))
+    out = cli("accesskey", "create", "--user", "bob", "--name", f"bob-{cluster}", "--scope", str(scope))
+    return out.split("key: ")[1].strip()
 
 
 def request(gateway, tls_files, method, path, headers=(), body=None):
@@ -134,6 +155,19 @@ def test_a_cookie_changes_something_only_from_the_gateways_own_pages(gateway, gr
     response, data = request(gateway, tls_files, "POST", "/grafana/one/api/ds/query", headers, b"{}")
     assert response.status == code, data
     assert len(grafana[1]()) == before + (code == 200)
+
+
+def test_a_key_whose_scope_reaches_another_cluster_is_refused(gateway, grafana, tls_files):
+    before = len(grafana[1]())
+    response, data = request(gateway, tls_files, "GET", "/grafana/one/api/search",
+                             [("Authorization", f"Bearer {gateway.scoped_keys['down']}")])
+    assert response.status == 403 and "does not reach cluster" in json.loads(data)["message"]
+    assert len(grafana[1]()) == before
+    response, _ = request(gateway, tls_files, "GET", "/grafana/one/api/search?scoped",
+                          [("Authorization", f"Bearer {gateway.scoped_keys['one']}")])
+    assert response.status == 200
+    got = last(grafana[1], "/api/search?scoped")
+    assert value(got, "X-Grafana-User") == "bob" and "viewers" in value(got, "X-WEBAUTH-GROUPS").split(",")
 
 
 def test_redirects_and_cookies_come_back_under_the_prefix(gateway, grafana, tls_files):
