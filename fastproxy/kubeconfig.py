@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import getpass
 import os
 import sys
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -150,6 +152,30 @@ def write_atomically(path: str, text: str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def kubectl_lock(path: str, wait: float = 1.0) -> Iterator[None]:
+    """Hold PATH.lock, the lock file kubectl (client-go) creates while it modifies a kubeconfig,
+    so that neither overwrites what the other just wrote."""
+    lock = path + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            break
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"KUBECONFIG: {lock} exists: kubectl or another command is writing {path} "
+                                  "(remove the lock if nothing is)") from None
+            time.sleep(0.05)
+        except OSError as error:
+            raise ConfigError(f"KUBECONFIG: {lock}: {error.strerror}") from None
+    try:
+        yield
+    finally:
+        os.unlink(lock)
+
+
 def _read(path: str) -> Any:
     try:
         with open(path, "rb") as file:
@@ -199,8 +225,9 @@ def kubeconfig_command(args: argparse.Namespace) -> int:
     ca_data = None if args.certificate_authority is None else _read_ca(args.certificate_authority)
     entry = Entry(target.context_name, server + target.path, _read_key(args), ca_data, args.insecure_skip_tls_verify)
     path = kubeconfig_path(os.environ, os.path.expanduser("~"))
-    document = merge(_read(path), entry, f"KUBECONFIG: {path}")
-    write_atomically(path, yaml.safe_dump(document, sort_keys=False, default_flow_style=False))
+    with kubectl_lock(path):
+        document = merge(_read(path), entry, f"KUBECONFIG: {path}")
+        write_atomically(path, yaml.safe_dump(document, sort_keys=False, default_flow_style=False))
     print(f"context {entry.name!r} written to {path} and made current")
     return 0
 

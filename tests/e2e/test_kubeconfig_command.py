@@ -129,3 +129,17 @@ def test_a_file_that_is_not_yaml_is_refused(written):
     result = fastproxy_kubeconfig(env, "--server", "https://gw", "--cluster", "a", "--key", "k")
     assert result.returncode == 2 and result.stderr.startswith(f"fastproxy: KUBECONFIG: {first}: not YAML")
     assert result.stderr.count("\n") == 1 and first.read_text() == "clusters: [\n"
+
+
+def test_the_file_kubectl_is_writing_is_left_alone(written):
+    env, first, *_ = written
+    lock = first.parent / "config.lock"
+    lock.touch()  # what kubectl holds while it modifies the file
+    kubectl_refused = subprocess.run([KUBECTL, "config", "set-context", "x"], env=env, capture_output=True, text=True)
+    assert kubectl_refused.returncode != 0 and "config.lock" in kubectl_refused.stderr, "kubectl honours the same lock"
+    result = fastproxy_kubeconfig(env, "--server", "https://gw", "--cluster", "a", "--key", "k")
+    assert result.returncode == 2 and result.stderr.startswith(f"fastproxy: KUBECONFIG: {lock} exists")
+    assert first.read_text() == EXISTING and lock.exists()
+    lock.unlink()
+    assert fastproxy_kubeconfig(env, "--server", "https://gw", "--cluster", "a", "--key", "k").returncode == 0
+    assert not lock.exists(), "the lock is released"
