@@ -1,5 +1,5 @@
 """A stand-in for Grafana behind the gateway: records every request it gets, answers redirects,
-cookies, a body echo and a WebSocket (as Grafana Live's). Run as a process:
+cookies, a body echo, a WebSocket (as Grafana Live's) and one slow answer. Run as a process:
 
     python grafana_standin.py RECORD_FILE      (prints its port, then serves on 127.0.0.1)
 
@@ -53,12 +53,16 @@ def main(record_file: str) -> None:
                 await socket.send_str("echo:" + message.data)
         return socket
 
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(3)
+        return web.json_response({})
+
     async def anything(request: web.Request) -> web.Response:
         return web.json_response({"path": request.path_qs})
 
     app = web.Application(middlewares=[recording])
     app.add_routes([web.get("/login", login), web.get("/own-origin", own_origin), web.get("/elsewhere", elsewhere),
-                    web.post("/api/ds/query", query), web.get("/api/live/ws", live),
+                    web.post("/api/ds/query", query), web.get("/api/live/ws", live), web.get("/slow", slow),
                     web.route("*", "/{tail:.*}", anything)])
 
     async def serve() -> None:

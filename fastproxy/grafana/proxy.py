@@ -85,3 +85,10 @@ class GrafanaExchange(ProxyExchange):
     def upstream_switched(self, conn: UpstreamConnection, early: memoryview) -> None:
         self._rewrite(conn)
         super().upstream_switched(conn, early)
+
+    def upstream_unreachable(self, message: str) -> None:
+        super().upstream_unreachable("the Grafana of " + message)  # 'cluster "NAME" is unreachable: why'
+
+    def timed_out(self) -> None:
+        server = self.plan.upstream.cluster
+        self.fail(504, f'the Grafana of cluster "{server.name}" did not answer within {server.response_header_timeout:g}s')

@@ -35,7 +35,8 @@ def grafana(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(grafana, gateway_config, tmp_path_factory):
-    """The suite's gateway configuration (clusters "one" and "down"), with a Grafana for "one"."""
+    """The suite's gateway configuration (clusters "one" and "down"), with a Grafana for each: the
+    stand-in for "one", a closed port for "down"."""
     base, text = gateway_config
     folder = tmp_path_factory.mktemp("gateway-grafana")
     for name in ("token", "key"):
@@ -52,6 +53,11 @@ def gateway(grafana, gateway_config, tmp_path_factory):
         [[grafana.clusters]]
         cluster = "one"
         url = "http://127.0.0.1:{grafana[0]}"
+        response_header_timeout = 1
+
+        [[grafana.clusters]]
+        cluster = "down"
+        url = "http://127.0.0.1:1"
     """, folder)
     process.scoped_keys = scoped_keys
     yield process
@@ -135,8 +141,8 @@ def test_a_browser_signs_in_with_the_access_key_cookie(gateway, grafana, tls_fil
     ("/grafana/one/api/search", [], 401),
     ("/grafana/one/api/search", [("Cookie", "loft_access_key=wrong")], 401),
     ("/grafana/one/api/search", [("Authorization", "Bearer wrong"), ("Cookie", f"loft_access_key={ACCESS_KEY}")], 401),
-    ("/grafana/down/api/search", [BEARER], 404),
     ("/grafana/three/api/search", [BEARER], 404),
+    ("/grafana/down/api/search", [BEARER], 503),
 ])
 def test_refusals_are_status_objects_and_reach_no_grafana(gateway, grafana, tls_files, path, headers, code):
     before = len(grafana[1]())
@@ -144,6 +150,15 @@ def test_refusals_are_status_objects_and_reach_no_grafana(gateway, grafana, tls_
     status = json.loads(data)
     assert response.status == code and status["kind"] == "Status" and status["code"] == code
     assert len(grafana[1]()) == before
+
+
+def test_an_unreachable_grafana_is_named(gateway, tls_files):
+    response, data = request(gateway, tls_files, "GET", "/grafana/down/", [BEARER])
+    assert response.status == 503
+    assert json.loads(data)["message"].startswith('the Grafana of cluster "down" is unreachable')
+    response, data = request(gateway, tls_files, "GET", "/grafana/one/slow", [BEARER])
+    assert response.status == 504
+    assert json.loads(data)["message"] == 'the Grafana of cluster "one" did not answer within 1s'
 
 
 @pytest.mark.parametrize("origin, code", [(None, 403), ("https://evil.example.com", 403), ("own", 200)])
