@@ -12,6 +12,7 @@ from fastproxy.grafana.rewrite import (
     rewrite_response_head,
     rewrite_set_cookie,
 )
+from fastproxy.status import StatusError
 
 PREFIX, ORIGIN, COOKIE = b"/grafana/prod", b"http://grafana.monitoring:3000", b"loft_access_key"
 
@@ -56,10 +57,16 @@ def test_groups_may_be_left_out():
 
 def test_the_client_credential_and_forged_auth_proxy_headers_are_taken_out():
     kept = [(b"Accept", b"*/*"), (b"X-WEBAUTH-USER", b"admin"), (b"x-webauth-role", b"Admin"), (b"X-Groups", b"admins"),
-            (b"Cookie", b"grafana_session=s; loft_access_key=KEY; theme=dark"), (b"Cookie", b"loft_access_key=\"KEY2\"")]
+            (b"Cookie", b"grafana_session=s; theme=dark; ; "), (b"Cookie", b"loft_access_key=\"KEY\"")]
     headers, credential = grafana_request_headers(kept, frozenset((b"x-webauth-user", b"x-groups")), COOKIE)
     assert headers == [(b"Accept", b"*/*"), (b"Cookie", b"grafana_session=s; theme=dark")]
-    assert credential == b"KEY2"
+    assert credential == b"KEY"
+
+
+def test_two_access_key_cookies_are_refused():
+    with pytest.raises(StatusError) as refused:
+        grafana_request_headers([(b"Cookie", b"loft_access_key=A; x=1"), (b"Cookie", b"loft_access_key=B")], frozenset(), COOKIE)
+    assert refused.value.code == 401
     assert grafana_request_headers([(b"Cookie", b"other=1")], frozenset(), COOKIE) == ([(b"Cookie", b"other=1")], None)
 
 

@@ -8,6 +8,7 @@ sees Grafana, and Grafana may not set the gateway's own cookie.
 from __future__ import annotations
 
 from ..headers import Headers, response_headers
+from ..status import StatusError
 
 # Auth-proxy headers (Grafana's `headers = Name:X-WEBAUTH-NAME Role:X-WEBAUTH-ROLE ...` convention)
 # are never taken from a client, whichever of them a Grafana is set to read.
@@ -17,7 +18,7 @@ _AUTH_PROXY_PREFIX = b"x-webauth-"
 def grafana_request_headers(kept: Headers, forged: frozenset[bytes], cookie: bytes) -> tuple[Headers, bytes | None]:
     """The client's forwardable headers (headers.scan_client_headers' `kept`) less the
     auth-proxy headers (`forged`: their lower-case names) and the access-key cookie, and that
-    cookie's value (the browser's credential), if there was one."""
+    cookie's value (the browser's credential), if there was one; StatusError 401 for two."""
     headers: Headers = []
     credential = None
     for name, value in kept:
@@ -29,8 +30,10 @@ def grafana_request_headers(kept: Headers, forged: frozenset[bytes], cookie: byt
             for pair in value.split(b";"):
                 key, _, cookie_value = pair.partition(b"=")
                 if key.strip() == cookie:
-                    credential = cookie_value.strip(b'"')
-                elif key:
+                    if credential is not None:  # which one the browser meant cannot be told
+                        raise StatusError(401, "Unauthorized: more than one access-key cookie")
+                    credential = cookie_value.strip().strip(b'"')
+                elif pair.strip():
                     pairs.append(pair.strip())
             if not pairs:
                 continue
