@@ -17,6 +17,7 @@ from .auth.identity import HeaderValueError, check_header_value, key_digest
 from .names import DNS_SUBDOMAIN
 
 if TYPE_CHECKING:
+    from .grafana.config import GrafanaConfig
     from .observe.accesslog import AccessLogConfig
     from .observe.audit import AuditConfig
 
@@ -157,6 +158,7 @@ class Config:
     audit: AuditConfig | None = None    # None: no audit log
     access_log: AccessLogConfig | None = None  # None: no access log (it is on unless [access_log] enabled = false)
     virtual_clusters: tuple[VirtualClusterConfig, ...] = ()
+    grafana: GrafanaConfig | None = None  # None: /grafana/ is not served
 
 
 class _Table:
@@ -276,24 +278,38 @@ def _server(data: object) -> ServerConfig:
     return server
 
 
-def _cluster(data: object, where: str) -> ClusterConfig:
-    t = _Table(data, where)
-    name = t.str("name", required=True)
-    if not DNS_SUBDOMAIN.match(name):
-        raise ConfigError(f"{t.key('name')}: must be a lower-case DNS name, not {name!r}")
-    server = t.str("server", required=True)
-    url = urlsplit(server)
+def base_url(table: _Table, key: str) -> tuple[str, str, int]:
+    """The required `key` as an http(s)://HOST[:PORT] URL: (scheme, host, port)."""
+    text = table.str(key, required=True)
+    url = urlsplit(text)
     try:
         port = url.port
     except ValueError:
         port = -1
     if url.scheme not in ("https", "http") or not url.hostname or port == -1 or url.path not in ("", "/") \
-            or url.query or url.username:
-        raise ConfigError(f"{t.key('server')}: must be an https://HOST[:PORT] URL, not {server!r}")
-    insecure = t.bool("insecure_skip_tls_verify")
-    ca_file = t.file("ca_file")
+            or url.query or url.fragment or url.username:
+        raise ConfigError(f"{table.key(key)}: must be an https://HOST[:PORT] URL, not {text!r}")
+    return url.scheme, url.hostname, port or (443 if url.scheme == "https" else 80)
+
+
+def server_trust(table: _Table) -> tuple[str | None, bool]:
+    """How a server's certificate is checked: (ca_file, insecure_skip_tls_verify), the CA loaded."""
+    insecure = table.bool("insecure_skip_tls_verify")
+    ca_file = table.file("ca_file")
     if ca_file and insecure:
-        raise ConfigError(f"{t.key('insecure_skip_tls_verify')}: cannot be combined with ca_file")
+        raise ConfigError(f"{table.key('insecure_skip_tls_verify')}: cannot be combined with ca_file")
+    if ca_file is not None:
+        _check_tls(table, "ca_file", lambda: ssl.create_default_context(cafile=ca_file))
+    return ca_file, insecure
+
+
+def _cluster(data: object, where: str) -> ClusterConfig:
+    t = _Table(data, where)
+    name = t.str("name", required=True)
+    if not DNS_SUBDOMAIN.match(name):
+        raise ConfigError(f"{t.key('name')}: must be a lower-case DNS name, not {name!r}")
+    scheme, host, port = base_url(t, "server")
+    ca_file, insecure = server_trust(t)
     token_file = t.file("token_file")
     cert, key = t.file("client_cert_file"), t.file("client_key_file")
     if (cert is None) != (key is None):
@@ -301,12 +317,10 @@ def _cluster(data: object, where: str) -> ClusterConfig:
                           "client_cert_file and client_key_file go together")
     if token_file is None and cert is None:
         raise ConfigError(f"{t.key('token_file')}: a cluster needs token_file or client_cert_file + client_key_file")
-    if ca_file is not None:
-        _check_tls(t, "ca_file", lambda: ssl.create_default_context(cafile=ca_file))
     if cert is not None:
         _check_tls(t, "client_cert_file", lambda: ssl.create_default_context().load_cert_chain(cert, key))
     cluster = ClusterConfig(
-        name=name, scheme=url.scheme, host=url.hostname, port=port or (443 if url.scheme == "https" else 80),
+        name=name, scheme=scheme, host=host, port=port,
         ca_file=ca_file, insecure_skip_tls_verify=insecure, tls_server_name=t.str("tls_server_name"),
         token_file=token_file, client_cert_file=cert, client_key_file=key,
         connect_timeout=t.positive("connect_timeout", float, 5.0),
@@ -440,6 +454,12 @@ def _access_log(data: object) -> AccessLogConfig | None:
     return parse_access_log_config(data)
 
 
+def _grafana(data: object, clusters: tuple[ClusterConfig, ...]) -> GrafanaConfig:
+    from .grafana.config import parse_grafana_config  # the grafana package parses its own table
+
+    return parse_grafana_config(data, frozenset(cluster.name for cluster in clusters))
+
+
 def _check_jwks(table: _Table, path: str, algorithms: tuple[str, ...]) -> None:
     try:
         with open(path, "rb") as f:
@@ -470,6 +490,7 @@ def parse_config(data: dict, path: str = "") -> Config:
     access_log = _access_log(root._get("access_log", dict, {}))
     virtual_clusters = tuple(_virtual_cluster(item, where, clusters)
                              for item, where in _list_of_tables(root, "virtual_clusters"))
+    grafana = _grafana(root._get("grafana", dict, None), clusters) if "grafana" in root.data else None
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):
@@ -488,7 +509,7 @@ def parse_config(data: dict, path: str = "") -> Config:
             raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
     return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens,
                   metrics=metrics, activity=activity, audit=audit, access_log=access_log,
-                  virtual_clusters=virtual_clusters)
+                  virtual_clusters=virtual_clusters, grafana=grafana)
 
 
 def load_config(path: str) -> Config:

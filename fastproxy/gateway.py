@@ -10,6 +10,7 @@ from .clusters import ClusterRegistry
 from .config import Config
 from .context import FLUSH_INTERVAL, BatchObserver, Observer, Observers, RequestContext, RequestHead, RequestIds
 from .exchange import Connection, Responder
+from .grafana.proxy import GrafanaProxy
 from .local import Health
 from .management.api import ManagementAPI
 from .observe.accesslog import AccessLog
@@ -17,7 +18,7 @@ from .observe.activity import ActivityObserver
 from .observe.audit import AuditObserver
 from .observe.metrics import CountedReviewer, Metrics
 from .proxy import ClusterProxy
-from .routing import CLUSTER, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, VIRTUAL_CLUSTER, route
+from .routing import CLUSTER, GRAFANA, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, VIRTUAL_CLUSTER, route
 from .status import StatusError, status_response
 from .virtualclusters import VirtualClusterProxy, VirtualClusters
 
@@ -62,6 +63,10 @@ class Gateway:
                                  if log is not None}
             self.proxy.reviewer = CountedReviewer(self.metrics.impersonation)
             self.vcluster_proxy.reviewer = self.proxy.reviewer
+        self.grafana: GrafanaProxy | None = None
+        if config.grafana is not None:
+            self.grafana = GrafanaProxy(config.grafana, config.server, self.authenticator, loop)
+            self.handlers[GRAFANA] = self.grafana.responder
         self.connections: set = set()  # open client connections, for deadlines and shutdown
 
     def start(self) -> None:
@@ -108,6 +113,8 @@ class Gateway:
         metrics, write the audit log's ResponseStarted events."""
         self.clusters.tick()
         self.virtual_clusters.tick()
+        if self.grafana is not None:
+            self.grafana.clusters.tick()
         self.authenticator.tick()
         self.management.tick()
         self.observers.flush()  # before the metrics are shared
@@ -127,6 +134,8 @@ class Gateway:
         self.management.close()
         self.clusters.close()
         self.virtual_clusters.close()
+        if self.grafana is not None:
+            self.grafana.clusters.close()
         self.authenticator.close()
         if self.audit is not None:
             self.audit.close()

@@ -23,7 +23,7 @@ from .auth.requestinfo import is_discovery
 from .auth.scopes import check_scope, reaches_cluster
 from .clusters import ClusterRegistry, Upstream
 from .config import ServerConfig
-from .context import Observers, RequestContext
+from .context import Observers, RequestContext, RequestHead
 from .exchange import AWAITING_RESPONSE, Connection, Responder
 from .flow import AWAITING_PEER, PEER_FULL, PENDING_LIMIT
 from .status import StatusError
@@ -72,7 +72,7 @@ class ClusterProxy:
         """Decide what goes to the cluster, or raise StatusError. No I/O; fills in ctx.identity."""
         head, where = ctx.head, ctx.route
         found = hdrs.scan_client_headers(head.headers)
-        upgrade = requested_upgrade(found) if head.upgrade else None
+        upgrade = requested_upgrade(head, found)
         identity = ctx.identity = self.authenticator.authenticate(hdrs.bearer_credential(found, upgrade), where.cluster)
         if identity.scope is not None:
             info = ctx.info
@@ -89,41 +89,13 @@ class ClusterProxy:
     def relay_plan(self, ctx: RequestContext, found: hdrs.ClientHeaders, upgrade: bytes | None, identity: Identity,
                    upstream: Upstream, path: str) -> ProxyPlan:
         """The plan for a request `identity` may send to `upstream` as `path` (and the route's query)."""
-        head, where = ctx.head, ctx.route
-        method = head.method
         if found.impersonation is None:
             nested, impersonation = None, identity.impersonation
         else:
             nested = parse_impersonation(found.impersonation)
             impersonation = nested.headers()  # sent only once the cluster allows it
-        content_length = found.content_length
-        limit = self.server.max_body_bytes
-        if limit and content_length is not None and content_length > limit:
-            raise StatusError(413, f"request body larger than {limit} bytes", close=True)
-        if found.chunked:
-            framing = b"Transfer-Encoding: chunked\r\n"
-        elif content_length is not None:
-            framing = b"Content-Length: %d\r\n" % content_length
-        elif method not in hdrs.NO_BODY_METHODS:
-            framing = b"Content-Length: 0\r\n"
-        else:
-            framing = b""
-        upstream_target = path + "?" + where.query if where.query else path
-        version = b"1.0" if head.version == b"1.0" else b"1.1"
-        forwarded_for = head.client_ip if found.forwarded_for is None else found.forwarded_for + b", " + head.client_ip
-        return ProxyPlan(
-            identity, upstream,
-            head=hdrs.upstream_request_head(
-                method, upstream_target.encode("latin-1"), version, found.kept,
-                host=upstream.host_line, credential=upstream.credential,
-                impersonation=impersonation, forwarded_for=forwarded_for,
-                framing=framing, upgrade=upgrade),
-            chunked=found.chunked,
-            upgrade=upgrade is not None,
-            long_running=is_long_running(where.query),
-            expect_continue=found.expect_continue and version == b"1.1",
-            nested=nested,
-        )
+        return forwarding_plan(ctx, found, found.kept, identity, upstream, impersonation, upgrade,
+                               self.server.max_body_bytes, nested, path=path)
 
     def review_impersonation(self, plan: ProxyPlan, done: Callable[[StatusError | None], None]) -> None:
         """Ask the cluster whether plan.identity may act as plan.nested; `done` gets the refusal or None."""
@@ -144,11 +116,53 @@ class ClusterProxy:
         review.add_done_callback(reviewed)
 
 
-def requested_upgrade(found: hdrs.ClientHeaders) -> bytes:
-    """The protocol an upgrade request asks for, if the gateway relays it."""
+def requested_upgrade(head: RequestHead, found: hdrs.ClientHeaders) -> bytes | None:
+    """The protocol a request asks to switch to (SPDY for exec and port-forward, or websocket), if any."""
+    if not head.upgrade:
+        return None
     if found.upgrade is None or found.upgrade.lower() not in hdrs.UPGRADE_PROTOCOLS:
         raise StatusError(400, "only SPDY/3.1 and websocket upgrades are supported", close=True)
     return found.upgrade
+
+
+def forwarding_plan(ctx: RequestContext, found: hdrs.ClientHeaders, kept: hdrs.Headers, identity: Identity,
+                    upstream: Upstream, identity_lines: bytes, upgrade: bytes | None, max_body_bytes: int,
+                    nested: NestedIdentity | None = None, *, path: str | None = None) -> ProxyPlan:
+    """The plan for an accepted request: the client's `kept` headers, then the upstream's own
+    credential and `identity_lines` (who the caller is, as the upstream reads it); the body
+    framed as the gateway parsed it; sent as `path` (default: the route's) with the route's query.
+    StatusError 413 for a body larger than `max_body_bytes`."""
+    head, where = ctx.head, ctx.route
+    if path is None:
+        path = where.path
+    method = head.method
+    content_length = found.content_length
+    if max_body_bytes and content_length is not None and content_length > max_body_bytes:
+        raise StatusError(413, f"request body larger than {max_body_bytes} bytes", close=True)
+    if found.chunked:
+        framing = b"Transfer-Encoding: chunked\r\n"
+    elif content_length is not None:
+        framing = b"Content-Length: %d\r\n" % content_length
+    elif method not in hdrs.NO_BODY_METHODS:
+        framing = b"Content-Length: 0\r\n"
+    else:
+        framing = b""
+    upstream_target = path + "?" + where.query if where.query else path
+    version = b"1.0" if head.version == b"1.0" else b"1.1"
+    forwarded_for = head.client_ip if found.forwarded_for is None else found.forwarded_for + b", " + head.client_ip
+    return ProxyPlan(
+        identity, upstream,
+        head=hdrs.upstream_request_head(
+            method, upstream_target.encode("latin-1"), version, kept,
+            host=upstream.host_line, credential=upstream.credential,
+            impersonation=identity_lines, forwarded_for=forwarded_for,
+            framing=framing, upgrade=upgrade),
+        chunked=found.chunked,
+        upgrade=upgrade is not None,
+        long_running=is_long_running(where.query),
+        expect_continue=found.expect_continue and version == b"1.1",
+        nested=nested,
+    )
 
 
 def is_long_running(query: str) -> bool:

@@ -57,7 +57,7 @@ NOT_SERVED = {
     MANAGEMENT: "the management API is not served by this gateway yet",
     AUTH: "the /auth/ endpoints are not served by this gateway yet",
     OIDC: "the /oidc/ endpoints are not served by this gateway yet",
-    GRAFANA: "the /grafana/ proxy is not served by this gateway yet",
+    GRAFANA: "no Grafana is configured on this gateway ([grafana])",
     METRICS: "metrics are disabled on this gateway ([metrics] enabled = false)",
 }
 

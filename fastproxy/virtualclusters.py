@@ -141,7 +141,7 @@ class VirtualClusterProxy(ClusterProxy):
         """As ClusterProxy.plan, for the request target VirtualCluster; the host review comes after."""
         head, where = ctx.head, ctx.route
         found = hdrs.scan_client_headers(head.headers)
-        upgrade = requested_upgrade(found) if head.upgrade else None
+        upgrade = requested_upgrade(head, found)
         identity = ctx.identity = self.authenticator.authenticate(hdrs.bearer_credential(found, upgrade), where.cluster)
         cluster, namespace, name = where.cluster, where.namespace, where.virtual_cluster
         if identity.scope is not None:

@@ -1,14 +1,13 @@
 """Fixtures that start real processes: a TLS test upstream and the gateway in front of it."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import trustme
 
-from tests.helpers import ACCESS_KEY, Process, start_gateway
+from tests.helpers import ACCESS_KEY, start_gateway, start_server
 
 HERE = Path(__file__).parent
 
@@ -34,13 +33,10 @@ def tls_files(ca, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def upstream(tls_files):
-    popen = subprocess.Popen(
-        [sys.executable, str(HERE / "upstream_server.py"), str(tls_files["cert"]), str(tls_files["key"])],
-        stdout=subprocess.PIPE, text=True)
-    port = int(popen.stdout.readline())
-    yield Process(popen, port)
-    popen.kill()
-    popen.wait()
+    process = start_server([sys.executable, str(HERE / "upstream_server.py"), str(tls_files["cert"]), str(tls_files["key"])])
+    yield process
+    process.popen.kill()
+    process.popen.wait()
 
 
 @pytest.fixture(scope="session")

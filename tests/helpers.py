@@ -26,6 +26,12 @@ class Process:
                 self.popen.wait()
 
 
+def start_server(argv: list[str]) -> Process:
+    """Run a test server process that prints the port it listens on as its first line."""
+    popen = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    return Process(popen, int(popen.stdout.readline()))
+
+
 def start_gateway(config_text: str, folder: Path, timeout: float = 15) -> Process:
     """Run `fastproxy serve` on a config and wait for its 'listening on' line."""
     config = folder / "fastproxy.toml"

@@ -1,0 +1,1 @@
+"""`/grafana/$CLUSTER/`: each cluster's Grafana behind the gateway, signed in by Grafana's auth proxy."""
