@@ -7,6 +7,7 @@ import sys
 from .auth.commands import add_token_commands
 from .auth.identity import key_digest
 from .config import ConfigError, load_config
+from .reload import add_reload_command
 from .store.commands import add_commands
 
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     hash_key.set_defaults(handler=_hash_key)
     add_commands(commands)        # user, team, accesskey, activity: the state file
     add_token_commands(commands)  # token issue, jwks, revoke
+    add_reload_command(commands)  # reload: SIGHUP to the running gateway
     return parser
 
 

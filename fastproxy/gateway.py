@@ -5,12 +5,12 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
-from .auth.credentials import Authenticator
+from .auth.credentials import Authenticator, StaticKeys
 from .clusters import ClusterRegistry
 from .config import Config
 from .context import Observer, Observers, RequestContext, RequestHead
 from .exchange import Connection, Responder
-from .local import Health
+from .local import READY, HealthChecks
 from .management.api import ManagementAPI
 from .observe.activity import ActivityObserver
 from .observe.audit import AuditObserver
@@ -45,9 +45,15 @@ class Gateway:
                                                   if observer is not None)])
         self.proxy = ClusterProxy(config.server, self.clusters, self.authenticator, loop)
         self.management = ManagementAPI(config, self.authenticator, self.clusters, loop, audit=self.audit)
+        self.health = HealthChecks()
+        # Configuration, keys and clusters were loaded before a Gateway exists; what can fail later:
+        self.health.add(READY, "keys", lambda: "the state store cannot be read" if store is not None
+                        and store.reader.failing else None)
+        self.health.add(READY, "clusters", lambda: None if len(self.clusters) == len(self.config.clusters)
+                        else "the cluster list is not loaded")
         # The router table's kinds -> handlers; a kind without one answers 404 (routing.NOT_SERVED).
         self.handlers: dict[str, Handler] = {CLUSTER: self.proxy.responder, MANAGEMENT: self.management.responder,
-                                             HEALTH: Health}
+                                             HEALTH: self.health.responder}
         if self.metrics is not None:
             self.handlers[METRICS] = self.metrics.responder
             self.proxy.reviewer = CountedReviewer(self.metrics.impersonation)
@@ -57,6 +63,15 @@ class Gateway:
         """Begin the background work: keeping the state store's snapshot fresh, probing clusters."""
         self.authenticator.start(self.loop)
         self.management.start()
+
+    def reload(self, config: Config) -> list[str]:
+        """New requests use `config`'s clusters (all reconnected: their certificates and tokens are
+        read again), access keys and server limits; requests open keep what they have. Returns
+        the names of the clusters removed."""
+        self.config = config
+        self.authenticator.static = StaticKeys(config)
+        self.proxy.server = config.server
+        return self.clusters.sync(config.clusters, renew=True)
 
     def responder(self, client: Connection, head: RequestHead, keep_alive: bool) -> Responder:
         """Route a request to its handler; a refusal becomes a responder with a Status to give."""

@@ -356,7 +356,7 @@ class TLSListener:
     ):
         self._loop = loop
         self._listener = listener
-        self._context = context
+        self.context = context
         self._protocol_factory = protocol_factory
         self._handshake_timeout = handshake_timeout
         self._plain_http_answer = plain_http_answer
@@ -380,7 +380,7 @@ class TLSListener:
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                tls = self._context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             except (OSError, ValueError):
                 sock.close()
                 continue

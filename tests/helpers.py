@@ -1,6 +1,7 @@
 """Helpers shared by the test modules: running the gateway as a real process."""
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -26,13 +27,15 @@ class Process:
                 self.popen.wait()
 
 
-def start_gateway(config_text: str, folder: Path, timeout: float = 15) -> Process:
-    """Run `fastproxy serve` on a config and wait for its 'listening on' line."""
+def start_gateway(config_text: str, folder: Path, timeout: float = 15, env: dict | None = None,
+                  **popen_args) -> Process:
+    """Run `fastproxy serve` on a config and wait for its 'listening on' line (`env`: extra
+    environment variables)."""
     config = folder / "fastproxy.toml"
     config.write_text(textwrap.dedent(config_text))
     log = open(folder / "gateway.log", "w+")
     popen = subprocess.Popen([sys.executable, "-m", "fastproxy", "serve", "--config", str(config)],
-                             stderr=log, stdout=log)
+                             stderr=log, stdout=log, env={**os.environ, **(env or {})}, **popen_args)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = (folder / "gateway.log").read_text()
