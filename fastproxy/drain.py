@@ -11,6 +11,7 @@ import enum
 from collections.abc import Iterable
 
 from .client import ClientConnection
+from .exchange import AWAITING_HEAD
 from .lifecycle import Census
 from .local import LocalResponder
 from .proxy import ProxyExchange
@@ -18,7 +19,7 @@ from .proxy import ProxyExchange
 
 class Busy(enum.Enum):
     IDLE = "idle"        # between requests: closed at once
-    REQUEST = "request"  # a request in flight: it may finish
+    REQUEST = "request"  # a request in flight, or a new connection's first: it may finish
     WATCH = "watch"      # a watch or followed log (proxied or the gateway's own): ended in turn
     TUNNEL = "tunnel"    # an upgraded stream: closed once the watches have ended
 
@@ -26,7 +27,9 @@ class Busy(enum.Enum):
 def busy(conn: ClientConnection) -> Busy:
     responder = conn.active
     if responder is None:
-        return Busy.REQUEST if conn.parsing_head else Busy.IDLE
+        # A connection still awaiting its first request head (or one begun) is about to send a
+        # request: it gets its header_timeout, as a request in flight.
+        return Busy.REQUEST if conn.parsing_head or conn.deadline_kind == AWAITING_HEAD else Busy.IDLE
     if responder.tunnel or responder.upgrade:
         return Busy.TUNNEL
     if (isinstance(responder, ProxyExchange) and responder.plan.long_running) or \

@@ -22,6 +22,7 @@ from .config import Config, ConfigError, ServerConfig, load_config
 from .context import Observer
 from .drain import Busy, busy, census, watch_end_offsets
 from .gateway import Gateway
+from .handover import start_successor
 from .lifecycle import DirectReporter, Fleet, Phase, PipeReporter, Reporter, SupervisorNotifier
 from .local import READY, SHUTDOWN
 from .observe import metrics
@@ -189,7 +190,7 @@ class Worker:
         self._end_gradually(self._watches())
         tunnels_close_at = start + server.watch_termination_period
         deadline = start + max(server.shutdown_grace, server.watch_termination_period)
-        while self.gateway.connections and self.loop.time() < deadline:
+        while (self.gateway.connections or getattr(self.listener, "handshakes", 0)) and self.loop.time() < deadline:
             for conn in list(self.gateway.connections):
                 kind = busy(conn)
                 if kind is Busy.IDLE or (kind is not Busy.REQUEST and self.loop.time() >= tunnels_close_at):
@@ -252,7 +253,9 @@ def _serve(config: Config, inherited: socket.socket | None, notifier: Notifier |
         address = sock.getsockname()
         announcement = (f"listening on {scheme}://{address[0]}:{address[1]} (1 worker, pid {os.getpid()}"
                         f"{', socket passed in' if inherited else ''})")
-        Worker(config, sock, reporter=DirectReporter(announcement, notifier)).run()
+        worker = Worker(config, sock, reporter=DirectReporter(announcement, notifier))
+        worker.loop.add_signal_handler(signal.SIGUSR2, start_successor, sock)
+        worker.run()
         return 0
     # Reserve the port (and learn it, for port 0) without listening: only workers accept; or
     # the workers share the socket passed in.
@@ -290,7 +293,7 @@ class Supervisor:
         self.signals: list[int] = []
 
     def run(self) -> int:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR2):
             signal.signal(signum, lambda signum, frame: self.signals.append(signum))
         for _ in range(self.config.server.workers):
             self._start_worker()
@@ -312,6 +315,8 @@ class Supervisor:
                 signum = self.signals.pop(0)
                 if signum == signal.SIGHUP:
                     self._reload()
+                elif signum == signal.SIGUSR2:
+                    self._hand_over()
                 elif signum != signal.SIGCHLD:
                     self._stop()
             for pid, status in self._reap():
@@ -346,6 +351,7 @@ class Supervisor:
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(signum, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop takes it
+                signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the supervisor's business
                 os.close(self.reports)
                 sock = self.sock if self.shared else listening_socket(self.config.server.host, self.port)
                 reporter = PipeReporter(self.report_fd, self.notify.notifier is not None)
@@ -385,6 +391,12 @@ class Supervisor:
             self.fleet.phase = Phase.DRAINING
             self.notify.send(sdnotify_message(STOPPING=1))
         self._signal_workers(signal.SIGTERM)
+
+    def _hand_over(self) -> None:
+        if self.shared:
+            start_successor(self.sock)
+        else:  # each worker has a socket of its own: no single one to pass on
+            log.error("hand-over refused: with workers > 1 it needs the listening socket passed in (fastproxy.socket)")
 
     def _reload(self) -> None:
         """Check the file here first, so that a bad one is one line, not one per worker."""

@@ -361,6 +361,7 @@ class TLSListener:
         self._handshake_timeout = handshake_timeout
         self._plain_http_answer = plain_http_answer
         self._resume: asyncio.TimerHandle | None = None
+        self.handshakes = 0  # in progress: a drain lets them finish
         listener.setblocking(False)
         loop.add_reader(listener.fileno(), self._accept)
 
@@ -387,7 +388,10 @@ class TLSListener:
             self._handshake(tls)
 
     def _handshake(self, tls: ssl.SSLSocket) -> None:
+        self.handshakes += 1
+
         def done(error: BaseException | None) -> None:
+            self.handshakes -= 1
             timer.cancel()
             if error is None:
                 TLSSocketTransport(self._loop, tls, self._protocol_factory())
@@ -403,6 +407,7 @@ class TLSListener:
                 tls.close()
 
         def give_up() -> None:
+            self.handshakes -= 1
             handshake.cancel()
             tls.close()
 

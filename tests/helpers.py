@@ -28,13 +28,13 @@ class Process:
 
 
 def start_gateway(config_text: str, folder: Path, timeout: float = 15, env: dict | None = None,
-                  **popen_args) -> Process:
+                  wrapper: tuple[str, ...] = (), **popen_args) -> Process:
     """Run `fastproxy serve` on a config and wait for its 'listening on' line (`env`: extra
-    environment variables)."""
+    environment variables; `wrapper`: a command line that execs the gateway's, given last)."""
     config = folder / "fastproxy.toml"
     config.write_text(textwrap.dedent(config_text))
     log = open(folder / "gateway.log", "w+")
-    popen = subprocess.Popen([sys.executable, "-m", "fastproxy", "serve", "--config", str(config)],
+    popen = subprocess.Popen([*wrapper, sys.executable, "-m", "fastproxy", "serve", "--config", str(config)],
                              stderr=log, stdout=log, env={**os.environ, **(env or {})}, **popen_args)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
