@@ -222,3 +222,57 @@ def test_drain_spreads_watch_ends_and_lets_requests_finish(gateway_config, tmp_p
         slow.close()
     finally:
         gateway.stop()
+
+
+def test_reload_under_load_ends_no_watch_and_fails_no_request(gateway_config, tmp_path, ca, tls_files, upstream):
+    """200 watches open and a GET loop running while the credential and the serving certificate
+    change by SIGHUP: no GET fails, every watch goes on, new requests carry the new credential."""
+    folder, old_tls = setup(tmp_path, gateway_config, ca)
+    ca_file = tls_files["ca"]
+    gateway = start_gateway(config_text(folder, old_tls, ca_file, upstream.port, clusters=("one",), server="workers = 2"),
+                            folder)
+    watchers = []
+    try:
+        for _ in range(200):
+            client = Client(gateway.port, ca_file, timeout=10)
+            client.request("GET", f"/kubernetes/cluster/one{WATCH.replace('interval=0.05', 'interval=0.5')}", AUTH)
+            watchers.append((client, client.head()))
+        credentials: list[str] = []
+        failures: list[str] = []
+        running = True
+
+        def load() -> None:
+            while running:
+                try:
+                    status, seen = echo(gateway.port, ca_file, "one")
+                    if status != 200:
+                        failures.append(str(status))
+                    credentials.append(next(v for k, v in seen["headers"] if k == "Authorization"))
+                except (OSError, ValueError) as exc:
+                    failures.append(repr(exc))
+        loader = threading.Thread(target=load)
+        loader.start()
+        time.sleep(0.5)
+        before_cert = peer_cert(gateway.port, ca_file)
+        new_tls = serving_cert(ca, folder, "new")
+        (folder / "fastproxy.toml").write_text(config_text(folder, new_tls, ca_file, upstream.port, token="token2",
+                                                           clusters=("one",), server="workers = 2"))
+        gateway.popen.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while gateway.log.read_text().count("reloaded ") < 2:
+            assert time.monotonic() < deadline, gateway.log.read_text()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        running = False
+        loader.join(10)
+        assert failures == [] and len(credentials) > 10, failures
+        assert credentials[0] == "Bearer gateway-credential-for-upstream" and credentials[-1] == "Bearer rotated-credential"
+        assert peer_cert(gateway.port, ca_file) != before_cert
+        # Every watch streams on: each receives events after the reload.
+        for client, watch in watchers:
+            seen = len(watch.chunks)
+            client.feed_until(lambda watch=watch, seen=seen: len(watch.chunks) > seen, "an event after the reload")
+    finally:
+        for client, _ in watchers:
+            client.close()
+        gateway.stop()
