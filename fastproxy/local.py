@@ -227,9 +227,11 @@ class Health(LocalResponder):
     """One request to /healthz, /readyz or /livez."""
 
     __slots__ = ("checks",)
+    checks: HealthChecks
 
     def handle(self) -> None:
         route = self.ctx.route
+        assert route is not None  # routed here by it
         verbose = "verbose" in (name for name, _ in parse_qsl(route.query, keep_blank_values=True))
         code, body = health_report(route.path.strip("/"), self.checks.run(route.path), verbose)
         self.send(code, body, b"text/plain; charset=utf-8")
