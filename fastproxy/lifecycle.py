@@ -156,7 +156,7 @@ class Fleet:
     def begin_reload(self) -> None:
         self.phase = Phase.RELOADING
         for worker in self.workers.values():
-            worker.reloaded = False
+            worker.reloaded = not worker.listening  # one still starting takes no SIGHUP: not waited for
 
     def settle(self) -> bool:
         """Move STARTING or RELOADING on to SERVING once every worker is there; True when it did."""

@@ -48,7 +48,12 @@ def test_a_reload_is_done_when_every_worker_reloaded():
     fleet.record("10 reloaded", 1.0)
     assert not fleet.settle() and fleet.phase is Phase.RELOADING
     fleet.exited(11)  # a worker that died is not waited for
+    fleet.started(12, 1.0)  # nor one that started since
     assert fleet.settle() and fleet.phase is Phase.SERVING
+    fleet.begin_reload()
+    assert not fleet.settle()  # 10 again, but not 12: it does not listen yet
+    fleet.record("10 reloaded", 2.0)
+    assert fleet.settle()
 
 
 def test_liveness_needs_every_worker_and_status_adds_them_up():
