@@ -62,7 +62,9 @@ def running_pid(config: Config) -> int:
         with open(path, encoding="ascii") as f:
             pid = int(f.read().strip())
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            running = b"fastproxy" in f.read()
+            args = f.read().split(b"\0")
+        # `fastproxy serve ...` or `python -m fastproxy serve ...`, not a pid reused by another program
+        running = b"serve" in args and any(os.path.basename(arg) == b"fastproxy" for arg in args)
     except (OSError, ValueError):
         running = False
     if not running:

@@ -3,12 +3,15 @@ health reports, the drain's schedule and which reloads a running gateway takes."
 from __future__ import annotations
 
 import dataclasses
+import os
 
-from fastproxy.config import parse_config
+import pytest
+
+from fastproxy.config import ConfigError, parse_config
 from fastproxy.drain import watch_end_offsets
 from fastproxy.lifecycle import Fleet, Phase
 from fastproxy.local import health_report
-from fastproxy.reload import reload_refusal
+from fastproxy.reload import reload_refusal, running_pid, write_pid_file
 from fastproxy.sdnotify import message, socket_address, status_text, watchdog_interval
 
 
@@ -95,3 +98,19 @@ def test_what_a_reload_cannot_change():
         .startswith("server.workers: changed from 1 to 4")
     assert reload_refusal(old, parse_config({"server": {"listen": "127.0.0.1:8443"}, "metrics": {"enabled": False}})) \
         .startswith("metrics: changed")
+
+
+def test_reload_finds_the_gateway_by_its_pid_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"^server.pid_file: not set, so the running gateway cannot be found"):
+        running_pid(parse_config({}))
+    pid_file = tmp_path / "fastproxy.pid"
+    config = parse_config({"server": {"pid_file": str(pid_file)}})
+    write_pid_file(config)
+    assert pid_file.read_text() == f"{os.getpid()}\n"
+    with pytest.raises(ConfigError, match=r"names no running fastproxy$"):
+        running_pid(config)  # a live process, but not a gateway: never signalled
+    pid_file.write_text("999999999\n")
+    with pytest.raises(ConfigError, match=r"names no running fastproxy$"):
+        running_pid(config)
+    with pytest.raises(ConfigError, match=r"^server.pid_file: folder not found: "):
+        parse_config({"server": {"pid_file": str(tmp_path / "missing" / "fastproxy.pid")}})
