@@ -88,7 +88,8 @@ def worker_pids(pid: int) -> list[int]:
 
 def test_two_workers_notify_ready_status_reload_watchdog_and_stopping(gateway_config, tmp_path, tls_files, notify_socket):
     folder, text = service_folder(gateway_config, tmp_path, "workers = 2\n")
-    gateway = start_gateway(text, folder, env={"NOTIFY_SOCKET": notify_socket.env, "WATCHDOG_USEC": "2000000"})
+    # Workers report once a second; the supervisor pings each second while all reported within 2 s.
+    gateway = start_gateway(text, folder, env={"NOTIFY_SOCKET": notify_socket.env, "WATCHDOG_USEC": "4000000"})
     ca = tls_files["ca"]
     try:
         # READY=1 comes once both workers listen: at once, every connection is taken, by both.
@@ -108,15 +109,15 @@ def test_two_workers_notify_ready_status_reload_watchdog_and_stopping(gateway_co
         watcher.feed_until(lambda: len(watch.chunks) >= 2, "events")
         notify_socket.wait_for("STATUS", value="2 workers, 1 connections, 1 watches")
 
-        # Pings about every half second (a quarter of WATCHDOG_USEC) while both loops run...
-        time.sleep(1.5)
-        pings = [at for at, _ in notify_socket.with_field("WATCHDOG", time.monotonic() - 1.5)]
+        # Pings every second (a quarter of WATCHDOG_USEC) while both loops run...
+        time.sleep(2.5)
+        pings = [at for at, _ in notify_socket.with_field("WATCHDOG", time.monotonic() - 2.5)]
         assert len(pings) >= 2
         # ...and none while one worker's loop is frozen; they resume when it runs again.
         frozen = worker_pids(gateway.popen.pid)[0]
         os.kill(frozen, signal.SIGSTOP)
         try:
-            time.sleep(1.2)  # the last report it made goes stale after a second
+            time.sleep(2.2)  # the last report it made goes stale after two seconds
             silent_from = time.monotonic()
             time.sleep(2.0)
             assert notify_socket.with_field("WATCHDOG", silent_from) == []
