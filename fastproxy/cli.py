@@ -8,6 +8,7 @@ from .auth.commands import add_token_commands
 from .auth.identity import key_digest
 from .config import ConfigError, load_config
 from .kubeconfig import add_kubeconfig_command
+from .reload import add_reload_command
 from .store.commands import add_commands
 
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(commands)        # user, team, accesskey, activity: the state file
     add_token_commands(commands)  # token issue, jwks, revoke
     add_kubeconfig_command(commands)
+    add_reload_command(commands)  # reload: SIGHUP to the running gateway
     return parser
 
 

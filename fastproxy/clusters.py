@@ -95,10 +95,11 @@ class ClusterRegistry:
     def __len__(self) -> int:
         return len(self._by_name)
 
-    def put(self, cluster: ClusterConfig) -> Upstream:
-        """Add a cluster, or replace the one of that name: new requests use the new settings."""
+    def put(self, cluster: ClusterConfig, renew: bool = False) -> Upstream:
+        """Add a cluster, or replace the one of that name: new requests use the new settings.
+        `renew` replaces it even with the same settings (its files may have changed in place)."""
         old = self._by_name.get(cluster.name)
-        if old is not None and old.cluster == cluster:
+        if old is not None and old.cluster == cluster and not renew:
             return old
         stats = self.stats.setdefault(cluster.name, PoolStats())
         upstream = Upstream.connect(self.loop, cluster, stats)
@@ -114,13 +115,15 @@ class ClusterRegistry:
             self._retire(old)
         return old is not None
 
-    def sync(self, clusters: Iterable[ClusterConfig]) -> None:
-        """Make the registry hold exactly `clusters`: what reload calls."""
+    def sync(self, clusters: Iterable[ClusterConfig], renew: bool = False) -> list[str]:
+        """Make the registry hold exactly `clusters` (what reload calls); the names removed."""
         wanted = {cluster.name: cluster for cluster in clusters}
-        for name in [name for name in self._by_name if name not in wanted]:
+        removed = [name for name in self._by_name if name not in wanted]
+        for name in removed:
             self.remove(name)
         for cluster in wanted.values():
-            self.put(cluster)
+            self.put(cluster, renew)
+        return removed
 
     def pools(self) -> Iterator[Pool]:
         """Every pool holding connections: the clusters' own, and the retired ones still draining."""

@@ -38,7 +38,9 @@ class ServerConfig:
     max_header_bytes: int = 65536
     max_body_bytes: int = 0
     shutdown_grace: float = 30.0
+    watch_termination_period: float = 10.0
     log_level: str = "info"
+    pid_file: str | None = None  # where `fastproxy reload` finds the running gateway
 
     @property
     def tls(self) -> bool:
@@ -272,7 +274,9 @@ def _server(data: object) -> ServerConfig:
         max_header_bytes=t.positive("max_header_bytes", int, 65536),
         max_body_bytes=t.positive("max_body_bytes", int, 0, allow_zero=True),
         shutdown_grace=t.positive("shutdown_grace", float, 30.0, allow_zero=True),
+        watch_termination_period=t.positive("watch_termination_period", float, 10.0, allow_zero=True),
         log_level=log_level,
+        pid_file=_writable_path(t, "pid_file"),
     )
     t.finish()
     return server
@@ -527,7 +531,7 @@ def load_config(path: str) -> Config:
 
 
 _PATH_KEYS = ("policy_file", "tls_cert_file", "tls_key_file", "ca_file", "token_file", "client_cert_file",
-              "client_key_file", "key_file", "path", "signing_keys_dir", "jwks_file", "revocation_file")
+              "client_key_file", "key_file", "path", "pid_file", "signing_keys_dir", "jwks_file", "revocation_file")
 
 
 def _resolve_paths(node: object, base: str) -> None:

@@ -5,13 +5,13 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
-from .auth.credentials import Authenticator
+from .auth.credentials import Authenticator, StaticKeys
 from .clusters import ClusterRegistry
 from .config import Config
 from .context import FLUSH_INTERVAL, BatchObserver, Observer, Observers, RequestContext, RequestHead, RequestIds
 from .exchange import Connection, Responder
 from .grafana.proxy import GrafanaProxy
-from .local import Health
+from .local import READY, HealthChecks
 from .management.api import ManagementAPI
 from .observe.accesslog import AccessLog
 from .observe.activity import ActivityObserver
@@ -54,9 +54,15 @@ class Gateway:
         self.vcluster_proxy = VirtualClusterProxy(config.server, self.clusters, self.authenticator, loop,
                                                   self.virtual_clusters)
         self.management = ManagementAPI(config, self.authenticator, self.clusters, loop, audit=self.audit)
+        self.health = HealthChecks()
+        # Configuration, keys and clusters were loaded before a Gateway exists; what can fail later:
+        self.health.add(READY, "keys", lambda: "the state store cannot be read" if store is not None
+                        and store.reader.failing else None)
+        self.health.add(READY, "clusters", lambda: None if len(self.clusters) == len(self.config.clusters)
+                        else "the cluster list is not loaded")
         # The router table's kinds -> handlers; a kind without one answers 404 (routing.NOT_SERVED).
         self.handlers: dict[str, Handler] = {CLUSTER: self.proxy.responder, MANAGEMENT: self.management.responder,
-                                             VIRTUAL_CLUSTER: self.vcluster_proxy.responder, HEALTH: Health}
+                                             VIRTUAL_CLUSTER: self.vcluster_proxy.responder, HEALTH: self.health.responder}
         if self.metrics is not None:
             self.handlers[METRICS] = self.metrics.responder
             self.metrics.logs = {name: log.writer for name, log in (("audit", self.audit), ("access", self.access_log))
@@ -80,6 +86,15 @@ class Gateway:
     def _flush_observers(self) -> None:
         self.observers.flush()
         self.loop.call_later(FLUSH_INTERVAL, self._flush_observers)
+
+    def reload(self, config: Config) -> list[str]:
+        """New requests use `config`'s clusters (all reconnected: their certificates and tokens are
+        read again), access keys and server limits; requests open keep what they have. Returns
+        the names of the clusters removed."""
+        self.config = config
+        self.authenticator.static = StaticKeys(config)
+        self.proxy.server = config.server
+        return self.clusters.sync(config.clusters, renew=True)
 
     def responder(self, client: Connection, head: RequestHead, keep_alive: bool) -> Responder:
         """Route a request to its handler; a refusal becomes a responder with a Status to give."""

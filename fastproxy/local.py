@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -174,10 +175,63 @@ class LocalResponder(Responder):
         self.client.transport.write(data)
 
 
-class Health(LocalResponder):
-    """/healthz, /readyz, /livez: the worker is serving."""
+# A health check: None when it passes, else why it fails.
+Check = Callable[[], str | None]
 
-    __slots__ = ()
+LIVE, READY = "livez", "readyz"
+SHUTDOWN = "shutdown"  # the readyz check the worker adds: failing while it drains
+
+
+class HealthChecks:
+    """/livez (the worker's loop answers), /readyz (configuration, keys and clusters loaded, not
+    draining) and /healthz (both, without the drain): `?verbose` lists each check as the API
+    server does; a failing one makes the answer 500, or 503 when the drain alone fails it."""
+
+    def __init__(self) -> None:
+        self.checks: dict[str, dict[str, Check]] = {LIVE: {"ping": _passes}, READY: {"ping": _passes}}
+
+    def add(self, endpoint: str, name: str, check: Check) -> None:
+        self.checks[endpoint][name] = check
+
+    def responder(self, client: Any, ctx: Any, observers: Any, keep_alive: bool) -> Health:
+        health = Health(client, ctx, observers, keep_alive)
+        health.checks = self
+        return health
+
+    def run(self, path: str) -> list[tuple[str, str | None]]:
+        endpoint = path.strip("/")
+        if endpoint in self.checks:
+            checks = self.checks[endpoint]
+        else:  # healthz: everything except the drain, which is not a health problem
+            checks = {**self.checks[LIVE], **self.checks[READY]}
+            checks.pop(SHUTDOWN, None)
+        return [(name, check()) for name, check in checks.items()]
+
+
+def health_report(endpoint: str, results: list[tuple[str, str | None]], verbose: bool) -> tuple[int, bytes]:
+    """The status code and text body for a health endpoint's check results."""
+    failed = [name for name, reason in results if reason is not None]
+    if not failed and not verbose:
+        return 200, b"ok"
+    lines = [f"[+]{name} ok" if reason is None else f"[-]{name} failed: {reason}" for name, reason in results]
+    lines.append(f"{endpoint} check {'failed' if failed else 'passed'}")
+    code = 200 if not failed else 503 if failed == [SHUTDOWN] else 500
+    return code, ("\n".join(lines) + "\n").encode()
+
+
+def _passes() -> None:
+    return None
+
+
+class Health(LocalResponder):
+    """One request to /healthz, /readyz or /livez."""
+
+    __slots__ = ("checks",)
+    checks: HealthChecks
 
     def handle(self) -> None:
-        self.send(200, b"ok", b"text/plain")
+        route = self.ctx.route
+        assert route is not None  # routed here by it
+        verbose = "verbose" in (name for name, _ in parse_qsl(route.query, keep_blank_values=True))
+        code, body = health_report(route.path.strip("/"), self.checks.run(route.path), verbose)
+        self.send(code, body, b"text/plain; charset=utf-8")

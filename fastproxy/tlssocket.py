@@ -356,11 +356,12 @@ class TLSListener:
     ):
         self._loop = loop
         self._listener = listener
-        self._context = context
+        self.context = context
         self._protocol_factory = protocol_factory
         self._handshake_timeout = handshake_timeout
         self._plain_http_answer = plain_http_answer
         self._resume: asyncio.TimerHandle | None = None
+        self.handshakes = 0  # in progress: a drain lets them finish
         listener.setblocking(False)
         loop.add_reader(listener.fileno(), self._accept)
 
@@ -380,14 +381,17 @@ class TLSListener:
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                tls = self._context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             except (OSError, ValueError):
                 sock.close()
                 continue
             self._handshake(tls)
 
     def _handshake(self, tls: ssl.SSLSocket) -> None:
+        self.handshakes += 1
+
         def done(error: BaseException | None) -> None:
+            self.handshakes -= 1
             timer.cancel()
             if error is None:
                 TLSSocketTransport(self._loop, tls, self._protocol_factory())
@@ -403,6 +407,7 @@ class TLSListener:
                 tls.close()
 
         def give_up() -> None:
+            self.handshakes -= 1
             handshake.cancel()
             tls.close()
 

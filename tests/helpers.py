@@ -1,6 +1,7 @@
 """Helpers shared by the test modules: running the gateway as a real process."""
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -32,13 +33,15 @@ def start_server(argv: list[str]) -> Process:
     return Process(popen, int(popen.stdout.readline()))
 
 
-def start_gateway(config_text: str, folder: Path, timeout: float = 15) -> Process:
-    """Run `fastproxy serve` on a config and wait for its 'listening on' line."""
+def start_gateway(config_text: str, folder: Path, timeout: float = 15, env: dict | None = None,
+                  wrapper: tuple[str, ...] = (), **popen_args) -> Process:
+    """Run `fastproxy serve` on a config and wait for its 'listening on' line (`env`: extra
+    environment variables; `wrapper`: a command line that execs the gateway's, given last)."""
     config = folder / "fastproxy.toml"
     config.write_text(textwrap.dedent(config_text))
     log = open(folder / "gateway.log", "w+")
-    popen = subprocess.Popen([sys.executable, "-m", "fastproxy", "serve", "--config", str(config)],
-                             stderr=log, stdout=log)
+    popen = subprocess.Popen([*wrapper, sys.executable, "-m", "fastproxy", "serve", "--config", str(config)],
+                             stderr=log, stdout=log, env={**os.environ, **(env or {})}, **popen_args)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = (folder / "gateway.log").read_text()
