@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from fastproxy.auth.passwords import password_matches
 from fastproxy.store.commands import run
 from fastproxy.store.sqlite import SqliteStore
 
@@ -40,10 +41,41 @@ def test_users(capsys, state):
     ok(capsys, "user", "create", "bob", "--subject", "bob@corp", "--state", state)
     assert ok(capsys, "user", "disable", "bob", "--state", state) == "user bob disabled\n"
     assert ok(capsys, "user", "list", "--state", state).splitlines() == [
-        "NAME   USERNAME  SUBJECT   EMAIL          GROUPS    DISABLED",
-        "alice  alice     alice     a@example.com  devs,ops  no",
-        "bob    bob       bob@corp                           yes",
+        "NAME   USERNAME  SUBJECT   EMAIL          GROUPS    DISABLED  PASSWORD",
+        "alice  alice     alice     a@example.com  devs,ops  no        no",
+        "bob    bob       bob@corp                           yes       no",
     ]
+
+
+def set_password(state: str, name: str, stdin: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastproxy", "user", "set-password", name, "--state", state],
+                          input=stdin, capture_output=True, text=True, timeout=30)
+
+
+def test_set_password_reads_stdin_and_stores_only_a_hash(capsys, state):
+    ok(capsys, "user", "create", "alice", "--state", state)
+    done = set_password(state, "alice", "correct horse battery\n")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "user alice: password set\n", "")
+    store = SqliteStore(state)
+    hashed = store.get_user("alice").password_hash
+    store.close()
+    assert hashed.startswith("$argon2id$") and "correct horse" not in hashed
+    assert password_matches(hashed, "correct horse battery") and not password_matches(hashed, "correct horse")
+    with open(state, "rb") as file:
+        assert b"correct horse" not in file.read()
+    assert ok(capsys, "user", "list", "--state", state).splitlines()[1].split()[-1] == "yes"
+
+
+@pytest.mark.parametrize(("name", "stdin", "message"), [
+    ("alice", "short\n", "fastproxy: error: password: a password must have at least 8 characters"),
+    ("alice", "", "fastproxy: error: password: a password must have at least 8 characters"),
+    ("nobody", "long enough password\n", "fastproxy: error: user 'nobody' does not exist"),
+])
+def test_set_password_refusals(capsys, state, name, stdin, message):
+    ok(capsys, "user", "create", "alice", "--state", state)
+    done = set_password(state, name, stdin)
+    assert (done.returncode, done.stderr) == (2, message + "\n")
+    assert "password" not in stdin or stdin.strip() not in done.stderr
 
 
 def test_teams(capsys, state):
@@ -102,7 +134,7 @@ def test_team_key(capsys, state):
     (["user", "create", "alice", "--state", "{state}"], "fastproxy: error: user 'alice' already exists"),
     (["user", "disable", "ghost", "--state", "{state}"], "fastproxy: error: user 'ghost' does not exist"),
     (["user", "frobnicate", "--state", "{state}"],
-     "fastproxy user: error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'create', 'list', 'disable')"),
+     "fastproxy user: error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'create', 'list', 'disable', 'set-password')"),
     (["team", "create", "ops", "--member", "ghost", "--state", "{state}"],
      "fastproxy: error: team member 'ghost' is not a user"),
     (["accesskey", "create", "--state", "{state}"],
