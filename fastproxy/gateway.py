@@ -11,12 +11,13 @@ from .config import Config
 from .context import Observer, Observers, RequestContext, RequestHead
 from .exchange import Connection, Responder
 from .local import Health
+from .login import AuthEndpoints
 from .management.api import ManagementAPI
 from .observe.activity import ActivityObserver
 from .observe.audit import AuditObserver
 from .observe.metrics import CountedReviewer, Metrics
 from .proxy import ClusterProxy
-from .routing import CLUSTER, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, route
+from .routing import AUTH, CLUSTER, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, route
 from .status import StatusError, status_response
 
 # A handler: builds the responder for one request, or raises StatusError to refuse it.
@@ -45,9 +46,11 @@ class Gateway:
                                                   if observer is not None)])
         self.proxy = ClusterProxy(config.server, self.clusters, self.authenticator, loop)
         self.management = ManagementAPI(config, self.authenticator, self.clusters, loop, audit=self.audit)
+        self.login = AuthEndpoints(config, self.authenticator, self.clusters, self.management.write,
+                                   self.management.keyset)
         # The router table's kinds -> handlers; a kind without one answers 404 (routing.NOT_SERVED).
         self.handlers: dict[str, Handler] = {CLUSTER: self.proxy.responder, MANAGEMENT: self.management.responder,
-                                             HEALTH: Health}
+                                             AUTH: self.login.responder, HEALTH: Health}
         if self.metrics is not None:
             self.handlers[METRICS] = self.metrics.responder
             self.proxy.reviewer = CountedReviewer(self.metrics.impersonation)
@@ -87,6 +90,7 @@ class Gateway:
         self.clusters.tick()
         self.authenticator.tick()
         self.management.tick()
+        self.login.tick()
         if self.metrics is not None:
             self.metrics.tick()
         if self.activity is not None:
@@ -100,6 +104,7 @@ class Gateway:
         if self.activity is not None:
             self.activity.flush()  # written by the reader's close below
         self.management.close()
+        self.login.close()
         self.clusters.close()
         self.authenticator.close()
         if self.audit is not None:
