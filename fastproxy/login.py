@@ -145,6 +145,9 @@ class AuthRequest(LocalResponder):
             self.too_many(1, "too many logins in progress: try again shortly")
             return
         if not matches or user is None:
+            answered = time.monotonic()
+            api.by_user.failed(username, answered)
+            api.by_address.failed(address, answered)
             raise StatusError(401, REFUSED)
         api.by_user.clear(username)
         api.by_address.forgive(address)

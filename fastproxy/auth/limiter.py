@@ -1,7 +1,8 @@
 """Back-off for failed logins, per user name and per client address: pure decisions and a bounded table.
 
 Every login attempt counts as a failure from the moment it is let through until its password is
-found right (`forgiven`), so attempts sent in parallel are counted before any is checked. After
+found right (`forgiven`), so attempts sent in parallel are counted before any is checked; a wrong
+one restarts the wait when it is answered (`answered`). After
 `free_failures`, each further failure doubles the wait before the next attempt: 1 s, 2 s, 4 s,
 ... up to `max_backoff`. A record without failures for `forget_after` seconds is forgotten.
 """
@@ -36,7 +37,8 @@ def retry_after(record: Failures | None, now: float, policy: Backoff) -> float:
     """Seconds until an attempt may be made (0: now)."""
     if record is None:
         return 0.0
-    return max(0.0, record.last + delay(record.count, policy) - now)
+    wait = delay(record.count, policy)
+    return max(0.0, record.last + wait - now) if wait else 0.0
 
 
 def is_stale(record: Failures, now: float, policy: Backoff) -> bool:
@@ -48,6 +50,14 @@ def counted(record: Failures | None, now: float, policy: Backoff) -> Failures:
     if record is None or is_stale(record, now, policy):
         return Failures(1, now)
     return Failures(record.count + 1, now)
+
+
+def answered(record: Failures | None, now: float) -> Failures:
+    """The record once an attempt it counted turned out wrong: the wait runs from the answer, not the
+    attempt's start (a check can take a while); a record dropped meanwhile starts again with this one."""
+    if record is None:
+        return Failures(1, now)
+    return Failures(record.count, max(record.last, now))
 
 
 def forgiven(record: Failures | None) -> Failures | None:
@@ -78,6 +88,10 @@ class FailureTable:
         self.records.move_to_end(key)
         while len(self.records) > self.capacity:
             self.records.popitem(last=False)
+
+    def failed(self, key: Hashable, now: float) -> None:
+        self.records[key] = answered(self.records.get(key), now)
+        self.records.move_to_end(key)
 
     def forgive(self, key: Hashable) -> None:
         record = forgiven(self.records.get(key))

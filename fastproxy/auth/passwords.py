@@ -9,6 +9,7 @@ user against a dummy hash so that it costs what a wrong password costs.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,7 @@ HASHER = PasswordHasher()  # argon2id, RFC 9106's low-memory profile (t=3, m=64 
 HASH_PREFIX = "$argon2id$"
 MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_BYTES = 1024  # longer ones are refused before hashing: a login must not buy unbounded work
+CHECK_NICENESS = 10        # how much lower than the worker's the checking threads' priority is
 
 
 class PasswordError(ValueError):
@@ -54,6 +56,16 @@ def password_matches(hashed: str, password: str) -> bool:
         return False
 
 
+def _lower_priority() -> None:
+    """Make the calling thread (and the threads argon2 starts from it) yield the CPU to the event loop:
+    Linux keeps a nice value per thread. Without it a flood of logins, each hash on 4 lanes, would take
+    the cores proxied requests need."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + CHECK_NICENESS)
+    except OSError:
+        pass  # not permitted here: the checks still run off the loop, only at the loop's priority
+
+
 class PasswordChecker:
     """Checks passwords on `threads` threads, with at most `max_waiting` more checks queued.
 
@@ -62,7 +74,8 @@ class PasswordChecker:
     up work beyond the bound."""
 
     def __init__(self, threads: int, max_waiting: int):
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastproxy-passwords")
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastproxy-passwords",
+                                           initializer=_lower_priority)
         self.limit = threads + max_waiting
         self.in_flight = 0
         self._lock = threading.Lock()

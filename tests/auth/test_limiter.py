@@ -1,10 +1,13 @@
 """Login back-off: the pure decisions, and the bounded table over them (no sockets)."""
 from __future__ import annotations
 
+import pytest
+
 from fastproxy.auth.limiter import (
     Backoff,
     Failures,
     FailureTable,
+    answered,
     counted,
     delay,
     forgiven,
@@ -43,6 +46,13 @@ def test_forgiving_undoes_one_attempt():
     assert forgiven(Failures(5, 5.0)) == Failures(4, 5.0)
 
 
+def test_a_wrong_answer_restarts_the_wait_from_when_it_was_given():
+    assert answered(Failures(5, 10.0), 10.8) == Failures(5, 10.8)
+    assert retry_after(answered(Failures(5, 10.0), 10.8), 11.0, POLICY) == pytest.approx(1.8)
+    assert answered(Failures(5, 10.0), 9.0) == Failures(5, 10.0)  # never earlier
+    assert answered(None, 3.0) == Failures(1, 3.0)  # cleared meanwhile: counted again
+
+
 def test_retry_after_header_is_whole_seconds_rounded_up():
     assert [retry_after_header(s) for s in (0.0, 0.2, 1.0, 1.01, 59.5)] == [1, 1, 1, 2, 60]
 
@@ -53,6 +63,8 @@ def test_parallel_attempts_are_counted_before_any_is_checked():
         assert table.retry_after("alice", 10.0) == 0
         table.count("alice", 10.0)
     assert table.retry_after("alice", 10.0) == 1.0  # the fifth waits, whether or not the four were right
+    table.failed("alice", 10.5)  # one of them answered wrong
+    assert table.retry_after("alice", 10.5) == 1.0
     table.forgive("alice")
     assert table.retry_after("alice", 10.0) == 0
     table.clear("alice")

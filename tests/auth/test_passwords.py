@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import threading
 import time
@@ -89,7 +90,8 @@ def test_checks_run_off_the_loop_and_at_most_threads_at_once(monkeypatch, hashed
     results, lags = run(main())
     assert results == [False, True] * 3
     assert most == 2
-    assert max(lags) < 0.05, f"the loop stalled {max(lags) * 1000:.0f} ms"
+    # Checks on the loop would hold it for their whole run (six of tens of ms each): no ticks in between.
+    assert len(lags) >= 5 and statistics.median(lags) < 0.02, lags
 
 
 def test_beyond_the_bound_a_check_is_refused_at_once(hashed):
@@ -139,3 +141,11 @@ def test_an_unknown_user_costs_what_a_wrong_password_costs(hashed):
         return statistics.median(times["wrong"]), statistics.median(times["unknown"])
     wrong, unknown = run(main())
     assert 0.7 < unknown / wrong < 1.4, (wrong, unknown)
+
+
+def test_checks_run_at_a_lower_priority_than_the_loop(hashed):
+    checker = PasswordChecker(threads=1, max_waiting=0)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = checker.executor.submit(lambda: os.getpriority(os.PRIO_PROCESS, 0)).result(10)
+    checker.close()
+    assert seen == min(19, base + passwords.CHECK_NICENESS) and os.getpriority(os.PRIO_PROCESS, 0) == base

@@ -143,7 +143,7 @@ def test_wrong_password_unknown_user_no_password_and_disabled_are_refused_alike(
     medians = {case: statistics.median(spent) for case, spent in times.items()}
     # A real argon2id check costs tens of ms; without the dummy check an unknown user would answer in ~1 ms.
     for case in ("unknown", "no password", "disabled"):
-        assert 0.5 < medians[case] / medians["wrong"] < 2.0, medians
+        assert 0.33 < medians[case] / medians["wrong"] < 3.0, medians
     assert medians["wrong"] > 0.01, medians
 
 
