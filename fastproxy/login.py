@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from . import headers as hdrs
-from .auth.limiter import Backoff, FailureTable, retry_after_header
+from .auth.limiter import Backoff, FailureTable, client_group, retry_after_header
 from .auth.passwords import MAX_PASSWORD_BYTES, CheckerBusy, PasswordChecker
 from .auth.tokens import KeySet, issue_token
 from .local import LocalResponder
@@ -127,7 +127,7 @@ class AuthRequest(LocalResponder):
         if checker is None:
             raise StatusError(503, "this gateway has no [state] store: there are no users to log in")
         username, password = self.login_body()
-        address, now = self.ctx.head.client_ip, time.monotonic()
+        address, now = client_group(self.ctx.head.client_ip.decode("latin-1")), time.monotonic()
         wait = max(api.by_user.retry_after(username, now), api.by_address.retry_after(address, now))
         if wait > 0:
             self.too_many(wait, "too many failed logins: try again later")

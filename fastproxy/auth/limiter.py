@@ -8,6 +8,7 @@ one restarts the wait when it is answered (`answered`). After
 """
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -65,6 +66,20 @@ def forgiven(record: Failures | None) -> Failures | None:
     if record is None or record.count <= 1:
         return None
     return Failures(record.count - 1, record.last)
+
+
+def client_group(address: str) -> str:
+    """Whose failures an address shares: itself for IPv4, its /64 for IPv6 (one host commonly holds a
+    whole /64, so single addresses would cost an attacker nothing); IPv4-mapped IPv6 as IPv4."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return address  # not an IP address (a unix socket): as it is
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def retry_after_header(seconds: float) -> int:

@@ -8,6 +8,7 @@ from fastproxy.auth.limiter import (
     Failures,
     FailureTable,
     answered,
+    client_group,
     counted,
     delay,
     forgiven,
@@ -88,3 +89,12 @@ def test_prune_drops_stale_records_oldest_first():
     assert list(table.records) == ["new"]
     table.prune(1400.0)
     assert table.records == {}
+
+
+def test_ipv6_clients_share_their_slash_64():
+    assert client_group("192.0.2.7") == "192.0.2.7"
+    assert client_group("2001:db8:1:2:aaaa::1") == client_group("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_group("2001:db8:1:3::1") == "2001:db8:1:3::/64"
+    assert client_group("::ffff:192.0.2.7") == "192.0.2.7"
+    assert client_group("fe80::1%eth0") == "fe80::/64"
+    assert client_group("unix") == "unix"
