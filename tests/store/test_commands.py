@@ -1,6 +1,8 @@
 """The user / team / accesskey commands: output, and one-line errors with status 2."""
 from __future__ import annotations
 
+import os
+import pty
 import subprocess
 import sys
 import time
@@ -219,3 +221,39 @@ def test_activity_list_shows_the_latest_first(tmp_path, capsys):
     assert lines[0].split() == ["CLUSTER", "NAMESPACE", "LAST-ACTIVITY", "SUBJECT", "VERB", "RESOURCE"]
     assert lines[1].split() == ["prod", "b", "1970-01-24T03:33:20Z", "bob", "list", "deployments"]
     assert lines[2].split() == ["prod", "a", "1970-01-12T13:46:40Z", "alice", "get", "pods/log"]
+
+
+def test_set_password_asks_twice_on_a_terminal(capsys, state):
+    ok(capsys, "user", "create", "alice", "--state", state)
+
+    def on_a_terminal(*answers: str) -> tuple[int, str]:
+        pid, fd = pty.fork()
+        if pid == 0:
+            try:
+                os.execv(sys.executable, [sys.executable, "-m", "fastproxy", "user", "set-password", "alice",
+                                          "--state", state])
+            finally:
+                os._exit(127)
+        output = b""
+        for prompt, answer in zip((b"New password: ", b"Again: "), answers):
+            while not output.endswith(prompt):  # getpass flushes what was typed before it asks
+                output += os.read(fd, 1024)
+            os.write(fd, answer.encode() + b"\n")
+        while True:
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), output.decode()
+
+    code, output = on_a_terminal("typed-on-a-tty-1", "typed-on-a-tty-2")
+    assert code == 2 and "password: the two entries differ" in output and "typed-on-a-tty" not in output
+    code, output = on_a_terminal("typed-on-a-tty-1", "typed-on-a-tty-1")
+    assert code == 0 and "New password:" in output and "Again:" in output and "typed-on-a-tty" not in output
+    store = SqliteStore(state)
+    assert password_matches(store.get_user("alice").password_hash, "typed-on-a-tty-1")
+    store.close()
