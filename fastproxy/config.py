@@ -148,6 +148,18 @@ class ActivityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LoginConfig:
+    """`[login]`: the /auth/ endpoints (fastproxy.login): password login, token exchange, logout."""
+
+    key_ttl: int = 86400             # seconds a Login access key lives
+    token_ttl: int = 600             # seconds a token from /auth/token lives
+    verify_threads: int = 2          # password checks running at once per worker (argon2id: tens of ms, 64 MiB each)
+    max_waiting: int = 32            # checks that may wait for a thread; beyond it a login gets 429
+    free_failures: int = 3           # failed logins per user name and per client address before back-off
+    max_backoff: float = 300.0       # seconds: the longest wait the back-off (1 s, doubling) imposes
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     clusters: tuple[ClusterConfig, ...]
@@ -161,6 +173,7 @@ class Config:
     access_log: AccessLogConfig | None = None  # None: no access log (it is on unless [access_log] enabled = false)
     virtual_clusters: tuple[VirtualClusterConfig, ...] = ()
     grafana: GrafanaConfig | None = None  # None: /grafana/ is not served
+    login: LoginConfig = LoginConfig()
 
 
 class _Table:
@@ -446,6 +459,21 @@ def _activity(data: object) -> ActivityConfig:
     return activity
 
 
+def _login(data: object, tokens: TokensConfig | None) -> LoginConfig:
+    t = _Table(data, "login")
+    longest = tokens.max_ttl if tokens is not None else MAX_TOKEN_TTL
+    login = LoginConfig(key_ttl=t.positive("key_ttl", int, 86400), token_ttl=t.positive("token_ttl", int, 600),
+                        verify_threads=t.positive("verify_threads", int, 2),
+                        max_waiting=t.positive("max_waiting", int, 32, allow_zero=True),
+                        free_failures=t.positive("free_failures", int, 3, allow_zero=True),
+                        max_backoff=t.positive("max_backoff", float, 300.0))
+    for key in ("key_ttl", "token_ttl"):
+        if getattr(login, key) > longest:
+            raise ConfigError(f"{t.key(key)}: must be at most tokens.max_ttl ({longest}), not {getattr(login, key)}")
+    t.finish()
+    return login
+
+
 def _audit(data: object) -> AuditConfig:
     from .observe.audit import parse_audit_config  # the audit module parses its own table
 
@@ -495,6 +523,7 @@ def parse_config(data: dict, path: str = "") -> Config:
     virtual_clusters = tuple(_virtual_cluster(item, where, clusters)
                              for item, where in _list_of_tables(root, "virtual_clusters"))
     grafana = _grafana(root._get("grafana", dict, None), clusters) if "grafana" in root.data else None
+    login = _login(root._get("login", dict, {}), tokens)
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):
@@ -513,7 +542,7 @@ def parse_config(data: dict, path: str = "") -> Config:
             raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
     return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens,
                   metrics=metrics, activity=activity, audit=audit, access_log=access_log,
-                  virtual_clusters=virtual_clusters, grafana=grafana)
+                  virtual_clusters=virtual_clusters, grafana=grafana, login=login)
 
 
 def load_config(path: str) -> Config:

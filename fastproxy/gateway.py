@@ -12,13 +12,14 @@ from .context import FLUSH_INTERVAL, BatchObserver, Observer, Observers, Request
 from .exchange import Connection, Responder
 from .grafana.proxy import GrafanaProxy
 from .local import READY, HealthChecks
+from .login import AuthEndpoints
 from .management.api import ManagementAPI
 from .observe.accesslog import AccessLog
 from .observe.activity import ActivityObserver
 from .observe.audit import AuditObserver
 from .observe.metrics import CountedReviewer, Metrics
 from .proxy import ClusterProxy
-from .routing import CLUSTER, GRAFANA, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, VIRTUAL_CLUSTER, route
+from .routing import AUTH, CLUSTER, GRAFANA, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, VIRTUAL_CLUSTER, route
 from .status import StatusError, status_response
 from .virtualclusters import VirtualClusterProxy, VirtualClusters
 
@@ -60,9 +61,12 @@ class Gateway:
                         and store.reader.failing else None)
         self.health.add(READY, "clusters", lambda: None if len(self.clusters) == len(self.config.clusters)
                         else "the cluster list is not loaded")
+        self.login = AuthEndpoints(config, self.authenticator, self.clusters, self.management.write,
+                                   self.management.keyset)
         # The router table's kinds -> handlers; a kind without one answers 404 (routing.NOT_SERVED).
         self.handlers: dict[str, Handler] = {CLUSTER: self.proxy.responder, MANAGEMENT: self.management.responder,
-                                             VIRTUAL_CLUSTER: self.vcluster_proxy.responder, HEALTH: self.health.responder}
+                                             VIRTUAL_CLUSTER: self.vcluster_proxy.responder, AUTH: self.login.responder,
+                                             HEALTH: self.health.responder}
         if self.metrics is not None:
             self.handlers[METRICS] = self.metrics.responder
             self.metrics.logs = {name: log.writer for name, log in (("audit", self.audit), ("access", self.access_log))
@@ -132,6 +136,7 @@ class Gateway:
             self.grafana.clusters.tick()
         self.authenticator.tick()
         self.management.tick()
+        self.login.tick()
         self.observers.flush()  # before the metrics are shared
         if self.metrics is not None:
             self.metrics.tick()
@@ -147,6 +152,7 @@ class Gateway:
         if self.activity is not None:
             self.activity.flush()  # written by the reader's close below
         self.management.close()
+        self.login.close()
         self.clusters.close()
         self.virtual_clusters.close()
         if self.grafana is not None:

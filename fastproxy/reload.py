@@ -10,7 +10,8 @@ from .config import Config, ConfigError, load_config
 # Tables whose objects live as long as the process (the state store's reader, the token keys,
 # the metrics share, the audit and access log writers, the virtual clusters' and Grafana's
 # registries): a change to them needs a restart.
-_RESTART_TABLES = ("state", "tokens", "metrics", "activity", "audit", "access_log", "virtual_clusters", "grafana")
+_RESTART_TABLES = ("state", "tokens", "metrics", "activity", "audit", "access_log", "virtual_clusters", "grafana",
+                   "login")
 
 
 def reload_refusal(old: Config, new: Config) -> str | None:

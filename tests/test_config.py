@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 import textwrap
@@ -264,3 +265,42 @@ def test_identity_sections_must_be_tables(key):
     from fastproxy.config import parse_config
     with pytest.raises(ConfigError, match=rf"^{key}: must be a table, not 1$"):
         parse_config({key: 1})
+
+
+def test_login_defaults_and_keys(files):
+    from fastproxy.config import LoginConfig
+    tmp, tls = files
+    assert load_config(write(tmp, good(tls))).login == LoginConfig()
+    text = identity_config(tmp, tls) + """
+    [login]
+    key_ttl = 7200
+    token_ttl = 60
+    verify_threads = 1
+    max_waiting = 0
+    free_failures = 0
+    max_backoff = 30.5
+    """
+    assert load_config(write(tmp, text)).login == LoginConfig(7200, 60, 1, 0, 0, 30.5)
+
+
+@pytest.mark.parametrize("login,message", [
+    ("key_ttl = 0", "login.key_ttl: must be > 0, not 0"),
+    ("key_ttl = 86401", "login.key_ttl: must be at most tokens.max_ttl (86400), not 86401"),
+    ("token_ttl = 100000", "login.token_ttl: must be at most tokens.max_ttl (86400), not 100000"),
+    ("verify_threads = 0", "login.verify_threads: must be > 0, not 0"),
+    ("max_waiting = -1", "login.max_waiting: must be >= 0, not -1"),
+    ("free_failures = true", "login.free_failures: must be an integer, not True"),
+    ("max_backoff = inf", "login.max_backoff: must be a finite number, not inf"),
+    ("ttl = 5", "login.ttl: unknown key"),
+])
+def test_bad_login_values_name_the_key(files, login, message):
+    tmp, tls = files
+    text = identity_config(tmp, tls).replace('revocation_file = "revoked.txt"', 'revocation_file = "revoked.txt"\nmax_ttl = 86400')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(message)}$"):
+        load_config(write(tmp, text + f"\n    [login]\n    {login}\n"))
+
+
+def test_without_tokens_the_login_ttls_are_bounded_by_the_default_max_ttl(files):
+    tmp, tls = files
+    with pytest.raises(ConfigError, match=r"^login.key_ttl: must be at most tokens.max_ttl \(2592000\), not 2592001$"):
+        load_config(write(tmp, good(tls) + "\n    [login]\n    key_ttl = 2592001\n"))

@@ -29,6 +29,7 @@ import orjson
 from .. import headers as hdrs
 from ..auth.credentials import Authenticator, load_key_set, open_state_admin
 from ..auth.identity import Identity, key_digest
+from ..auth.passwords import PasswordError, check_password_text, hash_password
 from ..auth.requestinfo import RequestInfo
 from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX, ScopeError, check_scope, covers, parse_scope, reaches_cluster
 from ..auth.tokens import issue_token
@@ -542,12 +543,13 @@ class ManagementRequest(LocalResponder):
             await self.create_access_key(resource, name, obj)
             return
         changes = objects.spec_changes(obj, objects.USER_SPEC if plural == "users" else objects.TEAM_SPEC)
+        password = self.new_password(resource, name, obj)
         if self.dry_run():
             if name in self.api.objects(plural):
                 raise already_exists(resource, name)
             self.send_json(201, self.preview(resource, name, changes, None))
         elif plural == "users":
-            user = await self.api.write(lambda admin: admin.create_user(name, **changes))
+            user = await self.api.write(lambda admin: admin.create_user(name, **changes, **password_fields(password)))
             self.send_json(201, objects.user_object(user, ()))
         else:
             team = await self.api.write(lambda admin: admin.create_team(name, **changes))
@@ -590,6 +592,7 @@ class ManagementRequest(LocalResponder):
         plural = resource.plural
         current = self.stored(resource, name)
         changes = objects.spec_changes(obj, SPEC_FIELDS[plural])
+        password = self.new_password(resource, name, obj)
         if isinstance(current, AccessKey):
             self.check_fixed(resource, name, obj, current)
             changes["scope"] = self.narrowed(resource, name, changes["scope"], current.scope)
@@ -598,7 +601,8 @@ class ManagementRequest(LocalResponder):
                 raise conflict(resource, name)
             self.send_json(200, self.preview(resource, name, changes, current))
         elif plural == "users":
-            user = await self.api.write(lambda admin: admin.update_user(name, expected_version=expected, **changes))
+            user = await self.api.write(lambda admin: admin.update_user(name, expected_version=expected, **changes,
+                                                                        **password_fields(password)))
             member_of = objects.teams_of(self.api.current())
             self.send_json(200, objects.user_object(user, member_of.get(name, ())))
         elif plural == "teams":
@@ -628,6 +632,24 @@ class ManagementRequest(LocalResponder):
         rendered = {"users": lambda: objects.user_object(deleted, ()), "teams": lambda: objects.team_object(deleted),
                     "ownedaccesskeys": lambda: objects.access_key_object(deleted)}[resource.plural]()
         self.send_json(200, rendered)
+
+    def new_password(self, resource: Resource, name: str, obj: dict[str, Any]) -> str | None:
+        """The password a user's create or update sets (None: none, or it stays as it is); checked here,
+        hashed on the management thread, never echoed."""
+        if resource.plural != "users":
+            return None
+        password = (obj.get("spec") or {}).get("password")
+        if password and _applied_password(obj, password):
+            raise invalid(resource, name, [_cause(
+                "FieldValueForbidden", "metadata.annotations",
+                f"{LAST_APPLIED} would keep spec.password in clear: set it with kubectl create, replace or patch, "
+                "or fastproxy user set-password")])
+        if password in (None, ""):
+            return password
+        try:
+            return check_password_text(password)
+        except PasswordError as error:
+            raise invalid(resource, name, [_cause("FieldValueInvalid", "spec.password", str(error))]) from None
 
     def check_fixed(self, resource: Resource, name: str, obj: dict[str, Any], key: AccessKey) -> None:
         """An update may not change what an access key was created as: its owner, type and lifetime."""
@@ -775,6 +797,28 @@ TABLE_TYPE = b"application/json;as=Table;v=v1;g=meta.k8s.io"
 # What an update of each store-backed resource may set.
 SPEC_FIELDS: dict[str, Mapping[str, tuple[str, Any]]] = {
     "users": objects.USER_SPEC, "teams": objects.TEAM_SPEC, "ownedaccesskeys": objects.KEY_SPEC}
+
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def _applied_password(obj: Mapping[str, Any], password: Any) -> bool:
+    """Whether kubectl apply's record of the object (an annotation, kept and shown) holds the password."""
+    applied = ((obj.get("metadata") or {}).get("annotations") or {}).get(LAST_APPLIED)
+    if not isinstance(applied, str):
+        return False
+    try:
+        recorded = orjson.loads(applied)
+    except orjson.JSONDecodeError:
+        return isinstance(password, str) and password in applied
+    return isinstance(recorded, dict) and "password" in (recorded.get("spec") or {})
+
+
+def password_fields(password: str | None) -> dict[str, Any]:
+    """The store fields that set `password` (None: none; "": remove it); on the management thread, as hashing blocks."""
+    if password is None:
+        return {}
+    return {"password_hash": hash_password(password) if password else ""}
 
 
 def list_object(resource: Resource, items: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:

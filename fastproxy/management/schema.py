@@ -206,6 +206,8 @@ USER_SPEC = obj("UserSpec holds what defines a user.", {
     "subject": string("The subject the user is known as to clusters (the impersonated user name)."),
     "groups": strings("Groups the user belongs to, besides those of its teams."),
     "disabled": boolean("If true, the user's access keys and tokens are refused."),
+    "password": string("Write-only, never returned: a new password for /auth/password/login, kept as an argon2id "
+                       "hash; \"\" removes it, absent leaves it as it is."),
 }, name=_MANAGEMENT + "UserSpec")
 USER_STATUS = obj("UserStatus holds what the gateway reports about a user.", {
     "teams": strings("The teams the user is a member of."),

@@ -33,6 +33,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..auth.identity import HeaderValueError, Identity, check_header_value, identity_header_lines, key_digest
+from ..auth.passwords import HASH_PREFIX
 from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX, AccessKeyScope, CompiledScope, ScopeError, load_scope, parse_scope
 from ..names import DNS_SUBDOMAIN
 
@@ -92,6 +93,7 @@ class User:
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
     description: str = ""
     resource_version: int = 0
+    password_hash: str = field(default="", repr=False)  # argon2id (auth.passwords); "": no password login
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +274,13 @@ def _flag(field: str) -> Callable[[Any], bool]:
     return check
 
 
+def check_password_hash(value: Any) -> str:
+    """An argon2id hash as auth.passwords makes it, or "" for none: the store never takes a password itself."""
+    if not isinstance(value, str) or (value and not value.startswith(HASH_PREFIX)):
+        raise InvalidError("password_hash is not an argon2id hash (auth.passwords.hash_password makes one)", "password")
+    return value
+
+
 def _names(value: Any, field: str) -> list[Any]:
     """The items of a list field; a lone string would otherwise count as a list of letters."""
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
@@ -328,7 +337,7 @@ _METADATA: dict[str, Callable[[Any], Any]] = {
 USER_FIELDS: dict[str, Callable[[Any], Any]] = {
     "username": _text("username"), "display_name": _text("display_name"), "email": _text("email"),
     "subject": lambda value: header_value(value, "subject"), "groups": check_groups, "disabled": _flag("disabled"),
-    **_METADATA}
+    "password_hash": check_password_hash, **_METADATA}
 TEAM_FIELDS: dict[str, Callable[[Any], Any]] = {
     "display_name": _text("display_name"), "members": check_members, "groups": check_groups, **_METADATA}
 ACCESS_KEY_FIELDS: dict[str, Callable[[Any], Any]] = {
@@ -432,7 +441,8 @@ class StateAdmin(ABC):
     @abstractmethod
     def create_user(self, name: str, *, username: str = "", display_name: str = "", email: str = "",
                     subject: str = "", groups: Iterable[str] = (), disabled: bool = False, description: str = "",
-                    labels: Mapping[str, str] = EMPTY, annotations: Mapping[str, str] = EMPTY) -> User: ...
+                    labels: Mapping[str, str] = EMPTY, annotations: Mapping[str, str] = EMPTY,
+                    password_hash: str = "") -> User: ...
 
     @abstractmethod
     def get_user(self, name: str) -> User: ...
@@ -442,7 +452,8 @@ class StateAdmin(ABC):
 
     @abstractmethod
     def update_user(self, name: str, *, expected_version: int | None = None, **changes: Any) -> User:
-        """Set any of USER_FIELDS; an update that changes nothing writes nothing."""
+        """Set any of USER_FIELDS; an update that changes nothing writes nothing. A password is set as
+        `password_hash=auth.passwords.hash_password(text)` ("" removes it): the store never sees the text."""
 
     @abstractmethod
     def disable_user(self, name: str) -> None: ...

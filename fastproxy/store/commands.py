@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import getpass
 import sqlite3
 import sys
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from ..auth.passwords import PasswordError, hash_password
 from ..auth.scopes import ScopeError
 from ..config import ConfigError, StateConfig, load_config
 from . import open_admin
@@ -56,6 +58,9 @@ def add_commands(subparsers: Any) -> None:
     create.add_argument("--group", action="append", default=[], metavar="GROUP", help="repeatable")
     command(users, "list", user_list, "list users")
     command(users, "disable", user_disable, "disable a user: none of their keys resolve").add_argument("name")
+    command(users, "set-password", user_set_password,
+            "set a user's password for /auth/password/login, read from the terminal or standard input"
+            ).add_argument("name")
 
     teams = group("team", "manage teams")
     create = command(teams, "create", team_create, "create a team")
@@ -144,9 +149,9 @@ def user_create(args: argparse.Namespace) -> int:
 def user_list(args: argparse.Namespace) -> int:
     with _store(args) as store:
         users = store.list_users()
-    _print_table(("NAME", "USERNAME", "SUBJECT", "EMAIL", "GROUPS", "DISABLED"),
+    _print_table(("NAME", "USERNAME", "SUBJECT", "EMAIL", "GROUPS", "DISABLED", "PASSWORD"),
                  [(user.name, user.username, user.subject, user.email, ",".join(user.groups),
-                   "yes" if user.disabled else "no") for user in users])
+                   "yes" if user.disabled else "no", "yes" if user.password_hash else "no") for user in users])
     return 0
 
 
@@ -156,6 +161,30 @@ def user_disable(args: argparse.Namespace) -> int:
         store.disable_user(args.name)
     print(f"user {args.name} disabled")
     return 0
+
+
+@_refusing
+def user_set_password(args: argparse.Namespace) -> int:
+    password = _read_password()
+    try:
+        hashed = hash_password(password)
+    except PasswordError as error:
+        raise StoreError(f"password: {error}") from None
+    with _store(args) as store:
+        store.update_user(args.name, password_hash=hashed)
+    print(f"user {args.name}: password set")
+    return 0
+
+
+def _read_password() -> str:
+    """The new password: asked twice on a terminal, else the first line of standard input (never argv,
+    which other users of the host can read)."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Again: ") != password:
+            raise StoreError("password: the two entries differ")
+        return password
+    return sys.stdin.readline().rstrip("\r\n")
 
 
 @_refusing

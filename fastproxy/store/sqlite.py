@@ -121,11 +121,18 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE namespace_activity (cluster TEXT NOT NULL, namespace TEXT NOT NULL,
             last_activity REAL NOT NULL, info TEXT NOT NULL, PRIMARY KEY (cluster, namespace))""",
     ),
+    (   # password login: a user's argon2id hash; setting one is a change every worker reloads
+        "ALTER TABLE users ADD COLUMN password_hash TEXT NOT NULL DEFAULT ''",
+        "DROP TRIGGER users_update",
+        "CREATE TRIGGER users_update AFTER UPDATE OF name, username, display_name, email, subject, groups, disabled, "
+        "created, uid, labels, annotations, description, password_hash ON users "
+        "BEGIN UPDATE meta SET generation = generation + 1; END",
+    ),
 )
 
 # The columns each kind is written with; resource_version is set apart, by _stamp.
 _USER_COLUMNS = ("name", "username", "display_name", "email", "subject", "groups", "disabled", "created", "uid",
-                 "labels", "annotations", "description")
+                 "labels", "annotations", "description", "password_hash")
 _TEAM_COLUMNS = ("name", "groups", "created", "display_name", "uid", "labels", "annotations", "description")
 _KEY_COLUMNS = ("name", "type", "display_name", "user", "team", "digest", "ttl", "ttl_after_last_activity", "disabled",
                 "scope", "created", "last_activity", "uid", "labels", "annotations", "description")
@@ -219,11 +226,13 @@ class SqliteStore(StateAdmin):
 
     def create_user(self, name: str, *, username: str = "", display_name: str = "", email: str = "",
                     subject: str = "", groups: Iterable[str] = (), disabled: bool = False, description: str = "",
-                    labels: Mapping[str, str] = EMPTY, annotations: Mapping[str, str] = EMPTY) -> User:
+                    labels: Mapping[str, str] = EMPTY, annotations: Mapping[str, str] = EMPTY,
+                    password_hash: str = "") -> User:
         check_object_name(name, "user")
         fields = user_changes(name, {"username": username, "display_name": display_name, "email": email,
                                      "subject": subject, "groups": groups, "disabled": disabled,
-                                     "description": description, "labels": labels, "annotations": annotations})
+                                     "description": description, "labels": labels, "annotations": annotations,
+                                     "password_hash": password_hash})
         user = User(name, created=time.time(), uid=new_uid(), **fields)
         with self._transaction(write=True) as db:
             if _exists(db, "users", name):
@@ -575,13 +584,14 @@ def _fetch(db: sqlite3.Connection, query: str, name: str, what: str) -> tuple[An
 
 def _user_row(user: User) -> tuple[Any, ...]:
     return (user.name, user.username, user.display_name, user.email, user.subject, _json(user.groups), int(user.disabled),
-            user.created, user.uid, _json(user.labels), _json(user.annotations), user.description)
+            user.created, user.uid, _json(user.labels), _json(user.annotations), user.description, user.password_hash)
 
 
 def _user(row: tuple[Any, ...]) -> User:
-    name, username, display_name, email, subject, groups, disabled, created, uid, labels, annotations, description, version = row
+    (name, username, display_name, email, subject, groups, disabled, created, uid, labels, annotations, description,
+     password_hash, version) = row
     return User(name, username, display_name, email, subject, tuple(orjson.loads(groups)), bool(disabled), created, uid,
-                orjson.loads(labels), orjson.loads(annotations), description, version)
+                orjson.loads(labels), orjson.loads(annotations), description, version, password_hash)
 
 
 def _read_user(db: sqlite3.Connection, name: str) -> User:

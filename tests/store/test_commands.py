@@ -1,12 +1,15 @@
 """The user / team / accesskey commands: output, and one-line errors with status 2."""
 from __future__ import annotations
 
+import os
+import pty
 import subprocess
 import sys
 import time
 
 import pytest
 
+from fastproxy.auth.passwords import password_matches
 from fastproxy.store.commands import run
 from fastproxy.store.sqlite import SqliteStore
 
@@ -40,10 +43,41 @@ def test_users(capsys, state):
     ok(capsys, "user", "create", "bob", "--subject", "bob@corp", "--state", state)
     assert ok(capsys, "user", "disable", "bob", "--state", state) == "user bob disabled\n"
     assert ok(capsys, "user", "list", "--state", state).splitlines() == [
-        "NAME   USERNAME  SUBJECT   EMAIL          GROUPS    DISABLED",
-        "alice  alice     alice     a@example.com  devs,ops  no",
-        "bob    bob       bob@corp                           yes",
+        "NAME   USERNAME  SUBJECT   EMAIL          GROUPS    DISABLED  PASSWORD",
+        "alice  alice     alice     a@example.com  devs,ops  no        no",
+        "bob    bob       bob@corp                           yes       no",
     ]
+
+
+def set_password(state: str, name: str, stdin: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastproxy", "user", "set-password", name, "--state", state],
+                          input=stdin, capture_output=True, text=True, timeout=30)
+
+
+def test_set_password_reads_stdin_and_stores_only_a_hash(capsys, state):
+    ok(capsys, "user", "create", "alice", "--state", state)
+    done = set_password(state, "alice", "correct horse battery\n")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "user alice: password set\n", "")
+    store = SqliteStore(state)
+    hashed = store.get_user("alice").password_hash
+    store.close()
+    assert hashed.startswith("$argon2id$") and "correct horse" not in hashed
+    assert password_matches(hashed, "correct horse battery") and not password_matches(hashed, "correct horse")
+    with open(state, "rb") as file:
+        assert b"correct horse" not in file.read()
+    assert ok(capsys, "user", "list", "--state", state).splitlines()[1].split()[-1] == "yes"
+
+
+@pytest.mark.parametrize(("name", "stdin", "message"), [
+    ("alice", "short\n", "fastproxy: error: password: a password must have at least 8 characters"),
+    ("alice", "", "fastproxy: error: password: a password must have at least 8 characters"),
+    ("nobody", "long enough password\n", "fastproxy: error: user 'nobody' does not exist"),
+])
+def test_set_password_refusals(capsys, state, name, stdin, message):
+    ok(capsys, "user", "create", "alice", "--state", state)
+    done = set_password(state, name, stdin)
+    assert (done.returncode, done.stderr) == (2, message + "\n")
+    assert "password" not in stdin or stdin.strip() not in done.stderr
 
 
 def test_teams(capsys, state):
@@ -102,7 +136,7 @@ def test_team_key(capsys, state):
     (["user", "create", "alice", "--state", "{state}"], "fastproxy: error: user 'alice' already exists"),
     (["user", "disable", "ghost", "--state", "{state}"], "fastproxy: error: user 'ghost' does not exist"),
     (["user", "frobnicate", "--state", "{state}"],
-     "fastproxy user: error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'create', 'list', 'disable')"),
+     "fastproxy user: error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'create', 'list', 'disable', 'set-password')"),
     (["team", "create", "ops", "--member", "ghost", "--state", "{state}"],
      "fastproxy: error: team member 'ghost' is not a user"),
     (["accesskey", "create", "--state", "{state}"],
@@ -187,3 +221,39 @@ def test_activity_list_shows_the_latest_first(tmp_path, capsys):
     assert lines[0].split() == ["CLUSTER", "NAMESPACE", "LAST-ACTIVITY", "SUBJECT", "VERB", "RESOURCE"]
     assert lines[1].split() == ["prod", "b", "1970-01-24T03:33:20Z", "bob", "list", "deployments"]
     assert lines[2].split() == ["prod", "a", "1970-01-12T13:46:40Z", "alice", "get", "pods/log"]
+
+
+def test_set_password_asks_twice_on_a_terminal(capsys, state):
+    ok(capsys, "user", "create", "alice", "--state", state)
+
+    def on_a_terminal(*answers: str) -> tuple[int, str]:
+        pid, fd = pty.fork()
+        if pid == 0:
+            try:
+                os.execv(sys.executable, [sys.executable, "-m", "fastproxy", "user", "set-password", "alice",
+                                          "--state", state])
+            finally:
+                os._exit(127)
+        output = b""
+        for prompt, answer in zip((b"New password: ", b"Again: "), answers):
+            while not output.endswith(prompt):  # getpass flushes what was typed before it asks
+                output += os.read(fd, 1024)
+            os.write(fd, answer.encode() + b"\n")
+        while True:
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), output.decode()
+
+    code, output = on_a_terminal("typed-on-a-tty-1", "typed-on-a-tty-2")
+    assert code == 2 and "password: the two entries differ" in output and "typed-on-a-tty" not in output
+    code, output = on_a_terminal("typed-on-a-tty-1", "typed-on-a-tty-1")
+    assert code == 0 and "New password:" in output and "Again:" in output and "typed-on-a-tty" not in output
+    store = SqliteStore(state)
+    assert password_matches(store.get_user("alice").password_hash, "typed-on-a-tty-1")
+    store.close()

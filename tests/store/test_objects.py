@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from fastproxy.auth.passwords import hash_password
 from fastproxy.auth.scopes import ScopeError
 from fastproxy.store import (
     AccessKey,
@@ -500,5 +501,36 @@ def test_migration_gives_existing_objects_a_uid_and_a_version(tmp_path):
                                              {}, {}, "", version)
         assert isinstance(store.get_access_key("k"), AccessKey) and store.get_access_key("k").labels == {}
         assert store.update_team("ops", display_name="Ops").resource_version == generation(store) > version
+    finally:
+        store.close()
+
+
+def test_migration_4_adds_passwords_and_a_password_change_reloads_every_reader(tmp_path):
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    for migration in _MIGRATIONS[:3]:
+        for statement in migration:
+            db.execute(statement)
+    db.execute("PRAGMA user_version = 3")
+    db.execute("INSERT INTO users (name, username, display_name, email, subject, groups, disabled, created) "
+               "VALUES ('alice', 'alice', '', '', 'alice', '[]', 0, ?)", (NOW,))
+    db.commit()
+    db.close()
+    store = SqliteStore(path)
+    try:
+        assert store.get_user("alice").password_hash == ""
+        before = generation(store)
+        hashed = hash_password("a long enough password")
+        updated = store.update_user("alice", password_hash=hashed)
+        assert updated.password_hash == hashed and hashed not in repr(updated)
+        assert generation(store) > before  # the users trigger counts the new column
+        assert store.load_snapshot().users["alice"].password_hash == hashed
+        created = store.create_user("bob", password_hash=hashed)
+        assert store.get_user("bob").password_hash == created.password_hash == hashed
+        assert store.update_user("alice", password_hash="").password_hash == ""
+        for wrong in ("a long enough password", "$argon2i$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA", 7):
+            with pytest.raises(InvalidError, match="password_hash is not an argon2id hash") as refused:
+                store.update_user("alice", password_hash=wrong)
+            assert refused.value.field == "password" and "long enough" not in str(refused.value)
     finally:
         store.close()
