@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastproxy.upstream")
 
 MAX_RESPONSE_HEAD = 256 * 1024
+_LINE_ENDS = (b"\r", b"\n")
 _HEAD_END = b"\r\n\r\n"
 
 
@@ -171,6 +172,8 @@ class UpstreamConnection(asyncio.Protocol):
         start, end = 0, -len(_HEAD_END)
         for _ in range(self.heads_skipped + 1):
             start = end + len(_HEAD_END)
+            while buffer[start:start + 1] in _LINE_ENDS:
+                start += 1  # empty lines before a head, which the parser skips too
             end = buffer.find(_HEAD_END, start)
             if end < 0:
                 exchange.upstream_broken(self, "response head not terminated by CRLF CRLF")
