@@ -142,7 +142,7 @@ class UpstreamConnection(asyncio.Protocol):
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as exc:
-                exchange.upstream_broken(self, f"invalid response body: {exc}")
+                exchange.upstream_broken(self, _parse_failure(exc, "invalid response body"))
                 return
             exchange.sink.write(data)
             exchange.bytes_out += len(data)
@@ -159,7 +159,7 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             upgraded_at = len(buffer) - len(data) + exc.args[0]
         except httptools.HttpParserError as exc:
-            exchange.upstream_broken(self, f"invalid response: {exc}")
+            exchange.upstream_broken(self, _parse_failure(exc, "invalid response"))
             return
         if not self.head_done:
             if len(buffer) > MAX_RESPONSE_HEAD:
@@ -213,6 +213,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise UpstreamError(f"status code {status:03d} is not an HTTP status")  # the parser takes any 3 digits
         if 100 <= status < 200 and status != 101:
             self.heads_skipped += 1  # e.g. 100 Continue: the gateway answers those itself
             return
@@ -247,6 +249,12 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.transport.abort()
+
+
+def _parse_failure(exc: httptools.HttpParserError, what: str) -> str:
+    """Why the parser stopped: our own callback's UpstreamError says it best."""
+    cause = exc.__context__
+    return str(cause) if isinstance(cause, UpstreamError) else f"{what}: {exc}"
 
 
 class ResumingContext(ssl.SSLContext):
