@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 connection_ids = itertools.count(1)
 watches = {"open": 0, "closed": 0}
+ended_watches: list[str] = []  # the ?tag= of every watch that ended, for tests to find their own
 hits: dict[str, int] = {}
 reviews: list[dict] = []  # every SubjectAccessReview received: its headers and body
 
@@ -83,6 +84,7 @@ async def watch(writer, query):
     finally:
         watches["open"] -= 1
         watches["closed"] += 1
+        ended_watches.extend(query.get("tag", []))
 
 
 async def tunnel(reader, writer, headers):
@@ -170,7 +172,7 @@ async def handle(reader, writer):
             elif path == "hopbyhop":
                 respond(writer, "200 OK", b"{}", extra=("Connection: X-Secret", "X-Secret: 1", "Keep-Alive: timeout=5", "X-Kept: yes"))
             elif path == "stats":
-                respond(writer, "200 OK", json.dumps({**watches, "hits": hits}).encode())
+                respond(writer, "200 OK", json.dumps({**watches, "hits": hits, "ended": ended_watches}).encode())
             else:
                 seen = {"conn": conn_id, "method": method, "target": target, "version": version,
                         "headers": headers, "body": body.decode("latin-1"), "framing": framing,
