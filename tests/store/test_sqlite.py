@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
 import sqlite3
 import subprocess
 import sys
@@ -238,8 +239,16 @@ def test_a_change_from_another_process_is_seen_within_a_second(alice, tmp_path):
     assert alice.load_snapshot().resolve(secret, time.time()).identity.user == "alice"
 
 
+def _open_files(path: str) -> int:
+    """How many of this process's file descriptors are open on `path`."""
+    fds = os.listdir("/proc/self/fd")
+    return sum(1 for fd in fds if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(path))
+
+
 def _child_reads(store, queue):
-    queue.put((store.changed_since(-1), [user.name for user in store.list_users()]))
+    inherited = _open_files(store.path)
+    read = (store.changed_since(-1), [user.name for user in store.list_users()])
+    queue.put((*read, inherited, _open_files(store.path)))
 
 
 def test_a_forked_worker_opens_its_own_connection(alice):
@@ -248,7 +257,9 @@ def test_a_forked_worker_opens_its_own_connection(alice):
     queue = context.Queue()
     child = context.Process(target=_child_reads, args=(alice, queue))
     child.start()
-    assert queue.get(timeout=10) == (True, ["alice"])
+    changed, users, inherited, after = queue.get(timeout=10)
+    assert (changed, users) == (True, ["alice"])
+    assert inherited == 1 and after == 2  # the parent's descriptor, then one the child opened itself
     child.join(10)
     assert child.exitcode == 0
     assert [user.name for user in alice.list_users()] == ["alice"]
