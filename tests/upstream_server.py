@@ -13,7 +13,7 @@ import json
 import ssl
 import sys
 import time
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
 
 connection_ids = itertools.count(1)
 watches = {"open": 0, "closed": 0}
@@ -167,6 +167,15 @@ async def handle(reader, writer):
                 return
             elif path == "nolength":
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nuntil the end")
+                await writer.drain()
+                return
+            elif path == "raw":  # misbehaves as asked: ?send=BYTES[&pause=SECONDS&then=BYTES], then closes
+                parts = dict(pair.partition("=")[::2] for pair in url.query.split("&"))
+                writer.write(unquote_to_bytes(parts["send"]))
+                if "then" in parts:
+                    await writer.drain()
+                    await asyncio.sleep(float(parts.get("pause", "0")))
+                    writer.write(unquote_to_bytes(parts["then"]))
                 await writer.drain()
                 return
             elif path == "hopbyhop":
