@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 import ssl
+import struct
 import sys
 import time
 from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
@@ -169,14 +171,17 @@ async def handle(reader, writer):
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nuntil the end")
                 await writer.drain()
                 return
-            elif path == "raw":  # misbehaves as asked: ?send=BYTES[&pause=SECONDS&then=BYTES], then closes
+            elif path == "raw":  # misbehaves as asked: ?send=BYTES[&pad=N][&pause=SECONDS&then=BYTES][&reset=1]
                 parts = dict(pair.partition("=")[::2] for pair in url.query.split("&"))
-                writer.write(unquote_to_bytes(parts["send"]))
-                if "then" in parts:
+                writer.write(unquote_to_bytes(parts["send"]) + b"x" * int(parts.get("pad", "0")))
+                if "pause" in parts:
                     await writer.drain()
-                    await asyncio.sleep(float(parts.get("pause", "0")))
-                    writer.write(unquote_to_bytes(parts["then"]))
+                    await asyncio.sleep(float(parts["pause"]))
+                    writer.write(unquote_to_bytes(parts.get("then", "")))
                 await writer.drain()
+                if "reset" in parts:  # end with a TCP reset, no TLS close_notify: the cluster crashed
+                    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
                 return
             elif path == "hopbyhop":
                 respond(writer, "200 OK", b"{}", extra=("Connection: X-Secret", "X-Secret: 1", "Keep-Alive: timeout=5", "X-Kept: yes"))
