@@ -147,3 +147,10 @@ def test_unreachable_clusters_are_503_naming_why_while_the_others_are_served(tls
     finally:
         gateway.stop()
         silent.close()
+
+
+def test_a_watch_the_cluster_is_slow_to_answer_is_not_timed_out(client_of_gateway):
+    # The session's cluster "one" has response_header_timeout = 3: a GET gets 504 after it
+    # (test_upstream_timeout_is_504), a watch waits for the cluster however long it takes.
+    client_of_gateway.request("GET", f"{BASE}/api/v1/slow?delay=5&watch=true", AUTH)
+    assert client_of_gateway.response().status == 200
