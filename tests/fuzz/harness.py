@@ -4,8 +4,9 @@ transports that keep what is written, so no socket or cluster is needed.
 
 A target takes the fuzzer's bytes and raises Crash when the gateway misbehaves: an exception
 other than the Status refusal escapes (from the router or from a loop callback), the client is
-written something that is not a valid sequence of HTTP responses, or a re-framed body is not the
-body the gateway parsed.
+written something that is not a valid sequence of HTTP responses, a head planned for the cluster
+carries anything but one Host, the gateway's credential and the impersonation it decided (or
+carries a hop-by-hop or proxy-only header), or a re-framed body is not the body the gateway parsed.
 """
 from __future__ import annotations
 
@@ -52,10 +53,54 @@ class _WatchedRouter:
 
     def responder(self, client, head, keep_alive):
         try:
-            return self.gateway.responder(client, head, keep_alive)
+            responder = self.gateway.responder(client, head, keep_alive)
         except BaseException as exc:
             self.errors.append(exc)
             raise
+        plan = getattr(responder, "plan", None)
+        if plan is not None:
+            try:
+                _check_upstream_head(plan)
+            except Crash as crash:
+                self.errors.append(crash)
+        return responder
+
+
+# What a client may never put into the head the cluster gets (the gateway's own, or hop-by-hop).
+_NEVER_FORWARDED = frozenset((b"proxy-authorization", b"proxy-connection", b"proxy", b"keep-alive", b"te",
+                              b"trailer", b"expect"))
+
+
+class _Fields:
+    def __init__(self):
+        self.fields: list[tuple[bytes, bytes]] = []
+
+    def on_header(self, name, value):
+        self.fields.append((name.lower(), value))
+
+
+def _check_upstream_head(plan) -> None:
+    """The head planned for the cluster: one Host, the gateway's credential, the identity's (or
+    the reviewed) impersonation, and nothing the client must not send on."""
+    seen = _Fields()
+    try:
+        httptools.HttpRequestParser(seen).feed_data(plan.head)
+    except httptools.HttpParserUpgrade:
+        pass
+    except httptools.HttpParserError as exc:
+        raise Crash(f"the upstream head is not valid HTTP ({exc}): {plan.head[:300]!r}") from None
+    values = {}
+    for name, value in seen.fields:
+        values.setdefault(name, []).append(value)
+    if values.get(b"host") != [b"127.0.0.1:9"] or values.get(b"authorization") != [b"Bearer gateway-token"]:
+        raise Crash(f"the upstream head's Host or Authorization is not the gateway's own: {plan.head[:300]!r}")
+    impersonation = b"".join(name + b": " + value + b"\r\n" for name, value in seen.fields
+                             if name.startswith(b"impersonate-"))
+    expected = plan.identity.impersonation if plan.nested is None else plan.nested.headers()
+    if impersonation.lower() != expected.lower():
+        raise Crash(f"the upstream head impersonates what the gateway did not decide: {plan.head[:300]!r}")
+    if _NEVER_FORWARDED & values.keys() or values.get(b"connection", [b"Upgrade"]) != [b"Upgrade"]:
+        raise Crash(f"the upstream head carries a hop-by-hop or proxy-only header: {plan.head[:300]!r}")
 
 
 class _Message:
