@@ -13,7 +13,7 @@ import pytest
 
 from bench import report, stream_server, watch_client
 from bench.measure import cpu_seconds, process_tree, rss_bytes
-from bench.targets import Setup, start_direct, start_nginx_proxy
+from bench.targets import Setup, start_direct, start_fastproxy, start_nginx_proxy
 from bench.upstream import Upstream, make_tls_files
 from bench.workloads import Plan, chunked_list, parse_wrk, small_get, watch_fanout
 
@@ -84,16 +84,17 @@ def test_report_takes_medians_and_ratios_and_draws(tmp_path: Path):
 
 @pytest.mark.skipif(not all(map(shutil.which, ("nginx", "wrk", "curl", "taskset"))),
                     reason="needs nginx, wrk, curl and taskset (scripts/bench installs them)")
-def test_every_workload_runs_through_nginx_and_direct(tmp_path: Path):
+def test_every_workload_runs_through_fastproxy_nginx_and_direct(tmp_path: Path):
     tls = make_tls_files(tmp_path)
     upstream = Upstream(tmp_path, tls, list_mb=2, watch_events_per_second=500, max_open_files=1024)
-    token = tmp_path / "token"
+    token, key = tmp_path / "token", tmp_path / "key"
     token.write_text("t\n")
-    setup = Setup(tmp_path, tls, upstream, token, "key", token, 1024, None, "")
+    key.write_text("bench-access-key\n")
+    setup = Setup(tmp_path, tls, upstream, token, "bench-access-key", key, 1024, None, "")
     plan = Plan(get_warmup_s=1, get_duration_s=1, list_fetches=1, watch_streams=(20,), watch_warmup_s=0.2,
                 watch_window_s=0.5)
     try:
-        for start, client_tls in ((start_direct, True), (start_nginx_proxy, False)):
+        for start, client_tls in ((start_direct, True), (start_nginx_proxy, False), (start_fastproxy, True)):
             endpoint = start(setup, client_tls)
             try:
                 get = small_get(endpoint, plan, setup)

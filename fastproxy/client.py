@@ -129,6 +129,8 @@ class ClientConnection(asyncio.Protocol):
                 self.receiving.tunnel_data(rest)
             return
         except httptools.HttpParserError as exc:
+            if self.broken:
+                return  # the connection is closing: what follows the last answered request is not read
             cause = exc.__context__
             if isinstance(cause, StatusError):
                 self._refuse_stream(cause.code, cause.message)
@@ -144,6 +146,10 @@ class ClientConnection(asyncio.Protocol):
     # --- parser callbacks --------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.broken:
+            # A response already said Connection: close; a request pipelined after it is not
+            # served (the client resends it on a new connection).
+            raise ConnectionAbortedError("the connection is closing")
         self.parsing_head = True
         self.began_in_feed = True
         self.head_size = 0

@@ -384,7 +384,9 @@ class ProxyExchange(Responder):
                 self.plan.upstream.pool.acquire(self, fresh=True)
             else:
                 self.fail(502, f'cluster "{name}" closed the connection before answering')
-        elif conn.head_done and not conn.framed:
+        elif not conn.head_done:  # nothing relayed yet: the client can still be told why
+            self.fail(502, f'cluster "{name}" closed the connection in the middle of its response head')
+        elif not conn.framed:
             self.finish()  # the response was delimited by the close; keep_alive is already off
         else:
             self.abort()

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastproxy.upstream")
 
 MAX_RESPONSE_HEAD = 256 * 1024
+_LINE_ENDS = (b"\r", b"\n")
 _HEAD_END = b"\r\n\r\n"
 
 
@@ -141,7 +142,7 @@ class UpstreamConnection(asyncio.Protocol):
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as exc:
-                exchange.upstream_broken(self, f"invalid response body: {exc}")
+                exchange.upstream_broken(self, _parse_failure(exc, "invalid response body"))
                 return
             exchange.sink.write(data)
             exchange.bytes_out += len(data)
@@ -158,7 +159,7 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             upgraded_at = len(buffer) - len(data) + exc.args[0]
         except httptools.HttpParserError as exc:
-            exchange.upstream_broken(self, f"invalid response: {exc}")
+            exchange.upstream_broken(self, _parse_failure(exc, "invalid response"))
             return
         if not self.head_done:
             if len(buffer) > MAX_RESPONSE_HEAD:
@@ -171,6 +172,8 @@ class UpstreamConnection(asyncio.Protocol):
         start, end = 0, -len(_HEAD_END)
         for _ in range(self.heads_skipped + 1):
             start = end + len(_HEAD_END)
+            while buffer[start:start + 1] in _LINE_ENDS:
+                start += 1  # empty lines before a head, which the parser skips too
             end = buffer.find(_HEAD_END, start)
             if end < 0:
                 exchange.upstream_broken(self, "response head not terminated by CRLF CRLF")
@@ -210,6 +213,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise UpstreamError(f"status code {status:03d} is not an HTTP status")  # the parser takes any 3 digits
         if 100 <= status < 200 and status != 101:
             self.heads_skipped += 1  # e.g. 100 Continue: the gateway answers those itself
             return
@@ -244,6 +249,12 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.transport.abort()
+
+
+def _parse_failure(exc: httptools.HttpParserError, what: str) -> str:
+    """Why the parser stopped: our own callback's UpstreamError says it best."""
+    cause = exc.__context__
+    return str(cause) if isinstance(cause, UpstreamError) else f"{what}: {exc}"
 
 
 class ResumingContext(ssl.SSLContext):

@@ -12,42 +12,7 @@ from fastproxy.config import parse_config
 from fastproxy.gateway import Gateway
 from fastproxy.local import LocalResponder
 from fastproxy.routing import MANAGEMENT
-
-
-class FakeTransport(asyncio.Transport):
-    def __init__(self):
-        super().__init__()
-        self.written = bytearray()
-        self.reading = True
-        self.closed = self.aborted = False
-
-    def write(self, data):
-        self.written += data
-
-    def writelines(self, parts):
-        for part in parts:
-            self.write(part)
-
-    def pause_reading(self):
-        self.reading = False
-
-    def resume_reading(self):
-        self.reading = True
-
-    def is_closing(self):
-        return self.closed
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        pass
-
-    def get_extra_info(self, name, default=None):
-        return ("192.0.2.7", 50000) if name == "peername" else default
-
-    def close(self):
-        self.closed = True
-
-    def abort(self):
-        self.closed = self.aborted = True
+from tests.fakes import FakeTransport
 
 
 class Responses:
@@ -233,3 +198,17 @@ def test_malformed_http_is_a_400_seen_by_observers(setup):
     [answer] = answers(loop, conn, transport, b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
     assert '"code":400' in answer["body"].decode() and transport.closed
     assert [(e[0], e[2]) for e in recorder.events] == [("start", 0), ("finish", 400)]
+
+
+@pytest.mark.parametrize("first", [
+    b"GET /healthz HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n",
+    # Refused while the client may hold back its body (Expect): the connection must end, and the
+    # body bytes that do follow are never taken for a request.
+    b"POST /nowhere HTTP/1.1\r\nHost: g\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nGET /",
+])
+def test_nothing_pipelined_after_a_closing_response_is_served_or_answered(setup, first):
+    loop, connect, recorder = setup
+    conn, transport = connect()
+    got = answers(loop, conn, transport, first + b"GET /kubernetes/management/once HTTP/1.1\r\nHost: g\r\n\r\n")
+    assert len(got) == 1 and got[0]["headers"]["connection"] == "close" and transport.closed
+    assert StreamEvents.heads == [] and [e[0] for e in recorder.events] == ["start", "finish"]

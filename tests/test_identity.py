@@ -444,7 +444,8 @@ def test_an_edge_gateway_verifies_tokens_on_its_own(world, tls_files, upstream, 
         revoke = run_cli("token", "revoke", payload(token)["jti"], "--config", str(tmp_path / "fastproxy.toml"))
         assert revoke.returncode == 0, revoke.stderr
         assert json.loads((tmp_path / "revoked.json").read_text()) == ["someone-else", payload(token)["jti"]]
-        until(lambda: call(edge_client, "GET", "/api/v1/pods", bearer(token)).status == 401, 3, "revocation")
+        until(lambda: call(edge_client, "GET", "/api/v1/pods", bearer(token)).status != 200, 10, "revocation")
+        refused(call(edge_client, "GET", "/api/v1/pods", bearer(token)), 401, "Unauthorized: token has been revoked")
         edge_client.close()
     finally:
         edge.stop()

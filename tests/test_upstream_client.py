@@ -84,12 +84,19 @@ def test_failures_raise_with_the_status_to_answer(clusters, cluster, path, kwarg
 
 
 def test_a_stale_pooled_connection_is_retried_once(clusters):
+    async def closes_seen(up):
+        _, body = await request(up["one"], "GET", "/stats")
+        return json.loads(body)["hits"].get("close", 0)
+
     async def scenario(up):
-        await request(up["one"], "GET", "/echo")
+        await request(up["one"], "GET", "/echo")  # a pooled connection for /close to be sent on
+        before = await closes_seen(up)
         with pytest.raises(UpstreamRequestError) as caught:
             await request(up["one"], "GET", "/close")
-        return caught.value
-    assert "closed the connection before answering" in run(clusters, scenario).message
+        return caught.value, await closes_seen(up) - before
+    error, attempts = run(clusters, scenario)
+    assert "closed the connection before answering" in error.message
+    assert attempts == 2  # on the pooled connection, then once on a fresh one
 
 
 def test_cancelling_the_caller_releases_the_connection(clusters):

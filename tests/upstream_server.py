@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 import ssl
+import struct
 import sys
 import time
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
 
 connection_ids = itertools.count(1)
 watches = {"open": 0, "closed": 0}
+ended_watches: list[str] = []  # the ?tag= of every watch that ended, for tests to find their own
 hits: dict[str, int] = {}
 reviews: list[dict] = []  # every SubjectAccessReview received: its headers and body
 
@@ -83,6 +86,7 @@ async def watch(writer, query):
     finally:
         watches["open"] -= 1
         watches["closed"] += 1
+        ended_watches.extend(query.get("tag", []))
 
 
 async def tunnel(reader, writer, headers):
@@ -167,10 +171,22 @@ async def handle(reader, writer):
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nuntil the end")
                 await writer.drain()
                 return
+            elif path == "raw":  # misbehaves as asked: ?send=BYTES[&pad=N][&pause=SECONDS&then=BYTES][&reset=1]
+                parts = dict(pair.partition("=")[::2] for pair in url.query.split("&"))
+                writer.write(unquote_to_bytes(parts["send"]) + b"x" * int(parts.get("pad", "0")))
+                if "pause" in parts:
+                    await writer.drain()
+                    await asyncio.sleep(float(parts["pause"]))
+                    writer.write(unquote_to_bytes(parts.get("then", "")))
+                await writer.drain()
+                if "reset" in parts:  # end with a TCP reset, no TLS close_notify: the cluster crashed
+                    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                return
             elif path == "hopbyhop":
                 respond(writer, "200 OK", b"{}", extra=("Connection: X-Secret", "X-Secret: 1", "Keep-Alive: timeout=5", "X-Kept: yes"))
             elif path == "stats":
-                respond(writer, "200 OK", json.dumps({**watches, "hits": hits}).encode())
+                respond(writer, "200 OK", json.dumps({**watches, "hits": hits, "ended": ended_watches}).encode())
             else:
                 seen = {"conn": conn_id, "method": method, "target": target, "version": version,
                         "headers": headers, "body": body.decode("latin-1"), "framing": framing,

@@ -84,13 +84,19 @@ def test_as_flag_does_not_make_anyone_admin(stack):
     result = kubectl(env, "--as", "system:admin", "--as-group", "system:masters", "get", "secrets",
                      context="viewer", check=False)
     assert result.returncode != 0 and "Forbidden" in result.stderr
+    # Refused by the gateway's impersonation check, not by RBAC on the viewer's own request (what a
+    # gateway ignoring --as would give); kubectl shows a refused discovery as "unknown", --raw does not.
+    raw = kubectl(env, "--as", "system:admin", "--as-group", "system:masters", "get", "--raw",
+                  "/kubernetes/cluster/demo/api/v1/namespaces/team-a/secrets", context="viewer", check=False)
+    assert raw.returncode != 0 and "user 'viewer' may not impersonate users 'system:admin'" in raw.stderr
 
 
 def test_the_demos_impersonation_hints_hold(stack):
     """What `fastproxy demo` prints: the viewer may not impersonate, the admin key may."""
     _, env, _ = stack
-    refused = kubectl(env, "--as", "system:admin", "get", "pods", context="viewer", check=False)
-    assert refused.returncode != 0 and "Forbidden" in refused.stderr
+    refused = kubectl(env, "--as", "system:admin", "get", "--raw", "/kubernetes/cluster/demo/api/v1/namespaces/team-a/pods",
+                      context="viewer", check=False)
+    assert refused.returncode != 0 and "user 'viewer' may not impersonate users 'system:admin'" in refused.stderr
     jane = json.loads(kubectl(env, "--as", "jane", "auth", "whoami", "-o", "json").stdout)["status"]["userInfo"]
     assert jane["username"] == "jane"
 
@@ -120,7 +126,7 @@ def test_create_apply_delete(stack, tmp_path):
     assert missing.returncode == 1 and "NotFound" in missing.stderr
 
 
-def test_watch_sees_another_clients_change_within_a_second(stack):
+def test_watch_sees_another_clients_change(stack):
     _, env, _ = stack
     watch = subprocess.Popen([KUBECTL, "--context", "admin", "get", "configmaps", "-n", "team-b", "-w",
                               "--output-watch-events", "-o", "custom-columns=EVENT:.type,NAME:.object.metadata.name"],
@@ -128,11 +134,9 @@ def test_watch_sees_another_clients_change_within_a_second(stack):
     try:
         assert read_line(watch, 10).split() == ["EVENT", "NAME"]
         assert read_line(watch, 5).split() == ["ADDED", "app-config"]
-        time.sleep(0.5)
+        # Created after the list: the watch (from the list's resourceVersion) streams it as it happens.
         kubectl(env, "create", "configmap", "e2e-watched", "-n", "team-b")
-        created = time.monotonic()
-        assert read_line(watch, 1.0).split() == ["ADDED", "e2e-watched"]
-        assert time.monotonic() - created < 1.0
+        assert read_line(watch, 10).split() == ["ADDED", "e2e-watched"]
     finally:
         watch.kill()
         watch.wait()
@@ -141,11 +145,12 @@ def test_watch_sees_another_clients_change_within_a_second(stack):
 
 def test_logs_follow_streams(stack):
     _, env, _ = stack
-    follow = subprocess.Popen([KUBECTL, "--context", "admin", "logs", "-f", "web-5d4f8c7b9-h7k2m", "-n", "team-a"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    follow = subprocess.Popen([KUBECTL, "--context", "admin", "logs", "-f", "--tail=2", "web-5d4f8c7b9-h7k2m",
+                               "-n", "team-a"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        # The last two lines of the backlog, then a line the container writes while kubectl follows.
         lines = [read_line(follow, 10) for _ in range(3)]
-        assert all(line.startswith("web-5d4f8c7b9-h7k2m/nginx: log line") for line in lines), lines
+        assert lines == [f"web-5d4f8c7b9-h7k2m/nginx: log line {n}\n" for n in (9, 10, 11)], lines
         assert follow.poll() is None  # still following
     finally:
         follow.kill()
