@@ -5,9 +5,9 @@ header, and the auditID of its audit events), whether or not its line is sampled
 client quoting the header finds the gateway's audit events and, when sampled, its line here.
 A finished request is logged with the probability `sample` (`sample_errors` for codes of 400
 and above, and for requests that got no answer). The log takes its requests in batches
-(context.BatchObserver): sorting successes from the rest is C-level work over the batch, and
-random numbers are drawn only for the requests logged, so a sampled-out request costs next to
-nothing. The lines go through rotating.BackgroundWriter, like the audit log's: the loop
+(context.BatchObserver) and counts down to the next one it logs (the gaps between logged requests
+are geometric, drawn once per logged request), so a request left out costs a comparison and a
+subtraction. The lines go through rotating.BackgroundWriter, like the audit log's: the loop
 only queues them, and a full disk drops lines (counted, reported once a minute), never requests.
 
 A line holds no secret: never a header value but the user agent's, never the query of a path
@@ -18,11 +18,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import compress, repeat
-from operator import and_, attrgetter, gt, not_
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 
@@ -36,8 +33,6 @@ _KUBERNETES_ROUTES = frozenset((CLUSTER, VIRTUAL_CLUSTER, MANAGEMENT))
 NO_ROUTE = "none"
 MAX_USER_AGENT = 256
 MAX_PATH = 1024
-_STATUS, _ENDED = attrgetter("status"), attrgetter("ended")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,41 +73,46 @@ class AccessLog:
         self.writer = BackgroundWriter(sink if sink is not None else open_sink(config), max_lines=max_queued,
                                        what="access log", name="access-log-writer")
         self.random = random.random
+        self.skip = self.gap(self.sample)
+        self.skip_errors = self.gap(self.sample_errors)
 
     def start_batch(self, begun: list[RequestContext]) -> None:
         """Nothing: a line is made when its request has finished."""
 
     def finish_batch(self, done: list[RequestContext]) -> None:
-        # Successes and the rest split with C-level calls; only the sampled ones cost Python work.
-        succeeded = list(map(and_, map(gt, repeat(400), map(_STATUS, done)), map(bool, map(_STATUS, done))))
-        chosen = sampled(list(compress(done, succeeded)), self.sample, self.random)
-        chosen += sampled(list(compress(done, map(not_, succeeded))), self.sample_errors, self.random)
+        # Count down to the next request logged (geometric gaps: `sampled`), successes and the rest apart.
+        chosen = []
+        skip, skip_errors = self.skip, self.skip_errors
+        for ctx in done:
+            if 0 < ctx.status < 400:
+                if skip:
+                    skip -= 1
+                    continue
+                skip = self.gap(self.sample)
+            else:
+                if skip_errors:
+                    skip_errors -= 1
+                    continue
+                skip_errors = self.gap(self.sample_errors)
+            chosen.append(ctx)
+        self.skip, self.skip_errors = skip, skip_errors
         if not chosen:
             return
-        chosen.sort(key=_ENDED)
         wall = time.time() - time.monotonic()  # + a monotonic time: that time on the wall clock
         put = self.writer.put
         for ctx in chosen:
             put(orjson.dumps(access_line(ctx, wall + ctx.ended), option=orjson.OPT_APPEND_NEWLINE))
 
+    def gap(self, rate: float) -> int:
+        """How many requests to pass over before the next one logged, for a share `rate` logged."""
+        if rate >= 1:
+            return 0
+        if rate <= 0:
+            return 1 << 62
+        return int(math.log(1.0 - self.random()) / math.log1p(-rate))
+
     def close(self) -> None:
         self.writer.close()
-
-
-def sampled(items: list[T], rate: float, draw: Callable[[], float] = random.random) -> list[T]:
-    """Each item kept with probability `rate`, drawing once per kept item rather than once per
-    item: the gaps between kept items are geometric."""
-    if rate >= 1:
-        return items
-    if rate <= 0 or not items:
-        return []
-    scale = 1 / math.log1p(-rate)
-    kept = []
-    at = int(math.log(1.0 - draw()) * scale)
-    while at < len(items):
-        kept.append(items[at])
-        at += 1 + int(math.log(1.0 - draw()) * scale)
-    return kept
 
 
 def access_line(ctx: RequestContext, now: float) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pytest
 from fastproxy.auth.identity import Identity
 from fastproxy.config import ConfigError, parse_config
 from fastproxy.context import RequestContext, RequestHead, RequestIds
-from fastproxy.observe.accesslog import AccessLog, access_line, parse_access_log_config, sampled
+from fastproxy.observe.accesslog import AccessLog, access_line, parse_access_log_config
 from fastproxy.routing import route
 from tests.helpers import ACCESS_KEY, start_gateway
 from tests.observe.test_metrics_gateway import ADMIN, gateway_text, sample, scrape
@@ -124,15 +124,24 @@ def test_sampling_successes_and_errors_apart():
 
 
 @pytest.mark.parametrize("rate", [0.01, 0.3, 0.9])
-def test_sampled_keeps_each_item_with_its_rate(rate):
-    draws = random.Random(7)
-    items = list(range(200_000))
-    kept = sampled(items, rate, draws.random)
-    assert kept == sorted(set(kept))  # in order, none twice
-    assert abs(len(kept) / len(items) - rate) < 4 * math.sqrt(rate * (1 - rate) / len(items))
-    halves = sum(1 for item in kept if item < 100_000), sum(1 for item in kept if item >= 100_000)
-    assert abs(halves[0] - halves[1]) < 6 * math.sqrt(len(kept))  # spread evenly, not bunched
-    assert sampled(items, 1.0) == items and sampled(items, 0.0) == []
+def test_each_request_is_logged_with_its_rate(rate):
+    lines = Lines()
+    log = AccessLog(parse_access_log_config({"sample": rate, "sample_errors": 0}), sink=lines)
+    log.random = random.Random(7).random
+    count = 100_000
+    try:
+        for start in range(0, count, 1000):  # batches, as the gateway's flushes hand them over
+            log.finish_batch([finished(f"{BASE}/api/v1/namespaces/dev/configmaps/c{n}", 500 if n % 2 else 200)
+                              for n in range(start, start + 1000)])
+        assert log.writer.flush()
+    finally:
+        log.close()
+    logged = [int(json.loads(line)["path"].rsplit("/c", 1)[1]) for line in lines.lines]
+    assert all(n % 2 == 0 for n in logged) and logged == sorted(set(logged))  # successes only, none twice
+    successes = count // 2
+    assert abs(len(logged) / successes - rate) < 4 * math.sqrt(rate * (1 - rate) / successes)
+    halves = sum(1 for n in logged if n < count // 2), sum(1 for n in logged if n >= count // 2)
+    assert abs(halves[0] - halves[1]) < 6 * math.sqrt(len(logged))  # spread evenly, not bunched
 
 
 # --- a running gateway -----------------------------------------------------------------------------

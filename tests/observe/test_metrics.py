@@ -126,6 +126,22 @@ def test_histograms_count_each_request_in_its_bucket(observer):
     assert value(families, size, size + "_sum", **labels) == 305_100
 
 
+def test_values_on_a_bound_count_in_its_bucket(observer):
+    """A value equal to a bucket's bound is in that bucket (le), whichever way its index is found."""
+    cases = ((0.001, 0.001, 256), (0.0025, 0.0025, 1024), (0.0011, 0.0011, 4096), (7.0, 5.0, 4097), (0.0004, 0.0, 257))
+    for duration, first_byte, sent in cases:
+        observer.finish_batch([finished(request("/kubernetes/cluster/prod/api/v1/namespaces/dev/configmaps"),
+                                        duration=duration, first_byte=first_byte, sent=sent)])
+    families = scrape(observer)
+    labels = {"endpoint": "cluster", "cluster": "prod", "verb": "list"}
+
+    def buckets(family, bounds):
+        return [value(families, family, family + "_bucket", le=le, **labels) for le in bounds]
+    assert buckets("fastproxy_request_duration_seconds", ("0.001", "0.0025", "5.0", "10.0")) == [2, 4, 4, 5]
+    assert buckets("fastproxy_response_first_byte_seconds", ("0.001", "0.0025", "5.0")) == [1, 3, 4]
+    assert buckets("fastproxy_response_size_bytes", ("256.0", "1024.0", "4096.0", "16384.0")) == [1, 3, 4, 5]
+
+
 def test_long_running_requests_have_their_own_histogram_and_gauges(observer):
     watch = request("/kubernetes/cluster/prod/api/v1/pods?watch=true")
     tunnel = request("/kubernetes/cluster/prod/api/v1/namespaces/a/pods/p/exec?command=sh", b"POST", upgrade=True)
