@@ -128,6 +128,19 @@ class ActivityConfig:
     ignore_users: frozenset[str] = frozenset()  # e.g. a monitoring robot's subject
 
 
+MAX_UI_SESSION = 12 * 3600  # seconds: the longest [ui] session_seconds
+
+
+@dataclass(frozen=True, slots=True)
+class UIConfig:
+    """`[ui]`: the status page at /ui/ (fastproxy.ui), for administrators (`loft:admins`), who
+    sign in with an access key; a session lasts `session_seconds`. Off: /ui/ answers 404 and
+    nothing of it runs."""
+
+    enabled: bool = True
+    session_seconds: int = 1800
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
@@ -139,6 +152,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     activity: ActivityConfig = ActivityConfig()
     audit: AuditConfig | None = None    # None: no audit log
+    ui: UIConfig = UIConfig()
 
 
 class _Table:
@@ -387,6 +401,15 @@ def _activity(data: object) -> ActivityConfig:
     return activity
 
 
+def _ui(data: object) -> UIConfig:
+    t = _Table(data, "ui")
+    ui = UIConfig(t.bool("enabled", True), t.positive("session_seconds", int, 1800))
+    if ui.session_seconds > MAX_UI_SESSION:
+        raise ConfigError(f"ui.session_seconds: must be at most {MAX_UI_SESSION} (a session is short-lived), not {ui.session_seconds}")
+    t.finish()
+    return ui
+
+
 def _audit(data: object) -> AuditConfig:
     from .observe.audit import parse_audit_config  # the audit module parses its own table
 
@@ -420,6 +443,7 @@ def parse_config(data: dict, path: str = "") -> Config:
     metrics = _metrics(root._get("metrics", dict, {}))
     activity = _activity(root._get("activity", dict, {}))
     audit = _audit(root._get("audit", dict, None)) if "audit" in root.data else None
+    ui = _ui(root._get("ui", dict, {}))
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):
@@ -433,7 +457,7 @@ def parse_config(data: dict, path: str = "") -> Config:
         if key.key_sha256 in digests[:i]:
             raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
     return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens,
-                  metrics=metrics, activity=activity, audit=audit)
+                  metrics=metrics, activity=activity, audit=audit, ui=ui)
 
 
 def load_config(path: str) -> Config:

@@ -16,8 +16,9 @@ from .observe.activity import ActivityObserver
 from .observe.audit import AuditObserver
 from .observe.metrics import CountedReviewer, Metrics
 from .proxy import ClusterProxy
-from .routing import CLUSTER, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, route
+from .routing import CLUSTER, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, UI, route
 from .status import StatusError, status_response
+from .ui.page import StatusPage
 
 # A handler: builds the responder for one request, or raises StatusError to refuse it.
 Handler = Callable[[Connection, RequestContext, Observers, bool], Responder]
@@ -51,6 +52,12 @@ class Gateway:
         if self.metrics is not None:
             self.handlers[METRICS] = self.metrics.responder
             self.proxy.reviewer = CountedReviewer(self.metrics.impersonation)
+        # The status page ([ui]): its handler, its observer of denials, its samples on the tick.
+        self.status_page = (StatusPage(config, self.authenticator, self.management.probe, self.metrics, metrics_share)
+                            if config.ui.enabled else None)
+        if self.status_page is not None:
+            self.handlers[UI] = self.status_page.responder
+            self.observers.add(self.status_page.denials)
         self.connections: set = set()  # open client connections, for deadlines and shutdown
 
     def start(self) -> None:
@@ -83,7 +90,7 @@ class Gateway:
     def tick(self) -> None:
         """Once a second or so: expire idle upstream connections, pick up rotated tokens,
         write batched key and namespace activity, re-read changed revocation lists, share the
-        metrics, write the audit log's ResponseStarted events."""
+        metrics, write the audit log's ResponseStarted events, sample the status page's rates."""
         self.clusters.tick()
         self.authenticator.tick()
         self.management.tick()
@@ -93,6 +100,8 @@ class Gateway:
             self.activity.tick()
         if self.audit is not None:
             self.audit.tick()
+        if self.status_page is not None:
+            self.status_page.tick()
 
     def close(self) -> None:
         if self.metrics is not None:
