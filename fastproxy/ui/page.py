@@ -48,7 +48,7 @@ SECURITY_HEADERS = (
     (b"Content-Security-Policy", b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
     (b"X-Frame-Options", b"DENY"),
     (b"X-Content-Type-Options", b"nosniff"),
-    (b"Referrer-Policy", b"no-referrer"),
+    (b"Referrer-Policy", b"same-origin"),  # not no-referrer: with it a browser posts forms with "Origin: null"
 )
 HTML = b"text/html; charset=utf-8"
 STATIC = {"/app.js": (b"text/javascript; charset=utf-8", "app.js"), "/style.css": (b"text/css; charset=utf-8", "style.css")}
