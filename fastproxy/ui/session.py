@@ -38,7 +38,7 @@ def seal(key: bytes, expires: float, aead: AESGCM = _SECRET) -> str:
 def unseal(value: str, now: float | None = None, aead: AESGCM = _SECRET) -> bytes | None:
     """The key a cookie value holds, or None: forged, damaged, from before a restart, or expired."""
     try:
-        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        raw = base64.b64decode(value + "=" * (-len(value) % 4), altchars=b"-_", validate=True)
         plain = aead.decrypt(raw[:_NONCE], raw[_NONCE:], _AAD)
     except (binascii.Error, ValueError, InvalidTag):
         return None
