@@ -141,6 +141,10 @@ def instructions(state: Path, listen: str) -> str:
 
           curl -s --cacert {ca} -H "Authorization: Bearer $(cat {admin_key})" https://{listen}/metrics | grep ^fastproxy_requests
 
+        The status page, for the admin key (sign in with the contents of {admin_key}):
+
+          https://{listen}/ui/
+
         Ctrl-C stops everything.
     """)
 
