@@ -240,7 +240,9 @@ class UIRequest(LocalResponder):
         key = session.form_key(b"".join(self.body))
         self.body.clear()
         try:
-            identity = self.ctx.identity = self.page.authenticator.authenticate(key or b"", None)
+            if key is None:
+                raise StatusError(401, "Unauthorized: no key given")
+            identity = self.ctx.identity = self.page.authenticator.authenticate(key, None)
         except StatusError as refusal:
             self.ctx.message = refusal.message
             self.answer(401, html.signin("That key was not accepted."))
@@ -250,5 +252,5 @@ class UIRequest(LocalResponder):
             self.answer(403, html.refused(f"{identity.user} is not an administrator: the status page is for loft:admins."))
             return
         lifetime = self.page.config.ui.session_seconds
-        cookie = session.set_cookie(session.seal(key or b"", time.time() + lifetime), lifetime, self.tls)
+        cookie = session.set_cookie(session.seal(key, time.time() + lifetime), lifetime, self.tls)
         self.answer(303, b"", HTML, ((b"Location", b"/ui/"), (b"Set-Cookie", cookie)))

@@ -64,3 +64,11 @@ def test_the_metrics_hint_shows_the_requests_made(demo):
     run("kubectl get pods -A", env)
     metrics = run(printed(text, "curl -s --cacert"), env)
     assert re.search(r'^fastproxy_requests_total\{endpoint="cluster",cluster="demo",verb="list",code="200"\} [1-9]', metrics, re.M)
+
+
+def test_the_status_page_hint_serves_its_sign_in_form(demo):
+    text, env = demo
+    url = next(line.strip() for line in text.splitlines() if line.strip().endswith("/ui/"))
+    ca = re.search(r"--cacert (\S+)", text).group(1)
+    page = run(f"curl -s --cacert {ca} {url}", env)
+    assert 'action="/ui/signin"' in page and 'type="password"' in page
