@@ -95,11 +95,10 @@ class StatusPage:
 
     def tick(self) -> None:
         metrics = self.metrics
-        if metrics is None:
-            return
-        # The page's own polls are left out: watching the charts should not draw on them.
-        series = [by_code for table in (metrics.short, metrics.long) for labels, by_code in table.items() if labels[0] != UI]
-        self.rates.sample(int(time.time()), *request_totals(series, DURATION_AT))
+        if metrics is not None:
+            # The page's own polls are left out: watching the charts should not draw on them.
+            series = [by_code for table in (metrics.short, metrics.long) for labels, by_code in table.items() if labels[0] != UI]
+            self.rates.sample(int(time.time()), *request_totals(series, DURATION_AT))
         if self.share is not None:
             try:
                 os.makedirs(self.share, exist_ok=True)

@@ -153,7 +153,9 @@ def test_the_page_renders_the_clusters(browser, stack):
     WebDriverWait(browser, 10).until(lambda b: cell(b, "clusters", CLUSTER, 1) == "Ready")
     assert cell(browser, "clusters", CLUSTER, 2).startswith("v1.")
     assert cell(browser, "clusters", CLUSTER, 3).endswith(" ms")
-    assert browser.find_elements(By.CSS_SELECTOR, "#chart-requests polyline")  # drawn by the page's own script
+    WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#chart-requests polyline"))
+    points = browser.find_element(By.CSS_SELECTOR, "#chart-requests polyline").get_attribute("points")
+    assert len(points.split()) == 30  # drawn by the page's own script: five minutes in 10 s points
     cookie = next(c for c in browser.get_cookies() if c["name"] == "fastproxy_ui")
     assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui/"
     violations = [entry for entry in browser.get_log("browser") if "Content Security Policy" in entry["message"]]
@@ -195,6 +197,19 @@ def test_the_page_shows_the_whole_service(stack):
     assert requests >= 20
     assert active and active[0]["subject"] == "admin"
     assert WRONG_KEY.encode() not in orjson.dumps(document)
+
+
+def test_a_denial_appears_on_the_open_page(browser, stack):
+    sign_in_with(browser, stack, stack.admin_key)
+    WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "denials"))
+    browser.execute_script("window.samePage = true;")
+    path = f"/kubernetes/cluster/{CLUSTER}/api/v1/namespaces/denied-{time.monotonic_ns()}/pods"
+    code, _, _ = stack.curl(path, "-H", f"Authorization: Bearer {WRONG_KEY}")
+    assert code == 401
+    WebDriverWait(browser, 10, poll_frequency=0.2).until(
+        lambda b: path in b.find_element(By.ID, "denials").text)
+    assert browser.execute_script("return window.samePage === true;")
+    assert WRONG_KEY not in browser.page_source
 
 
 def test_the_page_forbids_framing_inline_script_and_caching(stack):
