@@ -147,6 +147,19 @@ class ActivityConfig:
     ignore_users: frozenset[str] = frozenset()  # e.g. a monitoring robot's subject
 
 
+MAX_UI_SESSION = 12 * 3600  # seconds: the longest [ui] session_seconds
+
+
+@dataclass(frozen=True, slots=True)
+class UIConfig:
+    """`[ui]`: the status page at /ui/ (fastproxy.ui), for administrators (`loft:admins`), who
+    sign in with an access key; a session lasts `session_seconds`. Off: /ui/ answers 404 and
+    nothing of it runs."""
+
+    enabled: bool = True
+    session_seconds: int = 1800
+
+
 @dataclass(frozen=True, slots=True)
 class LoginConfig:
     """`[login]`: the /auth/ endpoints (fastproxy.login): password login, token exchange, logout."""
@@ -174,6 +187,7 @@ class Config:
     virtual_clusters: tuple[VirtualClusterConfig, ...] = ()
     grafana: GrafanaConfig | None = None  # None: /grafana/ is not served
     login: LoginConfig = LoginConfig()
+    ui: UIConfig = UIConfig()
 
 
 class _Table:
@@ -474,6 +488,15 @@ def _login(data: object, tokens: TokensConfig | None) -> LoginConfig:
     return login
 
 
+def _ui(data: object) -> UIConfig:
+    t = _Table(data, "ui")
+    ui = UIConfig(t.bool("enabled", True), t.positive("session_seconds", int, 1800))
+    if ui.session_seconds > MAX_UI_SESSION:
+        raise ConfigError(f"ui.session_seconds: must be at most {MAX_UI_SESSION} (a session is short-lived), not {ui.session_seconds}")
+    t.finish()
+    return ui
+
+
 def _audit(data: object) -> AuditConfig:
     from .observe.audit import parse_audit_config  # the audit module parses its own table
 
@@ -524,6 +547,7 @@ def parse_config(data: dict, path: str = "") -> Config:
                              for item, where in _list_of_tables(root, "virtual_clusters"))
     grafana = _grafana(root._get("grafana", dict, None), clusters) if "grafana" in root.data else None
     login = _login(root._get("login", dict, {}), tokens)
+    ui = _ui(root._get("ui", dict, {}))
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):
@@ -542,7 +566,7 @@ def parse_config(data: dict, path: str = "") -> Config:
             raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
     return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens,
                   metrics=metrics, activity=activity, audit=audit, access_log=access_log,
-                  virtual_clusters=virtual_clusters, grafana=grafana, login=login)
+                  virtual_clusters=virtual_clusters, grafana=grafana, login=login, ui=ui)
 
 
 def load_config(path: str) -> Config:

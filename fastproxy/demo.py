@@ -61,6 +61,13 @@ def prepare(state: Path, cluster_url: str, cluster_ca: Path, gateway_token: Path
         signing_keys_dir = "signing-keys"
         max_ttl = 86400
 
+        [access_log]
+        path = "access.log"
+        sample = 1.0
+
+        [audit]
+        path = "audit.log"
+
         [[access_keys]]
         name = "admin"
         key_file = "admin.key"
@@ -140,6 +147,21 @@ def instructions(state: Path, listen: str) -> str:
         Prometheus metrics, for the admin key:
 
           curl -s --cacert {ca} -H "Authorization: Bearer $(cat {admin_key})" https://{listen}/metrics | grep ^fastproxy_requests
+
+        The status page, for the admin key (sign in with the contents of {admin_key}):
+
+          https://{listen}/ui/
+
+        What the gateway writes and answers about itself:
+
+          tail -f {state / "access.log"}    # a JSON line per request; "id" is the X-Request-Id header...
+          tail -f {state / "audit.log"}     # ...and the auditID of the request's audit events
+          curl -s --cacert {ca} "https://{listen}/readyz?verbose"
+
+        Password login (/auth/): give jane a password, log in, use the Login key it answers:
+
+          fastproxy user set-password --config {config} jane
+          curl -s --cacert {ca} -d '{{"username":"jane","password":"..."}}' https://{listen}/auth/password/login
 
         Ctrl-C stops everything.
     """)

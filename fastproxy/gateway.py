@@ -19,8 +19,9 @@ from .observe.activity import ActivityObserver
 from .observe.audit import AuditObserver
 from .observe.metrics import CountedReviewer, Metrics
 from .proxy import ClusterProxy
-from .routing import AUTH, CLUSTER, GRAFANA, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, VIRTUAL_CLUSTER, route
+from .routing import AUTH, CLUSTER, GRAFANA, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, UI, VIRTUAL_CLUSTER, route
 from .status import StatusError, status_response
+from .ui.page import StatusPage
 from .virtualclusters import VirtualClusterProxy, VirtualClusters
 
 # A handler: builds the responder for one request, or raises StatusError to refuse it.
@@ -77,6 +78,12 @@ class Gateway:
         if config.grafana is not None:
             self.grafana = GrafanaProxy(config.grafana, config.server, self.authenticator, loop)
             self.handlers[GRAFANA] = self.grafana.responder
+        # The status page ([ui]): its handler, its observer of denials, its samples on the tick.
+        self.status_page = (StatusPage(config, self.authenticator, self.management.probe, self.metrics, metrics_share)
+                            if config.ui.enabled else None)
+        if self.status_page is not None:
+            self.handlers[UI] = self.status_page.responder
+            self.observers.add(self.status_page.denials)
         self.connections: set = set()  # open client connections, for deadlines and shutdown
 
     def start(self) -> None:
@@ -129,7 +136,7 @@ class Gateway:
     def tick(self) -> None:
         """Once a second or so: expire idle upstream connections, pick up rotated tokens,
         write batched key and namespace activity, re-read changed revocation lists, share the
-        metrics, write the audit log's ResponseStarted events."""
+        metrics, write the audit log's ResponseStarted events, sample the status page's rates."""
         self.clusters.tick()
         self.virtual_clusters.tick()
         if self.grafana is not None:
@@ -144,6 +151,8 @@ class Gateway:
             self.activity.tick()
         if self.audit is not None:
             self.audit.tick()
+        if self.status_page is not None:
+            self.status_page.tick()
 
     def close(self) -> None:
         self.observers.flush()

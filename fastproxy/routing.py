@@ -25,6 +25,7 @@ OIDC = "oidc"
 GRAFANA = "grafana"
 HEALTH = "health"
 METRICS = "metrics"
+UI = "ui"
 
 
 class Prefix(NamedTuple):
@@ -46,6 +47,7 @@ ROUTES = (
     Prefix("/readyz/", HEALTH, exact=True),
     Prefix("/livez/", HEALTH, exact=True),
     Prefix("/metrics/", METRICS, exact=True),
+    Prefix("/ui/", UI),
 )
 
 _CLUSTER_PREFIX = ROUTES[0].text
@@ -59,6 +61,7 @@ NOT_SERVED = {
     OIDC: "the /oidc/ endpoints are not served by this gateway yet",
     GRAFANA: "no Grafana is configured on this gateway ([grafana])",
     METRICS: "metrics are disabled on this gateway ([metrics] enabled = false)",
+    UI: "the status page is disabled on this gateway ([ui] enabled = false)",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -49,9 +50,21 @@ def start_gateway(config_text: str, folder: Path, timeout: float = 15, env: dict
         if found:
             process = Process(popen, int(found.group(1)))
             process.log = folder / "gateway.log"
+            _wait_accepting(process.port, deadline)  # with workers = N the supervisor says so before they listen
             return process
         if popen.poll() is not None:
             raise RuntimeError(f"gateway exited: {text}")
         time.sleep(0.05)
     popen.kill()
     raise RuntimeError(f"gateway did not start: {(folder / 'gateway.log').read_text()}")
+
+
+def _wait_accepting(port: int, deadline: float) -> None:
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)

@@ -44,6 +44,8 @@ class ClusterProbe:
         self.changed = changed
         self.health: dict[str, ClusterHealth] = {}
         self.task: asyncio.Task[None] | None = None
+        self.wake = asyncio.Event()
+        self.round_ended = 0.0  # time.monotonic() when the last round of probes ended
 
     def start(self) -> None:
         self.task = self.loop.create_task(self._run())
@@ -52,6 +54,12 @@ class ClusterProbe:
         if self.task is not None:
             self.task.cancel()
             self.task = None
+
+    def hasten(self, age: float) -> None:
+        """Probe again now if the last round ended more than `age` seconds ago (the status page
+        asks while someone watches it, so a cluster going down shows within seconds)."""
+        if time.monotonic() - self.round_ended > age:
+            self.wake.set()
 
     def of(self, name: str) -> ClusterHealth:
         return self.health.get(name, UNKNOWN)
@@ -69,7 +77,12 @@ class ClusterProbe:
                 self.health[name] = health
                 if before is None or (before.phase, before.kubernetes_version) != (health.phase, health.kubernetes_version):
                     self.changed(name)
-            await asyncio.sleep(PROBE_INTERVAL)
+            self.round_ended = time.monotonic()
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), PROBE_INTERVAL)
+            except TimeoutError:
+                pass
 
     async def _probe(self, upstream: Upstream) -> ClusterHealth:
         started = time.monotonic()

@@ -1,6 +1,7 @@
 """`fastproxy demo` as a user runs it (what scripts/run starts): the commands it prints work."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -64,3 +65,33 @@ def test_the_metrics_hint_shows_the_requests_made(demo):
     run("kubectl get pods -A", env)
     metrics = run(printed(text, "curl -s --cacert"), env)
     assert re.search(r'^fastproxy_requests_total\{endpoint="cluster",cluster="demo",verb="list",code="200"\} [1-9]', metrics, re.M)
+
+
+def test_the_status_page_hint_serves_its_sign_in_form(demo):
+    text, env = demo
+    url = next(line.strip() for line in text.splitlines() if line.strip().endswith("/ui/"))
+    ca = re.search(r"--cacert (\S+)", text).group(1)
+    page = run(f"curl -s --cacert {ca} {url}", env)
+    assert 'action="/ui/signin"' in page and 'type="password"' in page
+
+
+def test_the_log_hints_show_a_request_by_its_id(demo):
+    """A request's X-Request-Id is the id of its access-log line and the auditID of its events."""
+    text, env = demo
+    answer = run("kubectl get pods -n team-a -v=8 2>&1", env)
+    request_id = re.search(r"X-Request-Id: ([0-9a-f-]{36})", answer, re.I).group(1)
+    access_log = re.search(r"tail -f (\S+access\.log)", text).group(1)
+    audit_log = re.search(r"tail -f (\S+audit\.log)", text).group(1)
+    deadline = time.monotonic() + 10
+    while True:  # both logs are written off the event loop: the lines come within moments
+        mine = [line for line in map(json.loads, open(access_log).read().splitlines()) if line["id"] == request_id]
+        stages = {event["stage"] for event in map(json.loads, open(audit_log).read().splitlines())
+                  if event["auditID"] == request_id}
+        if (mine and "ResponseComplete" in stages) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [(line["user"], line["verb"], line["resource"], line["namespace"]) for line in mine] == \
+        [("admin", "list", "pods", "team-a")]
+    assert stages == {"RequestReceived", "ResponseComplete"}
+    ready = run(next(line.strip() for line in text.splitlines() if "readyz?verbose" in line), env)
+    assert "readyz check passed" in ready

@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastproxy.observe.metrics import DURATION_AT
+from fastproxy.routing import UI
 from tests.helpers import ACCESS_KEY, start_gateway
 from tests.inprocess import InProcessGateway
 from tests.rawhttp import Client
@@ -226,7 +227,9 @@ def test_promtool_passes_a_real_scrape(inproc, client):
 
 
 def test_disabled_metrics_cost_nothing(gateway_config, tmp_path, tls_files):
-    folder, text = gateway_text(gateway_config, tmp_path, "[metrics]\nenabled = false\n[access_log]\nenabled = false\n")
+    # The access log and the status page observe requests too; off, nothing observes requests.
+    folder, text = gateway_text(gateway_config, tmp_path,
+                                "[metrics]\nenabled = false\n[access_log]\nenabled = false\n[ui]\nenabled = false\n")
     server = InProcessGateway(text, folder)
     try:
         assert server.gateway.metrics is None and server.gateway.observers.active is False
@@ -234,6 +237,9 @@ def test_disabled_metrics_cost_nothing(gateway_config, tmp_path, tls_files):
         client = Client(server.port, tls_files["ca"])
         status = get(client, "/metrics", ADMIN, 404).json()
         assert status["message"] == "metrics are disabled on this gateway ([metrics] enabled = false)"
+        assert server.gateway.status_page is None and UI not in server.gateway.handlers
+        status = get(client, "/ui/", ADMIN, 404).json()
+        assert status["message"] == "the status page is disabled on this gateway ([ui] enabled = false)"
         client.close()
     finally:
         server.stop()

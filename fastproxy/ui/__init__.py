@@ -1,0 +1,1 @@
+"""The status page at /ui/: a small admin view of the whole service (see `page`)."""
