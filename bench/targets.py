@@ -78,11 +78,15 @@ def _ready(endpoint: Endpoint, setup: Setup, probe_url: str | None = None) -> En
 
 
 # fastproxy with its observers set otherwise than by default, for the cost of each (opt-in targets:
-# `--targets fastproxy,fastproxy-bare,...`). The defaults: metrics on, the access log at 1%.
+# `--targets fastproxy,fastproxy-bare,...`). The defaults: metrics on, the access log at 1%, the
+# status page (its observer of denials).
+_NO_UI = "[ui]\nenabled = false\n\n"
+_NO_METRICS = "[metrics]\nenabled = false\n\n"
+_NO_ACCESS_LOG = "[access_log]\nenabled = false\n\n"
 VARIANTS = {
-    "fastproxy-bare": "[metrics]\nenabled = false\n\n[access_log]\nenabled = false\n",  # no observer at all
-    "fastproxy-metrics": "[access_log]\nenabled = false\n",                               # metrics alone
-    "fastproxy-access": "[metrics]\nenabled = false\n",                                   # the access log alone (1%)
+    "fastproxy-bare": _NO_METRICS + _NO_ACCESS_LOG + _NO_UI,          # no observer at all
+    "fastproxy-metrics": _NO_ACCESS_LOG + _NO_UI,                     # metrics alone
+    "fastproxy-access": _NO_METRICS + _NO_UI,                         # the access log alone (1%)
     "fastproxy+audit": '[audit]\npath = "{workdir}/audit-{port}.log"\n',                  # every request at Metadata
     "fastproxy+access": '[access_log]\npath = "{workdir}/access-{port}.log"\nsample = 1.0\n',  # every request logged
 }

@@ -25,6 +25,19 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def settled_fds(pid: int) -> int:
+    """The descriptor count once the start's own (readiness probes, pooled handshakes) have closed:
+    two readings 0.3 s apart that agree."""
+    deadline = time.monotonic() + 10
+    count = open_fds(pid)
+    while True:
+        time.sleep(0.3)
+        again = open_fds(pid)
+        if again == count or time.monotonic() > deadline:
+            return again
+        count = again
+
+
 def wait_for(predicate, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
@@ -89,7 +102,7 @@ def test_a_cluster_dying_mid_watch_ends_the_stream_and_leaves_no_descriptor(tls_
     upstream = start_upstream(tls_files)
     gateway = start_gateway(gateway_text(tls_files, upstream.port), own_folder(tmp_path))
     try:
-        baseline = open_fds(gateway.popen.pid)
+        baseline = settled_fds(gateway.popen.pid)
         watcher = Client(gateway.port, tls_files["ca"], timeout=10)
         watcher.request("GET", f"{BASE}/api/v1/watch?watch=true&interval=0.05", AUTH)
         response = watcher.head()

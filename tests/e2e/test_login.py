@@ -87,16 +87,15 @@ def stack(tmp_path_factory):
         listen = f"127.0.0.1:{free_port()}"
         config = prepare(folder, cluster.url, cluster.ca_file, cluster.gateway_token_file, listen)
         (folder / "audit-policy.yaml").write_text("apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: RequestResponse\n")
-        config.write_text(config.read_text() + f"""
+        demo = config.read_text()  # the demo's audit log, at RequestResponse
+        assert '[audit]\npath = "audit.log"\n' in demo
+        config.write_text(demo.replace('[audit]\npath = "audit.log"\n',
+                                       '[audit]\npath = "audit.log"\npolicy_file = "audit-policy.yaml"\n') + f"""
 [login]
 key_ttl = 3600
 token_ttl = 300
 free_failures = {FREE_FAILURES}
 max_backoff = 4
-
-[audit]
-path = "audit.log"
-policy_file = "audit-policy.yaml"
 """)
         for name, groups in (("alice", ["demo:viewers"]), ("bob", []), ("carol", [])):
             cli(config, "user", "create", name, *(arg for group in groups for arg in ("--group", group)))

@@ -109,6 +109,8 @@ def sign_in_with(browser, stack, key: str) -> None:
     browser.get(stack.url + "/ui/")
     browser.find_element(By.ID, "key").send_keys(key)
     browser.find_element(By.ID, "signin").click()
+    # The answer is a new page: the dashboard, or the form again with its error.
+    WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "error") or b.find_elements(By.ID, "clusters"))
 
 
 def cell(browser, table: str, row_name: str, column: int) -> str:
