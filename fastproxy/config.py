@@ -18,6 +18,7 @@ from .names import DNS_SUBDOMAIN
 
 if TYPE_CHECKING:
     from .grafana.config import GrafanaConfig
+    from .oidc.config import OidcConfig
     from .observe.accesslog import AccessLogConfig
     from .observe.audit import AuditConfig
 
@@ -174,6 +175,7 @@ class Config:
     virtual_clusters: tuple[VirtualClusterConfig, ...] = ()
     grafana: GrafanaConfig | None = None  # None: /grafana/ is not served
     login: LoginConfig = LoginConfig()
+    oidc: OidcConfig | None = None  # None: /oidc/ is not served
 
 
 class _Table:
@@ -492,6 +494,13 @@ def _grafana(data: object, clusters: tuple[ClusterConfig, ...]) -> GrafanaConfig
     return parse_grafana_config(data, frozenset(cluster.name for cluster in clusters))
 
 
+def _oidc(data: object, tokens: TokensConfig | None, state: StateConfig | None) -> OidcConfig:
+    from .oidc.config import parse_oidc_config  # the oidc package parses its own table
+    if state is None:
+        raise ConfigError("oidc: the OpenID Connect provider logs in the state store's users: it needs [state]")
+    return parse_oidc_config(data, tokens.issuer if tokens is not None and tokens.signing_keys_dir else None)
+
+
 def _check_jwks(table: _Table, path: str, algorithms: tuple[str, ...]) -> None:
     try:
         with open(path, "rb") as f:
@@ -524,6 +533,7 @@ def parse_config(data: dict, path: str = "") -> Config:
                              for item, where in _list_of_tables(root, "virtual_clusters"))
     grafana = _grafana(root._get("grafana", dict, None), clusters) if "grafana" in root.data else None
     login = _login(root._get("login", dict, {}), tokens)
+    oidc = _oidc(root._get("oidc", dict, None), tokens, state) if "oidc" in root.data else None
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):
@@ -542,7 +552,7 @@ def parse_config(data: dict, path: str = "") -> Config:
             raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
     return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens,
                   metrics=metrics, activity=activity, audit=audit, access_log=access_log,
-                  virtual_clusters=virtual_clusters, grafana=grafana, login=login)
+                  virtual_clusters=virtual_clusters, grafana=grafana, login=login, oidc=oidc)
 
 
 def load_config(path: str) -> Config:
