@@ -18,9 +18,9 @@ from .names import DNS_SUBDOMAIN
 
 if TYPE_CHECKING:
     from .grafana.config import GrafanaConfig
-    from .oidc.config import OidcConfig
     from .observe.accesslog import AccessLogConfig
     from .observe.audit import AuditConfig
+    from .oidc.config import OidcConfig
 
 
 class ConfigError(Exception):

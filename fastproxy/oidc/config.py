@@ -71,7 +71,7 @@ def parse_oidc_config(data: object, tokens_issuer: str | None) -> OidcConfig:
                           "it needs [tokens] signing_keys_dir")
     if issuer == tokens_issuer.rstrip("/"):
         raise ConfigError(f"{t.key('issuer')}: must differ from tokens.issuer")
-    entries = t._get("clients", list, [])
+    entries = t._get("clients", list, [])  # type: ignore[no-untyped-call]
     clients = tuple(_client(item, f"oidc.clients[{i}]") for i, item in enumerate(entries))
     ids = [client.id for client in clients]
     for i, client_id in enumerate(ids):

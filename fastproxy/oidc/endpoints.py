@@ -24,8 +24,7 @@ from authlib.oauth2 import OAuth2Error
 from ..local import LocalResponder
 from ..login import TooMany
 from ..status import StatusError
-from .page import CSRF_COOKIE, CSRF_FIELD, LOGIN_FIELDS, cookie_value, csrf_cookie, csrf_matches, login_page, \
-    new_csrf_token, page_headers
+from .page import CSRF_COOKIE, CSRF_FIELD, LOGIN_FIELDS, cookie_value, csrf_cookie, csrf_matches, login_page, new_csrf_token, page_headers
 from .provider import ACCESS, CLIENT_AUTH_METHODS, SCOPES, Grants, Provider, Request
 
 if TYPE_CHECKING:
@@ -123,7 +122,7 @@ class OidcRequest(LocalResponder):
         form = self.form()
         fields = {name: values[0] for name, values in form.items()}
         cookie = cookie_value((value for name, value in self.ctx.head.headers if name.lower() == b"cookie"), CSRF_COOKIE)
-        if not csrf_matches(cookie, fields.get(CSRF_FIELD)):
+        if cookie is None or not csrf_matches(cookie, fields.get(CSRF_FIELD)):
             # Not redirected: a forged request must not learn or drive anything at the client.
             self.oauth_error(400, "invalid_request", "the login form's CSRF token is missing or does not match")
             return

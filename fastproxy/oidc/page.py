@@ -37,8 +37,8 @@ def cookie_value(cookie_headers: Iterable[bytes], name: str) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def csrf_matches(cookie: str | None, field: str | None) -> bool:
-    return bool(cookie) and bool(field) and hmac.compare_digest(cookie.encode(), field.encode())  # type: ignore[union-attr]
+def csrf_matches(cookie: str, field: str | None) -> bool:
+    return bool(cookie) and field is not None and hmac.compare_digest(cookie.encode(), field.encode())
 
 
 def page_headers(redirect_uri: str) -> list[tuple[bytes, bytes]]:

@@ -26,7 +26,7 @@ from authlib.oauth2.rfc6750 import BearerTokenGenerator
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oidc.core import AuthorizationCodeMixin, UserInfo
 from authlib.oidc.core.grants import OpenIDCode
-from joserfc.jwk import import_key
+from joserfc.jwk import KeyParameters, import_key
 
 from ..auth.tokens import KeySet
 from ..store import Snapshot, User
@@ -313,9 +313,10 @@ class Provider(AuthorizationServer):  # type: ignore[misc]
         """The active gateway key as joserfc takes it (converted once per key)."""
         active = self.keyset.active
         if self._signing[0] != active.kid:
-            key_type = "RSA" if active.algorithm == "RS256" else "EC"
-            self._signing = (active.kid, import_key(active.private_key, key_type,
-                                                    {"kid": active.kid, "alg": active.algorithm, "use": "sig"}))
+            parameters: KeyParameters = {"kid": active.kid, "alg": active.algorithm, "use": "sig"}
+            key = (import_key(active.private_key, "RSA", parameters) if active.algorithm == "RS256"
+                   else import_key(active.private_key, "EC", parameters))
+            self._signing = (active.kid, key)
         return self._signing[1]
 
 

@@ -118,7 +118,8 @@ def stack(tmp_path_factory):
         port = free_port()
         config = prepare(folder, cluster.url, cluster.ca_file, cluster.gateway_token_file, f"127.0.0.1:{port}")
         secret = secrets.token_urlsafe(32)
-        config.write_text(config.read_text() + f"""
+        # Two workers: a token request may reach another worker than its authorize request did.
+        config.write_text(config.read_text().replace("[server]\n", "[server]\nworkers = 2\n", 1) + f"""
 [oidc]
 issuer = "https://127.0.0.1:{port}/oidc"
 code_ttl = {CODE_TTL}
@@ -134,6 +135,8 @@ redirect_uris = ["{callback}"]
         gateway = start_gateway(config.read_text(), folder)
         yield Stack(port, str(folder / "gateway-tls" / "ca.crt"), secret, callback, folder,
                     (folder / "admin.key").read_text().strip())
+        log = (folder / "gateway.log").read_text()
+        assert "Traceback" not in log and PASSWORD not in log and secret not in log
     finally:
         if gateway is not None:
             gateway.stop()
@@ -187,6 +190,8 @@ def test_a_relying_party_logs_alice_in_through_chromium_and_verifies_the_id_toke
     assert status == 200 and refreshed["access_token"] != token["access_token"], refreshed
     status, again = stack.token({"grant_type": "refresh_token", "refresh_token": token["refresh_token"]})
     assert (status, again["error"]) == (400, "invalid_grant")
+    for secret in (token["access_token"], token["refresh_token"], token["id_token"], parse_qs(urlsplit(arrived).query)["code"][0]):
+        assert secret not in (stack.folder / "gateway.log").read_text()
 
 
 @pytest.mark.parametrize("redirect_uri", ["https://evil.example/callback", "{callback}/../evil", "{callback}?next=x",
