@@ -21,8 +21,10 @@ from urllib.parse import parse_qs
 import orjson
 from authlib.oauth2 import OAuth2Error
 
+from ..auth.limiter import retry_after_header
+from ..auth.passwords import MAX_PASSWORD_BYTES
 from ..local import LocalResponder
-from ..login import TooMany
+from ..login import MAX_USERNAME_CHARS, TooMany
 from ..status import StatusError
 from .page import CSRF_COOKIE, CSRF_FIELD, LOGIN_FIELDS, cookie_value, csrf_cookie, csrf_matches, login_page, new_csrf_token, page_headers
 from .provider import ACCESS, CLIENT_AUTH_METHODS, SCOPES, Grants, Provider, Request
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from ..context import Observers, RequestContext
     from ..exchange import Connection
     from ..login import AuthEndpoints
-    from ..store.sqlite import SqliteStore
+    from ..store import StateAdmin
     from .config import OidcConfig
 
 HTML = b"text/html; charset=utf-8"
@@ -53,7 +55,7 @@ def discovery(issuer: str, algorithm: str) -> dict[str, Any]:
 class OidcEndpoints:
     """The handler of /oidc/: one per worker."""
 
-    def __init__(self, config: OidcConfig, keyset: KeySet, store: SqliteStore, login: AuthEndpoints):
+    def __init__(self, config: OidcConfig, keyset: KeySet, store: StateAdmin, login: AuthEndpoints):
         self.config = config
         self.keyset = keyset
         self.login = login
@@ -135,13 +137,14 @@ class OidcRequest(LocalResponder):
             self.answer(*provider.handle_error_response(request, error))
             return
         username, password = fields.get("username", ""), fields.get("password", "")
-        if not username or not password:
+        if not 0 < len(username) <= MAX_USERNAME_CHARS or not 0 < len(password.encode()) <= MAX_PASSWORD_BYTES:
             self.show_page(grant, request.payload.data, cookie, 400, "Enter a username and a password.")
             return
         try:
             user = await self.api.login.verify(username, password, self.ctx.head.client_ip.decode("latin-1"))
         except TooMany as refusal:
-            self.show_page(grant, request.payload.data, cookie, 429, refusal.message)
+            self.show_page(grant, request.payload.data, cookie, 429, refusal.message,
+                           [(b"Retry-After", b"%d" % retry_after_header(refusal.wait))])
             return
         except StatusError as refusal:
             self.show_page(grant, request.payload.data, cookie, refusal.code, "Invalid username or password.")

@@ -29,9 +29,8 @@ from authlib.oidc.core.grants import OpenIDCode
 from joserfc.jwk import KeyParameters, import_key
 
 from ..auth.tokens import KeySet
-from ..store import Snapshot, User
+from ..store import Snapshot, StateAdmin, User
 from ..store.base import user_groups
-from ..store.sqlite import SqliteStore
 from .config import OidcClient, OidcConfig
 
 SCOPES = ("openid", "profile", "email", "groups", "offline_access")
@@ -60,7 +59,7 @@ def digest(secret: str) -> bytes:
 class Grants:
     """Grants in the state store by their secret's digest (the store never holds a secret); blocking."""
 
-    def __init__(self, store: SqliteStore):
+    def __init__(self, store: StateAdmin):
         self.store = store
 
     def put(self, kind: str, secret: str, grant: Grant, ttl: int) -> None:

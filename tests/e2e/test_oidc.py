@@ -33,7 +33,7 @@ pytestmark = pytest.mark.e2e
 
 CLIENT_ID = "dashboard"
 PASSWORD = "alice-Correct-Horse-1"
-CODE_TTL = 2
+CODE_TTL = 5  # short, for the expired-code test; room enough for a loaded machine's token requests
 SCOPE = "openid profile email groups offline_access"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -169,10 +169,12 @@ def test_a_relying_party_logs_alice_in_through_chromium_and_verifies_the_id_toke
         browser.find_element(By.ID, "login").click()
         WebDriverWait(browser, 15).until(lambda b: b.current_url.startswith(stack.callback))
         arrived = browser.current_url
+        reached = urlsplit(arrived)
+        assert "signed in" in browser.page_source and f"{reached.path}?{reached.query}" in Callback.received
+        assert parse_qs(urlsplit(arrived).query)["state"] == [state]
+        token = session.fetch_token(discovery["token_endpoint"], authorization_response=arrived, code_verifier=verifier)
     finally:
         browser.quit()
-    assert parse_qs(urlsplit(arrived).query)["state"] == [state]
-    token = session.fetch_token(discovery["token_endpoint"], authorization_response=arrived, code_verifier=verifier)
     signing_key = jwt.PyJWKClient(discovery["jwks_uri"], ssl_context=stack.context).get_signing_key_from_jwt(token["id_token"])
     claims = jwt.decode(token["id_token"], signing_key.key, algorithms=discovery["id_token_signing_alg_values_supported"],
                         audience=CLIENT_ID, issuer=stack.issuer)
@@ -254,3 +256,15 @@ def test_a_login_post_without_the_csrf_token_is_refused(stack):
                         ({**login, "csrf_token": cookie.split("=", 1)[1]}, {})):
         status, headers, body = stack.request("POST", "/oidc/authorize", form, extra)
         assert status == 400 and "location" not in headers and json.loads(body)["error"] == "invalid_request"
+
+
+def test_a_login_post_for_another_redirect_uri_is_refused_without_a_redirect(stack):
+    query = stack.authorize_query()
+    query.pop("verifier")
+    status, headers, page = stack.request("GET", "/oidc/authorize?" + urlencode(query))
+    cookie = headers["set-cookie"].split(";")[0]
+    csrf = re.search(rb'name="csrf_token" value="([^"]+)"', page).group(1).decode()
+    form = {**query, "redirect_uri": "https://evil.example/callback", "csrf_token": csrf, "username": "alice",
+            "password": PASSWORD}
+    status, headers, body = stack.request("POST", "/oidc/authorize", form, {"Cookie": cookie})
+    assert status == 400 and "location" not in headers and json.loads(body)["error"] == "invalid_request"
