@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .grafana.config import GrafanaConfig
     from .observe.accesslog import AccessLogConfig
     from .observe.audit import AuditConfig
+    from .oidc.config import OidcConfig
 
 
 class ConfigError(Exception):
@@ -188,6 +189,7 @@ class Config:
     grafana: GrafanaConfig | None = None  # None: /grafana/ is not served
     login: LoginConfig = LoginConfig()
     ui: UIConfig = UIConfig()
+    oidc: OidcConfig | None = None  # None: /oidc/ is not served
 
 
 class _Table:
@@ -515,6 +517,13 @@ def _grafana(data: object, clusters: tuple[ClusterConfig, ...]) -> GrafanaConfig
     return parse_grafana_config(data, frozenset(cluster.name for cluster in clusters))
 
 
+def _oidc(data: object, tokens: TokensConfig | None, state: StateConfig | None) -> OidcConfig:
+    from .oidc.config import parse_oidc_config  # the oidc package parses its own table
+    if state is None:
+        raise ConfigError("oidc: the OpenID Connect provider logs in the state store's users: it needs [state]")
+    return parse_oidc_config(data, tokens.issuer if tokens is not None and tokens.signing_keys_dir else None)
+
+
 def _check_jwks(table: _Table, path: str, algorithms: tuple[str, ...]) -> None:
     try:
         with open(path, "rb") as f:
@@ -548,6 +557,7 @@ def parse_config(data: dict, path: str = "") -> Config:
     grafana = _grafana(root._get("grafana", dict, None), clusters) if "grafana" in root.data else None
     login = _login(root._get("login", dict, {}), tokens)
     ui = _ui(root._get("ui", dict, {}))
+    oidc = _oidc(root._get("oidc", dict, None), tokens, state) if "oidc" in root.data else None
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):
@@ -566,7 +576,7 @@ def parse_config(data: dict, path: str = "") -> Config:
             raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
     return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens,
                   metrics=metrics, activity=activity, audit=audit, access_log=access_log,
-                  virtual_clusters=virtual_clusters, grafana=grafana, login=login, ui=ui)
+                  virtual_clusters=virtual_clusters, grafana=grafana, login=login, ui=ui, oidc=oidc)
 
 
 def load_config(path: str) -> Config:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from .auth.credentials import Authenticator, StaticKeys
 from .clusters import ClusterRegistry
@@ -19,9 +20,12 @@ from .observe.activity import ActivityObserver
 from .observe.audit import AuditObserver
 from .observe.metrics import CountedReviewer, Metrics
 from .proxy import ClusterProxy
-from .routing import AUTH, CLUSTER, GRAFANA, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, UI, VIRTUAL_CLUSTER, route
+from .routing import AUTH, CLUSTER, GRAFANA, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, OIDC, UI, VIRTUAL_CLUSTER, route
 from .status import StatusError, status_response
 from .ui.page import StatusPage
+
+if TYPE_CHECKING:
+    from .oidc.endpoints import OidcEndpoints
 from .virtualclusters import VirtualClusterProxy, VirtualClusters
 
 # A handler: builds the responder for one request, or raises StatusError to refuse it.
@@ -84,6 +88,11 @@ class Gateway:
         if self.status_page is not None:
             self.handlers[UI] = self.status_page.responder
             self.observers.add(self.status_page.denials)
+        self.oidc: OidcEndpoints | None = None
+        if config.oidc is not None and self.management.keyset is not None and self.management.admin is not None:
+            from .oidc.endpoints import OidcEndpoints  # authlib loads only where /oidc/ is served
+            self.oidc = OidcEndpoints(config.oidc, self.management.keyset, self.management.admin, self.login)
+            self.handlers[OIDC] = self.oidc.responder
         self.connections: set = set()  # open client connections, for deadlines and shutdown
 
     def start(self) -> None:
@@ -162,6 +171,8 @@ class Gateway:
             self.activity.flush()  # written by the reader's close below
         self.management.close()
         self.login.close()
+        if self.oidc is not None:
+            self.oidc.close()
         self.clusters.close()
         self.virtual_clusters.close()
         if self.grafana is not None:

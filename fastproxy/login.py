@@ -41,6 +41,14 @@ MAX_USERNAME_CHARS = 253  # a DNS subdomain's length: longer names exist nowhere
 REFUSED = "Unauthorized: invalid username or password"
 
 
+class TooMany(Exception):
+    """A login that must wait `wait` seconds (429 with Retry-After)."""
+
+    def __init__(self, wait: float, message: str):
+        super().__init__(message)
+        self.wait, self.message = wait, message
+
+
 class AuthEndpoints:
     """The handler of /auth/: one per worker; `write` runs a store write on the management thread and
     returns once this worker's snapshot holds it (ManagementAPI.write)."""
@@ -78,6 +86,34 @@ class AuthEndpoints:
                 index[login] = None if login in index else user
             self._usernames = (snapshot.version, index)
         return index.get(username)
+
+    async def verify(self, username: str, password: str, client_ip: str) -> User:
+        """The user whose password this is, under the back-off; StatusError 401 (REFUSED) or TooMany otherwise."""
+        checker = self.checker
+        assert checker is not None  # callers answer 503 without a store
+        address, now = client_group(client_ip), time.monotonic()
+        wait = max(self.by_user.retry_after(username, now), self.by_address.retry_after(address, now))
+        if wait > 0:
+            raise TooMany(wait, "too many failed logins: try again later")
+        # Counted as failures until the password is found right: parallel attempts see each other.
+        self.by_user.count(username, now)
+        self.by_address.count(address, now)
+        user = self.user_named(username)
+        hashed = user.password_hash if user is not None and user.password_hash and not user.disabled else None
+        try:
+            matches = await checker.check(hashed, password)
+        except CheckerBusy:
+            self.by_user.forgive(username)
+            self.by_address.forgive(address)
+            raise TooMany(1, "too many logins in progress: try again shortly") from None
+        if not matches or user is None:
+            answered = time.monotonic()
+            self.by_user.failed(username, answered)
+            self.by_address.failed(address, answered)
+            raise StatusError(401, REFUSED)
+        self.by_user.clear(username)
+        self.by_address.forgive(address)
+        return user
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -123,34 +159,15 @@ class AuthRequest(LocalResponder):
     # --- the endpoints -----------------------------------------------------------------------
 
     async def password_login(self) -> None:
-        api, checker = self.api, self.api.checker
-        if checker is None:
+        api = self.api
+        if api.checker is None:
             raise StatusError(503, "this gateway has no [state] store: there are no users to log in")
         username, password = self.login_body()
-        address, now = client_group(self.ctx.head.client_ip.decode("latin-1")), time.monotonic()
-        wait = max(api.by_user.retry_after(username, now), api.by_address.retry_after(address, now))
-        if wait > 0:
-            self.too_many(wait, "too many failed logins: try again later")
-            return
-        # Counted as failures until the password is found right: parallel attempts see each other.
-        api.by_user.count(username, now)
-        api.by_address.count(address, now)
-        user = api.user_named(username)
-        hashed = user.password_hash if user is not None and user.password_hash and not user.disabled else None
         try:
-            matches = await checker.check(hashed, password)
-        except CheckerBusy:
-            api.by_user.forgive(username)
-            api.by_address.forgive(address)
-            self.too_many(1, "too many logins in progress: try again shortly")
+            user = await api.verify(username, password, self.ctx.head.client_ip.decode("latin-1"))
+        except TooMany as refusal:
+            self.too_many(refusal.wait, refusal.message)
             return
-        if not matches or user is None:
-            answered = time.monotonic()
-            api.by_user.failed(username, answered)
-            api.by_address.failed(address, answered)
-            raise StatusError(401, REFUSED)
-        api.by_user.clear(username)
-        api.by_address.forgive(address)
         owner, ttl = user.name, api.login.key_ttl
         key, secret = await api.write(lambda admin: admin.create_access_key(
             user=owner, type="Login", ttl=ttl, display_name="password login"))

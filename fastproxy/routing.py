@@ -58,7 +58,7 @@ NOT_SERVED = {
     VIRTUAL_CLUSTER: "virtual clusters are not served by this gateway yet",
     MANAGEMENT: "the management API is not served by this gateway yet",
     AUTH: "the /auth/ endpoints are not served by this gateway yet",
-    OIDC: "the /oidc/ endpoints are not served by this gateway yet",
+    OIDC: "no OpenID Connect provider is configured on this gateway ([oidc])",
     GRAFANA: "no Grafana is configured on this gateway ([grafana])",
     METRICS: "metrics are disabled on this gateway ([metrics] enabled = false)",
     UI: "the status page is disabled on this gateway ([ui] enabled = false)",

@@ -519,6 +519,18 @@ class StateAdmin(ABC):
         """The sleep-mode activity of every namespace that had some, by cluster and namespace."""
 
     @abstractmethod
+    def put_grant(self, digest: bytes, kind: str, data: str, expires_at: float) -> None:
+        """Keep an OpenID Connect grant (code, access or refresh token) by its secret's digest."""
+
+    @abstractmethod
+    def take_grant(self, digest: bytes, kind: str, now: float) -> str | None:
+        """Remove and return a live grant's data, atomically: of two takers at once, one gets it."""
+
+    @abstractmethod
+    def read_grant(self, digest: bytes, kind: str, now: float) -> str | None:
+        """A live grant's data, left in place."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
 

@@ -128,6 +128,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "created, uid, labels, annotations, description, password_hash ON users "
         "BEGIN UPDATE meta SET generation = generation + 1; END",
     ),
+    (   # /oidc/: authorization codes and tokens, shared by the workers; single use through take_grant
+        """CREATE TABLE oidc_grants (digest BLOB PRIMARY KEY, kind TEXT NOT NULL, data TEXT NOT NULL,
+            expires_at REAL NOT NULL)""",
+    ),
 )
 
 # The columns each kind is written with; resource_version is set apart, by _stamp.
@@ -349,6 +353,27 @@ class SqliteStore(StateAdmin):
         with self._transaction(write=True) as db:
             db.execute("DELETE FROM revoked_tokens WHERE expires_at <= ?", (time.time(),))
             db.execute("INSERT OR REPLACE INTO revoked_tokens VALUES (?, ?)", (jti, expires_at))
+
+    def put_grant(self, digest: bytes, kind: str, data: str, expires_at: float) -> None:
+        """Keep an OpenID Connect grant (code, access or refresh token) by its secret's digest; blocks.
+        Expired grants go in the same transaction: the table holds only live ones."""
+        with self._transaction(write=True) as db:
+            db.execute("DELETE FROM oidc_grants WHERE expires_at <= ?", (time.time(),))
+            db.execute("INSERT INTO oidc_grants VALUES (?, ?, ?, ?)", (digest, kind, data, expires_at))
+
+    def take_grant(self, digest: bytes, kind: str, now: float) -> str | None:
+        """Remove and return a live grant's data: of two workers taking it at once, one gets it."""
+        with self._transaction(write=True) as db:
+            row = db.execute("DELETE FROM oidc_grants WHERE digest = ? AND kind = ? RETURNING data, expires_at",
+                             (digest, kind)).fetchone()
+        return row[0] if row is not None and row[1] > now else None
+
+    def read_grant(self, digest: bytes, kind: str, now: float) -> str | None:
+        """A live grant's data, left in place (an access token, used many times)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT data FROM oidc_grants WHERE digest = ? AND kind = ? AND expires_at > ?",
+                             (digest, kind, now)).fetchone()
+        return row[0] if row is not None else None
 
     def record_activity(self, batch: Mapping[str, float]) -> None:
         """Write last-activity times (key name -> unix time) in one transaction; blocks."""
