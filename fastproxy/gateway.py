@@ -21,6 +21,7 @@ from .observe.metrics import CountedReviewer, Metrics
 from .proxy import ClusterProxy
 from .routing import AUTH, CLUSTER, GRAFANA, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, VIRTUAL_CLUSTER, route
 from .status import StatusError, status_response
+from .vcinstances import InstanceFollower
 from .virtualclusters import VirtualClusterProxy, VirtualClusters
 
 # A handler: builds the responder for one request, or raises StatusError to refuse it.
@@ -78,6 +79,9 @@ class Gateway:
             self.grafana = GrafanaProxy(config.grafana, config.server, self.authenticator, loop)
             self.handlers[GRAFANA] = self.grafana.responder
         self.connections: set = set()  # open client connections, for deadlines and shutdown
+        if store is not None:  # the virtual clusters admins create in the management API
+            InstanceFollower(loop, self.virtual_clusters, config.virtual_clusters, self.connections,
+                             lambda: self.config.server.watch_termination_period).subscribe(store.reader)
 
     def start(self) -> None:
         """Begin the background work: keeping the state store's snapshot fresh, probing clusters,
