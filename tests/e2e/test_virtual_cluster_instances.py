@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_kubectl_through_gateway import KUBECTL, read_line
+from tests.e2e.test_kubectl_through_gateway import KUBECTL, free_port, read_line
 from tests.e2e.test_virtual_clusters import HOST_NAMESPACE as NS
 from tests.e2e.test_virtual_clusters import KEYS, _kubeconfig, processes
 from tests.e2e.test_virtual_clusters import Stack as VirtualClustersStack
+from tests.helpers import start_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -188,3 +189,30 @@ def test_watch_shows_the_events_and_a_deleted_one_ends_its_streams(stack):
             if process is not None:
                 process.kill()
                 process.wait()
+
+
+def test_every_worker_of_another_gateway_follows_the_store(stack, tmp_path):
+    """A second gateway of two workers on the same state file: an instance created through the first
+    is served by both of its workers within a poll, and refused by both once deleted."""
+    text = (stack.folder / "fastproxy.toml").read_text()
+    text = text.replace('path = "state.db"', f'path = "{stack.folder / "state.db"}"')
+    for user in KEYS:
+        text = text.replace(f'key_file = "{user}.key"', f'key_file = "{stack.folder / user}.key"')
+    listen = text.split('listen = "', 1)[1].split('"', 1)[0]
+    port = free_port()
+    other = start_gateway(text.replace(f'listen = "{listen}"', f'listen = "127.0.0.1:{port}"\nworkers = 2'), tmp_path)
+    path = f"/kubernetes/virtualcluster/host/{NS}/vc-store/api/v1/namespaces/team-a/configmaps"
+
+    def codes() -> set[int]:
+        # A new connection each time: SO_REUSEPORT spreads them over both workers (all 20 on one: p < 1e-5).
+        return {stack.request(path, port=port)[0] for _ in range(20)}
+    try:
+        assert codes() == {404}
+        stack.admin("create", "-f", "-", input=instance_yaml("vc-store"))
+        time.sleep(0.6)  # the other gateway's workers' next poll
+        assert codes() == {200}
+        stack.admin("delete", "vci", "vc-store", "-n", NS)
+        time.sleep(0.6)
+        assert codes() == {404}
+    finally:
+        other.stop()

@@ -131,9 +131,9 @@ class Stack:
             return [review for review in json.loads(answer.read()) if review.get("user") == user
                     and review.get("resourceAttributes", {}).get("resource") == "virtualclusters"]
 
-    def request(self, path, *, user="alice", data=None, headers=()):
-        """(status, JSON body) of a request of the user's straight to the gateway."""
-        request = urllib.request.Request(f"https://127.0.0.1:{self.port}{path}", data=data,
+    def request(self, path, *, user="alice", data=None, headers=(), port=None):
+        """(status, JSON body) of a request of the user's straight to the gateway (or another on `port`)."""
+        request = urllib.request.Request(f"https://127.0.0.1:{port or self.port}{path}", data=data,
                                          headers={"Authorization": f"Bearer {KEYS[user]}",
                                                   "Content-Type": "application/json", **dict(headers)})
         context = ssl.create_default_context(cafile=str(self.folder / "gateway-tls" / "ca.crt"))
