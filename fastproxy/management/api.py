@@ -633,6 +633,7 @@ class ManagementRequest(LocalResponder):
     def instance_preview(self, resource: Resource, instance: VirtualClusterInstance) -> dict[str, Any]:
         """What a dryRun=All write would store, checked as the store checks it."""
         try:
+            check_object_name(instance.namespace, "namespace")
             check_object_name(instance.name, "virtual cluster")
             return self.instance_object(check_instance(instance))
         except StoreError as error:

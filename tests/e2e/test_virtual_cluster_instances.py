@@ -76,6 +76,12 @@ def test_create_use_delete_through_the_service_proxy(stack):
     assert rows[1].split()[:6] == ["vc-store", "host", "<host", "service", "proxy>", "Ready"]
     # Served at once: the create answers once this worker's snapshot holds it.
     assert "configmap/only-in-vcluster" in stack.configmaps("vc-store").stdout.split()
+    # The host still decides who may use it: root administers the gateway, not the host's namespace.
+    code, refused = stack.request(f"/kubernetes/virtualcluster/host/{NS}/vc-store/api/v1/namespaces", user="root")
+    assert code == 403 and 'User "root" cannot get resource "virtualclusters"' in refused["message"]
+    # A dry run of another one writes nothing.
+    stack.admin("create", "--dry-run=server", "-f", "-", input=instance_yaml("vc-dry"))
+    assert "vc-dry" not in stack.admin("get", "vci", "-n", NS, "-o", "name").stdout
     assert stack.admin("delete", "vci", "vc-store", "-n", NS).stdout.strip() == \
         'virtualclusterinstance.management.loft.sh "vc-store" deleted'
     code, gone = stack.status("vc-store")

@@ -8,7 +8,7 @@ from fastproxy.management import body, objects
 from fastproxy.management.api import token_audiences
 from fastproxy.management.watch import Event, EventLog, WatchStream
 from fastproxy.status import StatusError
-from fastproxy.store import AccessKey, Snapshot, Team, User
+from fastproxy.store import AccessKey, Snapshot, Team, User, VirtualClusterInstance
 
 
 def test_yaml_bodies_load_safely():
@@ -81,6 +81,12 @@ def test_snapshot_diffs_become_watch_events():
     assert [(e.type, e.resource, e.object["metadata"]["name"]) for e in events] == [
         ("MODIFIED", "users", "jane"), ("ADDED", "teams", "devs")]  # key activity alone is no change
     assert events[0].object["spec"]["email"] == "j@example.com" and events[0].object["status"]["teams"] == ["devs"]
+    instance = VirtualClusterInstance("team-a", "vc1", "prod", token="secret", resource_version=6)
+    added = objects.snapshot_events(new, snapshot(6, users=[renamed], teams=[team], keys=[used], instances=[instance]),
+                                    lambda obj: ("Shadowed", "configured"))
+    assert [(e.type, e.resource, e.object["metadata"]["namespace"], e.object["status"]["phase"]) for e in added] == [
+        ("ADDED", "virtualclusterinstances", "team-a", "Shadowed")]
+    assert "secret" not in str(added[0].object)
     gone = objects.snapshot_events(new, snapshot(7, teams=[team]), READY)
     assert [(e.type, e.resource, e.object["metadata"]["resourceVersion"]) for e in gone] == [
         ("DELETED", "users", "7"), ("DELETED", "ownedaccesskeys", "7")]
