@@ -85,9 +85,15 @@ def streams_through(connections: Iterable[ClientConnection], key: Key) -> list[C
         exchange = conn.active
         if isinstance(exchange, VirtualClusterExchange) and busy(conn) in (Busy.WATCH, Busy.TUNNEL):
             route = exchange.ctx.route
-            if (route.cluster, route.namespace, route.virtual_cluster) == key:
+            if route is not None and (route.cluster, route.namespace, route.virtual_cluster) == key:
                 found.append(conn)
     return found
+
+
+def _end(conn: ClientConnection) -> None:
+    """FIN after what was sent: the client sees its stream end, and relists or retries."""
+    if conn.transport is not None:  # None: it closed meanwhile
+        conn.transport.close()
 
 
 class InstanceFollower:
@@ -111,7 +117,7 @@ class InstanceFollower:
     def ended(self, key: Key) -> None:
         streams = streams_through(self.connections, key)
         for conn, offset in zip(streams, watch_end_offsets(len(streams), self.period())):
-            self.loop.call_later(offset, conn.transport.close)
+            self.loop.call_later(offset, _end, conn)
 
     def follow(self, snapshot: Snapshot) -> None:
         changes = plan_changes(self.served, snapshot.virtual_cluster_instances.values(), self.configured)

@@ -621,7 +621,7 @@ class ManagementRequest(LocalResponder):
         """The store fields a create or update body sets: in the request's namespace, a token never
         kept in kubectl apply's annotation."""
         namespace = self.info.namespace
-        if (obj.get("metadata") or {}).get("namespace", namespace) != namespace:
+        if ((obj.get("metadata") or {}).get("namespace") or namespace) != namespace:  # null: absent, as in Go
             raise StatusError(400, "the namespace of the provided object does not match the namespace sent on the request")
         token = (obj.get("spec") or {}).get("token")
         if token and _applied_secret(obj, "token", token):
@@ -630,7 +630,7 @@ class ManagementRequest(LocalResponder):
                 f"{LAST_APPLIED} would keep spec.token in clear: set it with kubectl create, replace or patch")])
         return objects.instance_changes(obj)
 
-    def instance_preview(self, resource: Resource, instance: VirtualClusterInstance) -> dict[str, Any]:
+    def instance_preview(self, instance: VirtualClusterInstance) -> dict[str, Any]:
         """What a dryRun=All write would store, checked as the store checks it."""
         try:
             check_object_name(instance.namespace, "namespace")
@@ -646,7 +646,7 @@ class ManagementRequest(LocalResponder):
             if f"{namespace}/{name}" in self.api.objects(resource.plural):
                 raise already_exists(resource, name)
             checked = self.checked_instance_fields(fields)
-            self.send_json(201, self.instance_preview(resource, VirtualClusterInstance(
+            self.send_json(201, self.instance_preview(VirtualClusterInstance(
                 namespace, name, created=time.time(), **checked)))
             return
         instance = await self.api.write(lambda admin: admin.create_virtual_cluster_instance(namespace, name, **fields))
@@ -662,7 +662,7 @@ class ManagementRequest(LocalResponder):
                 raise not_found(resource, name)
             if expected is not None and expected != current.resource_version:
                 raise conflict(resource, name)
-            self.send_json(200, self.instance_preview(resource, replace(current, **self.checked_instance_fields(fields))))
+            self.send_json(200, self.instance_preview(replace(current, **self.checked_instance_fields(fields))))
             return
         instance = await self.api.write(lambda admin: admin.update_virtual_cluster_instance(
             namespace, name, expected_version=expected, **fields))
