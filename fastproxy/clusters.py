@@ -19,11 +19,14 @@ from .upstream import Pool, PoolStats, ResumingContext
 log = logging.getLogger("fastproxy.clusters")
 
 
-def upstream_ssl_context(cluster: ClusterConfig) -> ResumingContext | None:
+def upstream_ssl_context(cluster: ClusterConfig, ca_data: str = "") -> ResumingContext | None:
+    """`ca_data` (PEM) stands in for ca_file where the CA comes from the state store, not a file."""
     if cluster.scheme != "https":
         return None
     context = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and host name
-    if cluster.ca_file:
+    if ca_data:
+        context.load_verify_locations(cadata=ca_data)
+    elif cluster.ca_file:
         context.load_verify_locations(cluster.ca_file)
     else:
         context.load_default_certs()
@@ -101,12 +104,15 @@ class ClusterRegistry:
         old = self._by_name.get(cluster.name)
         if old is not None and old.cluster == cluster and not renew:
             return old
-        stats = self.stats.setdefault(cluster.name, PoolStats())
-        upstream = Upstream.connect(self.loop, cluster, stats)
-        self._by_name[cluster.name] = upstream
+        return self.adopt(Upstream.connect(self.loop, cluster, self.stats.setdefault(cluster.name, PoolStats())))
+
+    def adopt(self, upstream: Upstream) -> Upstream:
+        """Add a handle built elsewhere (its credential not from a file), replacing the one of its name."""
+        old = self._by_name.get(upstream.cluster.name)
+        self._by_name[upstream.cluster.name] = upstream
         if old is not None:
             self._retire(old)
-            log.info("cluster %s: replaced; requests in flight finish on the old connections", cluster.name)
+            log.info("cluster %s: replaced; requests in flight finish on the old connections", upstream.cluster.name)
         return upstream
 
     def remove(self, name: str) -> bool:

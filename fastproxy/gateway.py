@@ -23,6 +23,7 @@ from .proxy import ClusterProxy
 from .routing import AUTH, CLUSTER, GRAFANA, HEALTH, MANAGEMENT, METRICS, NOT_SERVED, OIDC, UI, VIRTUAL_CLUSTER, route
 from .status import StatusError, status_response
 from .ui.page import StatusPage
+from .vcinstances import InstanceFollower
 
 if TYPE_CHECKING:
     from .oidc.endpoints import OidcEndpoints
@@ -94,6 +95,9 @@ class Gateway:
             self.oidc = OidcEndpoints(config.oidc, self.management.keyset, self.management.admin, self.login)
             self.handlers[OIDC] = self.oidc.responder
         self.connections: set = set()  # open client connections, for deadlines and shutdown
+        if store is not None:  # the virtual clusters admins create in the management API
+            InstanceFollower(loop, self.virtual_clusters, config.virtual_clusters, self.connections,
+                             lambda: self.config.server.watch_termination_period).subscribe(store.reader)
 
     def start(self) -> None:
         """Begin the background work: keeping the state store's snapshot fresh, probing clusters,

@@ -91,10 +91,13 @@ class VirtualClusters:
         for config in configs:
             self.put(config)
 
-    def put(self, config: VirtualClusterConfig) -> None:
+    def put(self, config: VirtualClusterConfig, direct: Upstream | None = None) -> None:
+        """Serve `config`; `direct`: its own server's handle, prebuilt (else made from config.server)."""
         self.remove(config)
         self.configs[(config.cluster, config.namespace, config.name)] = config
-        if config.server is not None:
+        if direct is not None:
+            self.direct.adopt(direct)
+        elif config.server is not None:
             self.direct.put(config.server)
 
     def remove(self, config: VirtualClusterConfig) -> None:

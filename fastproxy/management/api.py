@@ -52,8 +52,19 @@ from ..store import (
     StoreError,
     Team,
     User,
+    VirtualClusterInstance,
 )
-from ..store.base import ACCESS_KEY_FIELDS, TEAM_FIELDS, check_object_name, checked_changes, user_changes, user_groups
+from ..store.base import (
+    ACCESS_KEY_FIELDS,
+    INSTANCE_FIELDS,
+    TEAM_FIELDS,
+    check_instance,
+    check_object_name,
+    checked_changes,
+    user_changes,
+    user_groups,
+)
+from ..vcinstances import instance_phase
 from . import body, objects, schema
 from .probe import ClusterProbe
 from .watch import Event, EventLog, WatchStream
@@ -160,6 +171,9 @@ class ManagementAPI:
             elif plural == "namespaceactivities":
                 rendered = {f"{cluster}.{namespace}": objects.activity_object(activity, snapshot.activity_version)
                             for (cluster, namespace), activity in sorted(snapshot.activities.items())}
+            elif plural == "virtualclusterinstances":
+                rendered = {f"{namespace}/{name}": objects.instance_object(instance, *self.instance_status(instance))
+                            for (namespace, name), instance in sorted(snapshot.virtual_cluster_instances.items())}
             else:
                 rendered = {name: objects.access_key_object(key) for name, key in sorted(snapshot.access_keys.items())}
         self.rendered[plural] = (version, rendered)
@@ -190,9 +204,14 @@ class ManagementAPI:
                              "creationTimestamp": objects.timestamp(self.started)},
                 "spec": {"displayName": name, "server": server}, "status": status}
 
+    def instance_status(self, instance: VirtualClusterInstance) -> tuple[str, str]:
+        """Whether this gateway serves a virtual cluster instance (its configuration's win a clash)."""
+        configured = ((config.cluster, config.namespace, config.name) for config in self.config.virtual_clusters)
+        return instance_phase(instance, self.clusters.names, configured)
+
     def _snapshot_changed(self, snapshot: Snapshot) -> None:
         old, self.snapshot = self.snapshot, snapshot
-        events = objects.snapshot_events(old, snapshot) if old is not None else []
+        events = objects.snapshot_events(old, snapshot, self.instance_status) if old is not None else []
         self.events.append(events, snapshot.version)
 
     def _cluster_changed(self, name: str) -> None:
@@ -281,13 +300,15 @@ class ManagementRequest(LocalResponder):
             self.non_resource(info)
         elif info.api_group == "authentication.k8s.io" and info.resource == "selfsubjectreviews" and info.verb == "create":
             self.send_json(201, self.self_subject_review())
-        elif info.api_group != GROUP or info.api_version != "v1" or info.namespace:
+        elif info.api_group != GROUP or info.api_version != "v1":
             raise StatusError(404, "the server could not find the requested resource")
         else:
             resource = schema.resource(info.resource)
-            if resource is None or info.subresource:
-                raise StatusError(404, "the server could not find the requested resource")
             verb = info.verb
+            # Cluster-scoped: never below namespaces/NS; namespaced: there, but for a list or watch of all.
+            if resource is None or info.subresource or (bool(info.namespace) != resource.namespaced
+                                                        and (info.namespace or verb not in ("list", "watch"))):
+                raise StatusError(404, "the server could not find the requested resource")
             if verb not in resource.verbs:
                 raise StatusError(405, f"the server does not allow this method on the requested resource "
                                        f"({verb} {resource.plural})")
@@ -350,8 +371,9 @@ class ManagementRequest(LocalResponder):
         if plural == "users" and verb == "get" and user is not None and name == user.name:
             return
         target = f'{plural}.{GROUP} "{name}"' if name else f"{plural}.{GROUP}"
+        where = f'in the namespace "{self.info.namespace}"' if self.info.namespace else "at the cluster scope"
         raise StatusError(403, f'{target} is forbidden: User "{self.identity.user}" cannot {verb} resource '
-                               f'"{plural}" in API group "{GROUP}" at the cluster scope')
+                               f'"{plural}" in API group "{GROUP}" {where}')
 
     def visible(self, plural: str) -> Callable[[dict[str, Any]], bool] | None:
         """Which objects of a resource the caller may see (None: all of them)."""
@@ -365,6 +387,9 @@ class ManagementRequest(LocalResponder):
         if plural == "users" and not self.is_admin():
             user = self.caller_user()
             return lambda obj: user is not None and obj["metadata"]["name"] == user.name
+        namespace = self.info.namespace
+        if namespace:  # a namespaced resource, asked for in one namespace
+            return lambda obj: obj["metadata"]["namespace"] == namespace
         return None
 
     # --- verbs -------------------------------------------------------------------------------
@@ -409,7 +434,7 @@ class ManagementRequest(LocalResponder):
         return obj
 
     def existing(self, resource: Resource, name: str) -> dict[str, Any]:
-        obj = self.api.objects(resource.plural).get(name)
+        obj = self.api.objects(resource.plural).get(f"{self.info.namespace}/{name}" if resource.namespaced else name)
         visible = self.visible(resource.plural)
         if obj is None or (visible is not None and not visible(obj)):
             raise not_found(resource, name)
@@ -437,7 +462,7 @@ class ManagementRequest(LocalResponder):
         remaining = sum(1 for _ in candidates) if limit else 0
         meta: dict[str, Any] = {"resourceVersion": str(version)}
         if remaining:
-            meta["continue"] = _continue_token(version, items[-1]["metadata"]["name"])
+            meta["continue"] = _continue_token(version, objects.object_key(items[-1]))
             meta["remainingItemCount"] = remaining
         if table:
             self.send(200, orjson.dumps(schema.table(resource, items, include_object=self.include_object(),
@@ -542,6 +567,9 @@ class ManagementRequest(LocalResponder):
         if plural == "ownedaccesskeys":
             await self.create_access_key(resource, name, obj)
             return
+        if plural == "virtualclusterinstances":
+            await self.create_instance(resource, name, obj)
+            return
         changes = objects.spec_changes(obj, objects.USER_SPEC if plural == "users" else objects.TEAM_SPEC)
         password = self.new_password(resource, name, obj)
         if self.dry_run():
@@ -584,12 +612,78 @@ class ManagementRequest(LocalResponder):
         created["spec"]["key"] = secret  # the one time it is shown
         self.send_json(201, created)
 
+    # --- virtual cluster instances -------------------------------------------------------------
+
+    def instance_object(self, instance: VirtualClusterInstance) -> dict[str, Any]:
+        return objects.instance_object(instance, *self.api.instance_status(instance))
+
+    def instance_fields(self, resource: Resource, name: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """The store fields a create or update body sets: in the request's namespace, a token never
+        kept in kubectl apply's annotation."""
+        namespace = self.info.namespace
+        if ((obj.get("metadata") or {}).get("namespace") or namespace) != namespace:  # null: absent, as in Go
+            raise StatusError(400, "the namespace of the provided object does not match the namespace sent on the request")
+        token = (obj.get("spec") or {}).get("token")
+        if token and _applied_secret(obj, "token", token):
+            raise invalid(resource, name, [_cause(
+                "FieldValueForbidden", "metadata.annotations",
+                f"{LAST_APPLIED} would keep spec.token in clear: set it with kubectl create, replace or patch")])
+        return objects.instance_changes(obj)
+
+    def instance_preview(self, instance: VirtualClusterInstance) -> dict[str, Any]:
+        """What a dryRun=All write would store, checked as the store checks it."""
+        try:
+            check_object_name(instance.namespace, "namespace")
+            check_object_name(instance.name, "virtual cluster")
+            return self.instance_object(check_instance(instance))
+        except StoreError as error:
+            raise StatusError(422, str(error)) from None
+
+    async def create_instance(self, resource: Resource, name: str, obj: dict[str, Any]) -> None:
+        namespace = self.info.namespace
+        fields = self.instance_fields(resource, name, obj)
+        if self.dry_run():
+            if f"{namespace}/{name}" in self.api.objects(resource.plural):
+                raise already_exists(resource, name)
+            checked = self.checked_instance_fields(fields)
+            self.send_json(201, self.instance_preview(VirtualClusterInstance(
+                namespace, name, created=time.time(), **checked)))
+            return
+        instance = await self.api.write(lambda admin: admin.create_virtual_cluster_instance(namespace, name, **fields))
+        self.send_json(201, self.instance_object(instance))
+
+    async def update_instance(self, resource: Resource, name: str, obj: dict[str, Any], expected: int | None) -> None:
+        namespace = self.info.namespace
+        self.existing(resource, name)
+        fields = self.instance_fields(resource, name, obj)
+        if self.dry_run():
+            current = self.api.current().virtual_cluster_instances.get((namespace, name))
+            if current is None:
+                raise not_found(resource, name)
+            if expected is not None and expected != current.resource_version:
+                raise conflict(resource, name)
+            self.send_json(200, self.instance_preview(replace(current, **self.checked_instance_fields(fields))))
+            return
+        instance = await self.api.write(lambda admin: admin.update_virtual_cluster_instance(
+            namespace, name, expected_version=expected, **fields))
+        self.send_json(200, self.instance_object(instance))
+
+    @staticmethod
+    def checked_instance_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            return checked_changes(INSTANCE_FIELDS, fields, "virtual cluster instance")
+        except StoreError as error:
+            raise StatusError(422, str(error)) from None
+
     async def update(self, resource: Resource, name: str, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
         if meta.get("name", name) != name:
             raise StatusError(400, f'the name of the object ({meta.get("name")}) does not match the name on the URL ({name})')
         expected = _version(meta.get("resourceVersion"))
         plural = resource.plural
+        if plural == "virtualclusterinstances":
+            await self.update_instance(resource, name, obj, expected)
+            return
         current = self.stored(resource, name)
         changes = objects.spec_changes(obj, SPEC_FIELDS[plural])
         password = self.new_password(resource, name, obj)
@@ -623,14 +717,18 @@ class ManagementRequest(LocalResponder):
         if self.dry_run() or dry_run:
             self.send_json(200, self.existing(resource, name))
             return
+        namespace = self.info.namespace
         deleter: Callable[[StateAdmin], Any] = {
             "users": lambda admin: admin.delete_user(name, expected_version=expected),
             "teams": lambda admin: admin.delete_team(name, expected_version=expected),
             "ownedaccesskeys": lambda admin: admin.delete_access_key(name, expected_version=expected),
+            "virtualclusterinstances": lambda admin: admin.delete_virtual_cluster_instance(
+                namespace, name, expected_version=expected),
         }[resource.plural]
         deleted = await self.api.write(deleter)
         rendered = {"users": lambda: objects.user_object(deleted, ()), "teams": lambda: objects.team_object(deleted),
-                    "ownedaccesskeys": lambda: objects.access_key_object(deleted)}[resource.plural]()
+                    "ownedaccesskeys": lambda: objects.access_key_object(deleted),
+                    "virtualclusterinstances": lambda: self.instance_object(deleted)}[resource.plural]()
         self.send_json(200, rendered)
 
     def new_password(self, resource: Resource, name: str, obj: dict[str, Any]) -> str | None:
@@ -639,7 +737,7 @@ class ManagementRequest(LocalResponder):
         if resource.plural != "users":
             return None
         password = (obj.get("spec") or {}).get("password")
-        if password and _applied_password(obj, password):
+        if password and _applied_secret(obj, "password", password):
             raise invalid(resource, name, [_cause(
                 "FieldValueForbidden", "metadata.annotations",
                 f"{LAST_APPLIED} would keep spec.password in clear: set it with kubectl create, replace or patch, "
@@ -802,16 +900,16 @@ SPEC_FIELDS: dict[str, Mapping[str, tuple[str, Any]]] = {
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
-def _applied_password(obj: Mapping[str, Any], password: Any) -> bool:
-    """Whether kubectl apply's record of the object (an annotation, kept and shown) holds the password."""
+def _applied_secret(obj: Mapping[str, Any], field: str, secret: Any) -> bool:
+    """Whether kubectl apply's record of the object (an annotation, kept and shown) holds spec.`field`."""
     applied = ((obj.get("metadata") or {}).get("annotations") or {}).get(LAST_APPLIED)
     if not isinstance(applied, str):
         return False
     try:
         recorded = orjson.loads(applied)
     except orjson.JSONDecodeError:
-        return isinstance(password, str) and password in applied
-    return isinstance(recorded, dict) and "password" in (recorded.get("spec") or {})
+        return isinstance(secret, str) and secret in applied
+    return isinstance(recorded, dict) and field in (recorded.get("spec") or {})
 
 
 def password_fields(password: str | None) -> dict[str, Any]:

@@ -6,10 +6,10 @@ its digest, and `ownedaccesskeys` show it once, in the create response (api.py a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ..store import AccessKey, NamespaceActivity, Snapshot, Team, User
+from ..store import AccessKey, NamespaceActivity, Snapshot, Team, User, VirtualClusterInstance
 from .watch import Event
 
 API_VERSION = "management.loft.sh/v1"
@@ -22,6 +22,9 @@ TEAM_SPEC = {"displayName": ("display_name", ""), "description": ("description",
              "groups": ("groups", ())}
 KEY_SPEC = {"displayName": ("display_name", ""), "description": ("description", ""), "disabled": ("disabled", False),
             "scope": ("scope", None)}
+# The token is write-only and set apart (instance_changes): absent in an update, it stays.
+INSTANCE_SPEC = {"displayName": ("display_name", ""), "description": ("description", ""), "cluster": ("cluster", ""),
+                 "server": ("server", ""), "caData": ("ca_data", "")}
 # Fields of an owned access key fixed at creation (the rest of KEY_SPEC may be updated).
 KEY_CREATE_SPEC = {"ttl": ("ttl", 0), "ttlAfterLastActivity": ("ttl_after_last_activity", False), "type": ("type", "User")}
 
@@ -30,7 +33,7 @@ def timestamp(moment: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
 
 
-def metadata(obj: User | Team | AccessKey) -> dict[str, Any]:
+def metadata(obj: User | Team | AccessKey | VirtualClusterInstance) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": obj.name, "uid": obj.uid, "resourceVersion": str(obj.resource_version),
                             "creationTimestamp": timestamp(obj.created)}
     if obj.labels:
@@ -69,6 +72,34 @@ def access_key_object(key: AccessKey) -> dict[str, Any]:
             "status": status}
 
 
+def instance_object(instance: VirtualClusterInstance, phase: str, message: str) -> dict[str, Any]:
+    """A virtual cluster instance; its token never (status.hasToken says whether there is one)."""
+    meta = {"namespace": instance.namespace, **metadata(instance)}
+    status: dict[str, Any] = {"phase": phase, "hasToken": bool(instance.token)}
+    if message:
+        status["message"] = message
+    return {"apiVersion": API_VERSION, "kind": "VirtualClusterInstance", "metadata": meta,
+            "spec": {"displayName": instance.display_name, "description": instance.description,
+                     "cluster": instance.cluster, "server": instance.server, "caData": instance.ca_data},
+            "status": status}
+
+
+def instance_changes(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The store fields a virtual cluster instance's create or update asks for; the token only when given."""
+    changes = spec_changes(obj, INSTANCE_SPEC)
+    token = (obj.get("spec") or {}).get("token")
+    if token is not None:
+        changes["token"] = token
+    return changes
+
+
+def object_key(obj: Mapping[str, Any]) -> str:
+    """How an object is keyed among its resource's: NAMESPACE/NAME when namespaced, else its name."""
+    meta = obj["metadata"]
+    namespace = meta.get("namespace")
+    return f"{namespace}/{meta['name']}" if namespace else str(meta["name"])
+
+
 def activity_object(activity: NamespaceActivity, version: int) -> dict[str, Any]:
     """A namespace's sleep-mode activity, named CLUSTER.NAMESPACE (a namespace name has no dot)."""
     info = {"subject": activity.subject, "verb": activity.verb, "apiGroup": activity.api_group,
@@ -105,9 +136,10 @@ def spec_changes(obj: Mapping[str, Any], fields: Mapping[str, tuple[str, Any]]) 
     return changes
 
 
-def snapshot_events(old: Snapshot, new: Snapshot) -> list[Event]:
-    """What changed between two snapshots, as watch events of users, teams, ownedaccesskeys and
-    namespaceactivities."""
+def snapshot_events(old: Snapshot, new: Snapshot,
+                    instance_status: Callable[[VirtualClusterInstance], tuple[str, str]]) -> list[Event]:
+    """What changed between two snapshots, as watch events of users, teams, ownedaccesskeys,
+    namespaceactivities and virtualclusterinstances (`instance_status`: phase and message on this gateway)."""
     version = new.version
     member_of = teams_of(new)
     events = _diff(old.users, new.users, version, "users", lambda user: user_object(user, member_of.get(user.name, ())))
@@ -115,6 +147,8 @@ def snapshot_events(old: Snapshot, new: Snapshot) -> list[Event]:
     events += _diff(old.access_keys, new.access_keys, version, "ownedaccesskeys", access_key_object)
     events += _diff(old.activities, new.activities, version, "namespaceactivities",
                     lambda activity: activity_object(activity, new.activity_version))
+    events += _diff(old.virtual_cluster_instances, new.virtual_cluster_instances, version, "virtualclusterinstances",
+                    lambda instance: instance_object(instance, *instance_status(instance)))
     return events
 
 

@@ -136,7 +136,8 @@ OBJECT_META = obj("Metadata every persisted object has.", {
     "labels": Node("map", "Key-value pairs to organize and select objects (label selectors).", values=Node("string")),
     "managedFields": array("Which field managers own which fields; maintained by the server.", MANAGED_FIELDS_ENTRY),
     "name": string("The object's name, unique for its kind: a lowercase RFC 1123 subdomain. Cannot be updated."),
-    "namespace": string("The namespace of a namespaced object; management objects are cluster-scoped and have none."),
+    "namespace": string("The namespace of a namespaced object (virtualclusterinstances: the host namespace); "
+                        "cluster-scoped objects have none."),
     "ownerReferences": array("Objects this object depends on.", OWNER_REFERENCE),
     "resourceVersion": string("An opaque version of the object, for optimistic concurrency and watches; set by the server."),
     "selfLink": string("Deprecated and never set."),
@@ -299,6 +300,27 @@ ACTIVITY_STATUS = obj("NamespaceActivityStatus holds the namespace's last sleep-
     "lastActivityInfo": use(ACTIVITY_INFO, "What that request was."),
 }, name=_MANAGEMENT + "NamespaceActivityStatus")
 
+INSTANCE_PHASES = ("Ready", "Shadowed", "Failed")
+INSTANCE_SPEC = obj("VirtualClusterInstanceSpec says where a virtual cluster runs and how the gateway reaches it; "
+                    "its namespace is the host namespace, its name the virtual cluster's.", {
+    "displayName": string(_DISPLAY_NAME),
+    "description": string(_DESCRIPTION),
+    "cluster": string("The host cluster (a cluster of the gateway's configuration) the virtual cluster runs in."),
+    "server": string("The https URL of the virtual cluster's own API server; empty: the host cluster's service "
+                     "proxy to the service named after the virtual cluster in the host namespace, with the host's "
+                     "credential."),
+    "caData": string("With server: base64 PEM of the CA bundle that signs its certificate; empty: the system's CAs."),
+    "token": string("With server: the bearer token the gateway authenticates with (it must be allowed to "
+                    "impersonate). Write-only, never returned; absent in an update leaves it as it is, \"\" removes it."),
+}, name=_MANAGEMENT + "VirtualClusterInstanceSpec")
+INSTANCE_STATUS = obj("VirtualClusterInstanceStatus says whether this gateway serves the virtual cluster.", {
+    "phase": string("Ready: served under /kubernetes/virtualcluster/CLUSTER/NAMESPACE/NAME/; Shadowed: the gateway's "
+                    "configuration defines one of the same name, which is served instead; Failed: the host cluster "
+                    "is not one of the gateway's.", enum=INSTANCE_PHASES),
+    "message": string("Why the phase is not Ready."),
+    "hasToken": boolean("Whether a token is stored (it is never returned)."),
+}, name=_MANAGEMENT + "VirtualClusterInstanceStatus")
+
 
 # --- table columns ---------------------------------------------------------------------------------
 
@@ -357,7 +379,7 @@ def _latency(obj: Mapping[str, Any], now: float) -> str | None:
 
 @dataclass(frozen=True, eq=False)
 class Resource:
-    """One resource of management.loft.sh/v1 (all are cluster-scoped)."""
+    """One resource of management.loft.sh/v1: cluster-scoped, or `namespaced` (listed across namespaces too)."""
     plural: str
     singular: str
     kind: str
@@ -367,6 +389,7 @@ class Resource:
     status: Node
     columns: tuple[Column, ...] = (NAME_COLUMN, AGE_COLUMN)
     short_names: tuple[str, ...] = ()
+    namespaced: bool = False
 
     @property
     def list_kind(self) -> str:
@@ -408,6 +431,14 @@ RESOURCES = (
               Column("Last Activity", "string", "How long ago a request last reached it.", _last_activity),
               _activity_info("Subject", "subject", "Who made that request."),
               _activity_info("Verb", "verb", "Its verb."))),
+    Resource("virtualclusterinstances", "virtualclusterinstance", "VirtualClusterInstance",
+             "A virtual cluster served under /kubernetes/virtualcluster/, in its host namespace; created by admins.",
+             STORED_VERBS, INSTANCE_SPEC, INSTANCE_STATUS,
+             (NAME_COLUMN, _field("Cluster", "spec", "cluster", "The host cluster."),
+              Column("Server", "string", "The virtual cluster's own API server, or the host's service proxy.",
+                     lambda obj, now: (obj.get("spec") or {}).get("server") or "<host service proxy>"),
+              _field("Phase", "status", "phase", "Whether this gateway serves it."), AGE_COLUMN),
+             short_names=("vci",), namespaced=True),
 )
 _BY_PLURAL = {resource.plural: resource for resource in RESOURCES}
 
@@ -491,7 +522,7 @@ def api_resource_list() -> dict[str, Any]:
     """/apis/management.loft.sh/v1"""
     resources = []
     for entry in RESOURCES:
-        item: dict[str, Any] = {"name": entry.plural, "singularName": entry.singular, "namespaced": False,
+        item: dict[str, Any] = {"name": entry.plural, "singularName": entry.singular, "namespaced": entry.namespaced,
                                 "kind": entry.kind, "verbs": list(entry.verbs)}
         if entry.short_names:
             item["shortNames"] = list(entry.short_names)
@@ -511,7 +542,8 @@ def aggregated_discovery(form: str = "v2", *, legacy: bool = False) -> dict[str,
     for entry in RESOURCES:
         item: dict[str, Any] = {"resource": entry.plural,
                                 "responseKind": {"group": GROUP, "version": VERSION, "kind": entry.kind},
-                                "scope": "Cluster", "singularResource": entry.singular, "verbs": list(entry.verbs)}
+                                "scope": "Namespaced" if entry.namespaced else "Cluster",
+                                "singularResource": entry.singular, "verbs": list(entry.verbs)}
         if entry.short_names:
             item["shortNames"] = list(entry.short_names)
         resources.append(item)
@@ -620,7 +652,8 @@ def _gvk(kind: str) -> dict[str, str]:
 
 def _parameter(name: str, where: str = "query") -> dict[str, Any]:
     if where == "path":
-        return {"name": name, "in": "path", "required": True, "description": f"The {name} of the object.",
+        return {"name": name, "in": "path", "required": True, "description": f"The {name} of the object" + (
+                    "." if name == "name" else " (for virtualclusterinstances: the host namespace)."),
                 "schema": {"type": "string"}}
     kind, description = _PARAMETERS[name]
     return {"name": name, "in": "query", "description": description, "schema": {"type": kind}}
@@ -670,9 +703,20 @@ def _paths(resource: Resource) -> dict[str, Any]:
     if "delete" in verbs:
         item["delete"] = _operation(resource, "delete", "delete", ("dryRun", "pretty"),
                                     _response(kind, "200", "202"))
-    paths = {f"{GROUP_PATH}/{resource.plural}": collection} if collection else {}
-    if item:
-        paths[f"{GROUP_PATH}/{resource.plural}/{{name}}"] = {**item, "parameters": [_parameter("name", "path")]}
+    if not resource.namespaced:
+        paths = {f"{GROUP_PATH}/{resource.plural}": collection} if collection else {}
+        if item:
+            paths[f"{GROUP_PATH}/{resource.plural}/{{name}}"] = {**item, "parameters": [_parameter("name", "path")]}
+        return paths
+    # Namespaced: everything below namespaces/{namespace}, and the list (and watch) across namespaces.
+    namespace = [_parameter("namespace", "path")]
+    paths = {f"{GROUP_PATH}/namespaces/{{namespace}}/{resource.plural}": {**collection, "parameters": namespace},
+             f"{GROUP_PATH}/namespaces/{{namespace}}/{resource.plural}/{{name}}": {
+                 **item, "parameters": [_parameter("name", "path"), *namespace]}}
+    if "get" in collection:
+        listed = collection["get"]
+        paths[f"{GROUP_PATH}/{resource.plural}"] = {"get": {**listed, "operationId": listed["operationId"].replace(
+            "ManagementLoftShV1", "ManagementLoftShV1ForAllNamespaces", 1)}}
     return paths
 
 

@@ -25,6 +25,7 @@ from .base import (
     StoreError,
     Team,
     User,
+    VirtualClusterInstance,
     build_identity,
     key_digest,
 )
@@ -59,4 +60,4 @@ def open_reader(state: StateConfig) -> StateReader:
 
 __all__ = ["BACKENDS", "AccessKey", "AlreadyExistsError", "ConflictError", "InvalidError", "NamespaceActivity", "InvalidScopeError",
            "NotFoundError", "ResolvedKey", "Snapshot", "SnapshotCallback", "StateAdmin", "StateReader", "StoreError", "Team",
-           "User", "build_identity", "key_digest", "open_admin", "open_reader"]
+           "User", "VirtualClusterInstance", "build_identity", "key_digest", "open_admin", "open_reader"]

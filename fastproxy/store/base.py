@@ -22,15 +22,18 @@ object's resource_version includes that write, and `StateReader.wait_for` lets a
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import math
 import re
+import ssl
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..auth.identity import HeaderValueError, Identity, check_header_value, identity_header_lines, key_digest
 from ..auth.passwords import HASH_PREFIX
@@ -163,6 +166,27 @@ class NamespaceActivity:
 
 
 @dataclass(frozen=True, slots=True)
+class VirtualClusterInstance:
+    """A virtual cluster an admin created in the management API: `name` in host namespace `namespace`
+    of host cluster `cluster`, reached at `server` (with `ca_data` and `token`) or, when that is empty,
+    through the host cluster's service proxy. The token is write-only: it is never rendered."""
+
+    namespace: str
+    name: str
+    cluster: str
+    server: str = ""
+    ca_data: str = ""                  # base64 PEM of the CA bundle that signs server's certificate
+    token: str = field(default="", repr=False)
+    display_name: str = ""
+    description: str = ""
+    created: float = 0.0
+    uid: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
+    resource_version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     version: int
     loaded_at: float
@@ -175,6 +199,8 @@ class Snapshot:
     # (cluster, namespace) -> activity; reloaded on its own generation, so activity never rebuilds keys
     activities: Mapping[tuple[str, str], NamespaceActivity] = field(default_factory=dict)
     activity_version: int = 0
+    # (namespace, name) -> the virtual clusters created in the management API
+    virtual_cluster_instances: Mapping[tuple[str, str], VirtualClusterInstance] = field(default_factory=dict)
 
     def resolve(self, key: str | bytes, now: float) -> ResolvedKey | None:
         """The usable access key whose secret is `key`, or None."""
@@ -206,7 +232,7 @@ def header_value(value: str, what: str, field: str | None = None) -> str:
         raise InvalidError(str(error), field or what) from None
 
 
-def check_version(obj: User | Team | AccessKey, what: str, expected: int | None) -> None:
+def check_version(obj: User | Team | AccessKey | VirtualClusterInstance, what: str, expected: int | None) -> None:
     """ConflictError unless `obj` is still at the `expected` resource version (None: any)."""
     if expected is not None and expected != obj.resource_version:
         raise ConflictError(f"{what} {obj.name!r} has been modified; please apply your changes to the latest "
@@ -313,6 +339,55 @@ def scope_json(scope: Any) -> dict[str, Any] | None:
         raise InvalidScopeError(str(error)) from None
 
 
+MAX_TOKEN_BYTES = 16 * 1024
+
+
+def check_server_url(value: Any) -> str:
+    """"" (the host's service proxy) or an https URL with a host and no path: a token never travels in clear."""
+    if not isinstance(value, str):
+        raise InvalidError(f"server {value!r} is not a string", "server")
+    if not value:
+        return value
+    try:
+        url = urlsplit(value)
+        port = url.port
+    except ValueError:
+        url, port = None, None
+    if url is None or url.scheme != "https" or not url.hostname or url.path not in ("", "/") or url.query \
+            or url.fragment or url.username is not None or (port is not None and not 0 < port < 65536):
+        raise InvalidError(f"server {value!r} is not an https URL of a host (and port) alone", "server")
+    return value
+
+
+def check_ca_data(value: Any) -> str:
+    """"" (the system's CAs) or base64 PEM certificates, as kubeconfig's certificate-authority-data."""
+    if not isinstance(value, str):
+        raise InvalidError("caData is not a string", "ca_data")
+    if not value:
+        return value
+    try:
+        ssl.create_default_context(cadata=base64.b64decode(value, validate=True).decode("ascii"))
+    except (ValueError, ssl.SSLError, UnicodeDecodeError):
+        raise InvalidError("caData is not base64 of PEM certificates", "ca_data") from None
+    return value
+
+
+def check_token(value: Any) -> str:
+    """A bearer token that fits in one header line ("" for none); never quoted back, it may be real."""
+    if not isinstance(value, str) or len(value) > MAX_TOKEN_BYTES or \
+            not all("!" <= char <= "~" for char in value):
+        raise InvalidError(f"token is not printable ASCII without spaces of at most {MAX_TOKEN_BYTES} bytes", "token")
+    return value
+
+
+def check_instance(instance: VirtualClusterInstance) -> VirtualClusterInstance:
+    """What holds across fields: a CA and a token only for a server of its own."""
+    if not instance.server and (instance.ca_data or instance.token):
+        raise InvalidError("caData and token need a server (without one the host's service proxy is used with "
+                           "the host's credential)", "server")
+    return instance
+
+
 def check_new_key(user: str | None, team: str | None, type: str, ttl: int, ttl_after_last_activity: bool) -> None:
     """The fields an access key has from its creation on."""
     if (user is None) == (team is None):
@@ -342,6 +417,9 @@ TEAM_FIELDS: dict[str, Callable[[Any], Any]] = {
     "display_name": _text("display_name"), "members": check_members, "groups": check_groups, **_METADATA}
 ACCESS_KEY_FIELDS: dict[str, Callable[[Any], Any]] = {
     "display_name": _text("display_name"), "disabled": _flag("disabled"), "scope": scope_json, **_METADATA}
+INSTANCE_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "cluster": lambda value: check_object_name(value, "host cluster"), "server": check_server_url,
+    "ca_data": check_ca_data, "token": check_token, "display_name": _text("display_name"), **_METADATA}
 
 
 def checked_changes(fields: Mapping[str, Callable[[Any], Any]], changes: Mapping[str, Any], what: str) -> dict[str, Any]:
@@ -513,6 +591,25 @@ class StateAdmin(ABC):
     @abstractmethod
     def revoke_token(self, jti: str, expires_at: float) -> None:
         """Remember a token id as revoked until the token would have expired anyway."""
+
+    @abstractmethod
+    def create_virtual_cluster_instance(self, namespace: str, name: str, *, cluster: str, server: str = "",
+                                        ca_data: str = "", token: str = "", display_name: str = "",
+                                        description: str = "", labels: Mapping[str, str] = EMPTY,
+                                        annotations: Mapping[str, str] = EMPTY) -> VirtualClusterInstance: ...
+
+    @abstractmethod
+    def list_virtual_cluster_instances(self) -> list[VirtualClusterInstance]: ...
+
+    @abstractmethod
+    def update_virtual_cluster_instance(self, namespace: str, name: str, *, expected_version: int | None = None,
+                                        **changes: Any) -> VirtualClusterInstance:
+        """Set any of INSTANCE_FIELDS; the token stays as it is unless given ("" removes it)."""
+
+    @abstractmethod
+    def delete_virtual_cluster_instance(self, namespace: str, name: str, *,
+                                        expected_version: int | None = None) -> VirtualClusterInstance:
+        """Delete it: every worker stops serving it once it loads the next snapshot."""
 
     @abstractmethod
     def list_namespace_activity(self) -> list[NamespaceActivity]:

@@ -31,6 +31,7 @@ from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX
 from .base import (
     ACCESS_KEY_FIELDS,
     EMPTY,
+    INSTANCE_FIELDS,
     TEAM_FIELDS,
     AccessKey,
     AlreadyExistsError,
@@ -43,7 +44,9 @@ from .base import (
     StoreError,
     Team,
     User,
+    VirtualClusterInstance,
     build_snapshot,
+    check_instance,
     check_new_key,
     check_object_name,
     check_revoked_token,
@@ -132,12 +135,22 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE oidc_grants (digest BLOB PRIMARY KEY, kind TEXT NOT NULL, data TEXT NOT NULL,
             expires_at REAL NOT NULL)""",
     ),
+    (   # virtual clusters created in the management API, namespaced: in their host namespace
+        """CREATE TABLE virtual_cluster_instances (namespace TEXT NOT NULL, name TEXT NOT NULL, cluster TEXT NOT NULL,
+            server TEXT NOT NULL, ca_data TEXT NOT NULL, token TEXT NOT NULL, display_name TEXT NOT NULL,
+            description TEXT NOT NULL, created REAL NOT NULL, uid TEXT NOT NULL, labels TEXT NOT NULL,
+            annotations TEXT NOT NULL, resource_version INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (namespace, name))""",
+        *_bump_on_change("virtual_cluster_instances", "cluster, server, ca_data, token, display_name, description, "
+                                                      "created, uid, labels, annotations"),
+    ),
 )
 
 # The columns each kind is written with; resource_version is set apart, by _stamp.
 _USER_COLUMNS = ("name", "username", "display_name", "email", "subject", "groups", "disabled", "created", "uid",
                  "labels", "annotations", "description", "password_hash")
 _TEAM_COLUMNS = ("name", "groups", "created", "display_name", "uid", "labels", "annotations", "description")
+_INSTANCE_COLUMNS = ("namespace", "name", "cluster", "server", "ca_data", "token", "display_name", "description",
+                     "created", "uid", "labels", "annotations")
 _KEY_COLUMNS = ("name", "type", "display_name", "user", "team", "digest", "ttl", "ttl_after_last_activity", "disabled",
                 "scope", "created", "last_activity", "uid", "labels", "annotations", "description")
 
@@ -401,6 +414,48 @@ class SqliteStore(StateAdmin):
         with self._transaction() as db:
             return list(_activities(db).values())
 
+    # ---- virtual cluster instances ----
+
+    def create_virtual_cluster_instance(self, namespace: str, name: str, *, cluster: str, server: str = "",
+                                        ca_data: str = "", token: str = "", display_name: str = "",
+                                        description: str = "", labels: Mapping[str, str] = EMPTY,
+                                        annotations: Mapping[str, str] = EMPTY) -> VirtualClusterInstance:
+        check_object_name(namespace, "namespace")
+        check_object_name(name, "virtual cluster")
+        fields = checked_changes(INSTANCE_FIELDS, {
+            "cluster": cluster, "server": server, "ca_data": ca_data, "token": token, "display_name": display_name,
+            "description": description, "labels": labels, "annotations": annotations}, "virtual cluster instance")
+        instance = check_instance(VirtualClusterInstance(namespace, name, created=time.time(), uid=new_uid(), **fields))
+        with self._transaction(write=True) as db:
+            if _read_instance(db, namespace, name) is not None:
+                raise AlreadyExistsError(f"virtual cluster instance {namespace}/{name} already exists")
+            _insert(db, "virtual_cluster_instances", _INSTANCE_COLUMNS, _instance_row(instance))
+            return _stamp_instance(db, instance)
+
+    def list_virtual_cluster_instances(self) -> list[VirtualClusterInstance]:
+        with self._transaction() as db:
+            return _instances(db)
+
+    def update_virtual_cluster_instance(self, namespace: str, name: str, *, expected_version: int | None = None,
+                                        **changes: Any) -> VirtualClusterInstance:
+        fields = checked_changes(INSTANCE_FIELDS, changes, "virtual cluster instance")
+        with self._transaction(write=True) as db:
+            current = _existing_instance(db, namespace, name, expected_version)
+            updated = check_instance(replace(current, **fields))
+            if updated == current:
+                return current
+            db.execute(f"UPDATE virtual_cluster_instances SET ({', '.join(_INSTANCE_COLUMNS[2:])}) = "
+                       f"({', '.join('?' * (len(_INSTANCE_COLUMNS) - 2))}) WHERE namespace = ? AND name = ?",
+                       (*_instance_row(updated)[2:], namespace, name))
+            return _stamp_instance(db, updated)
+
+    def delete_virtual_cluster_instance(self, namespace: str, name: str, *,
+                                        expected_version: int | None = None) -> VirtualClusterInstance:
+        with self._transaction(write=True) as db:
+            current = _existing_instance(db, namespace, name, expected_version)
+            db.execute("DELETE FROM virtual_cluster_instances WHERE namespace = ? AND name = ?", (namespace, name))
+            return replace(current, resource_version=_generation(db))
+
     # ---- what the reader uses ----
 
     def load_snapshot(self, now: float | None = None) -> Snapshot:
@@ -411,9 +466,11 @@ class SqliteStore(StateAdmin):
             keys = _access_keys(db)
             revoked = [row[0] for row in db.execute("SELECT jti FROM revoked_tokens")]
             activities = _activities(db)
+            instances = {(instance.namespace, instance.name): instance for instance in _instances(db)}
         snapshot = build_snapshot(version, users, teams, keys, revoked, time.time() if now is None else now,
                                   project_namespace_prefix=self._prefix)
-        return replace(snapshot, activities=activities, activity_version=activity_version)
+        return replace(snapshot, activities=activities, activity_version=activity_version,
+                       virtual_cluster_instances=instances)
 
     def with_fresh_activity(self, snapshot: Snapshot) -> Snapshot:
         """`snapshot` with the activity stored now (the rest is unchanged: only activity was written)."""
@@ -677,6 +734,50 @@ def _read_key(db: sqlite3.Connection, name: str) -> AccessKey:
 
 def _access_keys(db: sqlite3.Connection) -> list[AccessKey]:
     return [_access_key(row) for row in db.execute(f"{_KEYS} ORDER BY name")]
+
+
+_INSTANCES = _select("virtual_cluster_instances", _INSTANCE_COLUMNS)
+
+
+def _instance_row(instance: VirtualClusterInstance) -> tuple[Any, ...]:
+    return (instance.namespace, instance.name, instance.cluster, instance.server, instance.ca_data, instance.token,
+            instance.display_name, instance.description, instance.created, instance.uid, _json(instance.labels),
+            _json(instance.annotations))
+
+
+def _instance(row: tuple[Any, ...]) -> VirtualClusterInstance:
+    (namespace, name, cluster, server, ca_data, token, display_name, description, created, uid, labels, annotations,
+     version) = row
+    return VirtualClusterInstance(namespace, name, cluster, server, ca_data, token, display_name, description, created,
+                                  uid, orjson.loads(labels), orjson.loads(annotations), version)
+
+
+def _instances(db: sqlite3.Connection) -> list[VirtualClusterInstance]:
+    return [_instance(row) for row in db.execute(f"{_INSTANCES} ORDER BY namespace, name")]
+
+
+def _read_instance(db: sqlite3.Connection, namespace: str, name: str) -> VirtualClusterInstance | None:
+    if not isinstance(namespace, str) or not isinstance(name, str):
+        return None
+    row = db.execute(f"{_INSTANCES} WHERE namespace = ? AND name = ?", (namespace, name)).fetchone()
+    return None if row is None else _instance(row)
+
+
+def _existing_instance(db: sqlite3.Connection, namespace: str, name: str,
+                       expected_version: int | None) -> VirtualClusterInstance:
+    instance = _read_instance(db, namespace, name)
+    if instance is None:
+        raise NotFoundError(f"virtual cluster instance {namespace}/{name} does not exist")
+    check_version(instance, "virtual cluster instance", expected_version)
+    return instance
+
+
+def _stamp_instance(db: sqlite3.Connection, instance: VirtualClusterInstance) -> VirtualClusterInstance:
+    """As _stamp, for the one table whose objects are named by namespace and name."""
+    version = _generation(db)
+    db.execute("UPDATE virtual_cluster_instances SET resource_version = ? WHERE namespace = ? AND name = ?",
+               (version, instance.namespace, instance.name))
+    return replace(instance, resource_version=version)
 
 
 @dataclass(frozen=True)

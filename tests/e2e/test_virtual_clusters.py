@@ -3,6 +3,7 @@ cluster runs as the virtual cluster, reached at its own URL and through the host
 service proxy; the host decides with its storage.loft.sh/virtualclusters rules who may use it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import ssl
@@ -82,12 +83,13 @@ def _write_config(folder, host, vcluster, listen):
     return tls, config
 
 
-def _kubeconfig(folder, tls, port, users):
+def _kubeconfig(folder, tls, port, users, paths=PATHS):
+    """A context USER-MODE for every user and every gateway path (`paths`: mode -> path)."""
     clusters = "".join(f"""
         - name: {mode}
           cluster:
             server: https://127.0.0.1:{port}{path}
-            certificate-authority: {tls.ca_file}""" for mode, path in PATHS.items())
+            certificate-authority: {tls.ca_file}""" for mode, path in paths.items())
     entries = "".join(f"""
         - name: {user}
           user:
@@ -97,7 +99,7 @@ def _kubeconfig(folder, tls, port, users):
           context:
             cluster: {mode}
             user: {user}
-            namespace: team-a""" for user in users for mode in PATHS)
+            namespace: team-a""" for user in users for mode in paths)
     kubeconfig = folder / "kubeconfig"
     kubeconfig.write_text(textwrap.dedent(f"""\
         apiVersion: v1
@@ -105,7 +107,7 @@ def _kubeconfig(folder, tls, port, users):
         clusters:{clusters}
         users:{entries}
         contexts:{contexts}
-        current-context: alice-proxied
+        current-context: {next(iter(users))}-{next(iter(paths))}
     """))
     return kubeconfig
 
@@ -129,9 +131,9 @@ class Stack:
             return [review for review in json.loads(answer.read()) if review.get("user") == user
                     and review.get("resourceAttributes", {}).get("resource") == "virtualclusters"]
 
-    def request(self, path, *, user="alice", data=None, headers=()):
-        """(status, JSON body) of a request of the user's straight to the gateway."""
-        request = urllib.request.Request(f"https://127.0.0.1:{self.port}{path}", data=data,
+    def request(self, path, *, user="alice", data=None, headers=(), port=None):
+        """(status, JSON body) of a request of the user's straight to the gateway (or another on `port`)."""
+        request = urllib.request.Request(f"https://127.0.0.1:{port or self.port}{path}", data=data,
                                          headers={"Authorization": f"Bearer {KEYS[user]}",
                                                   "Content-Type": "application/json", **dict(headers)})
         context = ssl.create_default_context(cafile=str(self.folder / "gateway-tls" / "ca.crt"))
@@ -142,17 +144,37 @@ class Stack:
             return error.code, json.loads(error.read())
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vclusters")
+@contextlib.contextmanager
+def processes(folder, vclusters=("vc1",), config=lambda text: text):
+    """The simulated virtual cluster, the host serving it as each of `vclusters` (services in
+    HOST_NAMESPACE) and the gateway on `config(_write_config's text)`: (host, vcluster, gateway, tls);
+    the virtual cluster holds a configmap of its own, only-in-vcluster in team-a."""
     vcluster = start_devcluster(folder / "vcluster", rules=VCLUSTER_RULES)
     host = gateway = None
     try:
         host = start_devcluster(folder / "host", rules=HOST_RULES,
-                                services={f"{HOST_NAMESPACE}/vc1": vcluster.directory})
-        listen = f"127.0.0.1:{free_port()}"
-        tls, config = _write_config(folder, host, vcluster, listen)
-        gateway = start_gateway(config, folder)
+                                services={f"{HOST_NAMESPACE}/{name}": vcluster.directory for name in vclusters})
+        tls, text = _write_config(folder, host, vcluster, f"127.0.0.1:{free_port()}")
+        gateway = start_gateway(config(text), folder)
+        direct = subprocess.run([KUBECTL, "--server", vcluster.url, "--certificate-authority", str(vcluster.ca_file),
+                                 "--token", vcluster.admin_token, "create", "configmap", "only-in-vcluster",
+                                 "-n", "team-a", "--from-literal=where=vcluster"],
+                                env={**os.environ, "KUBECONFIG": "/dev/null", "HOME": str(folder)},
+                                capture_output=True, text=True, timeout=30)
+        assert direct.returncode == 0, direct.stderr
+        yield host, vcluster, gateway, tls
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        if host is not None:
+            host.stop()
+        vcluster.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vclusters")
+    with processes(folder) as (host, vcluster, gateway, tls):
         scoped = folder / "scope.json"
         # A key whose scope names another virtual cluster only.
         scoped.write_text(json.dumps({"rules": [{"requestTargets": ["VirtualCluster"],
@@ -166,19 +188,7 @@ def stack(tmp_path_factory):
         narrow_key = new_key(folder / "fastproxy.toml", "erin", "--scope", str(scoped))
         _kubeconfig(folder, tls, gateway.port, {**KEYS, "scoped": scoped_key, "narrow": narrow_key})
         env = {**os.environ, "KUBECONFIG": str(folder / "kubeconfig"), "HOME": str(folder)}
-        # Something only the virtual cluster holds, written there directly.
-        direct = subprocess.run([KUBECTL, "--server", vcluster.url, "--certificate-authority", str(vcluster.ca_file),
-                                 "--token", vcluster.admin_token, "create", "configmap", "only-in-vcluster",
-                                 "-n", "team-a", "--from-literal=where=vcluster"],
-                                env={**env, "KUBECONFIG": "/dev/null"}, capture_output=True, text=True, timeout=30)
-        assert direct.returncode == 0, direct.stderr
         yield Stack(folder, host, vcluster, env, gateway.port)
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        if host is not None:
-            host.stop()
-        vcluster.stop()
 
 
 @pytest.mark.parametrize("mode", PATHS)

@@ -8,7 +8,7 @@ from fastproxy.management import body, objects
 from fastproxy.management.api import token_audiences
 from fastproxy.management.watch import Event, EventLog, WatchStream
 from fastproxy.status import StatusError
-from fastproxy.store import AccessKey, Snapshot, Team, User
+from fastproxy.store import AccessKey, Snapshot, Team, User, VirtualClusterInstance
 
 
 def test_yaml_bodies_load_safely():
@@ -59,9 +59,14 @@ def test_token_audiences_follow_the_scope():
     assert token_audiences({"clusters": [{"cluster": "*"}]}, ["a", "b"]) == ["a", "b"]
 
 
-def snapshot(version, users=(), teams=(), keys=()):
+def snapshot(version, users=(), teams=(), keys=(), instances=()):
     return Snapshot(version, 0.0, 0.0, {}, {user.name: user for user in users}, {team.name: team for team in teams},
-                    frozenset(), access_keys={key.name: key for key in keys})
+                    frozenset(), access_keys={key.name: key for key in keys},
+                    virtual_cluster_instances={(i.namespace, i.name): i for i in instances})
+
+
+def READY(instance):
+    return ("Ready", "")
 
 
 def test_snapshot_diffs_become_watch_events():
@@ -72,11 +77,17 @@ def test_snapshot_diffs_become_watch_events():
     team = Team("devs", ("jane",), uid="t1", resource_version=6)
     used = AccessKey("jane-k", "User", "jane", None, b"d" * 32, uid="k1", resource_version=4, last_activity=99.0)
     new = snapshot(6, users=[renamed], teams=[team], keys=[used])
-    events = objects.snapshot_events(old, new)
+    events = objects.snapshot_events(old, new, READY)
     assert [(e.type, e.resource, e.object["metadata"]["name"]) for e in events] == [
         ("MODIFIED", "users", "jane"), ("ADDED", "teams", "devs")]  # key activity alone is no change
     assert events[0].object["spec"]["email"] == "j@example.com" and events[0].object["status"]["teams"] == ["devs"]
-    gone = objects.snapshot_events(new, snapshot(7, teams=[team]))
+    instance = VirtualClusterInstance("team-a", "vc1", "prod", token="secret", resource_version=6)
+    added = objects.snapshot_events(new, snapshot(6, users=[renamed], teams=[team], keys=[used], instances=[instance]),
+                                    lambda obj: ("Shadowed", "configured"))
+    assert [(e.type, e.resource, e.object["metadata"]["namespace"], e.object["status"]["phase"]) for e in added] == [
+        ("ADDED", "virtualclusterinstances", "team-a", "Shadowed")]
+    assert "secret" not in str(added[0].object)
+    gone = objects.snapshot_events(new, snapshot(7, teams=[team]), READY)
     assert [(e.type, e.resource, e.object["metadata"]["resourceVersion"]) for e in gone] == [
         ("DELETED", "users", "7"), ("DELETED", "ownedaccesskeys", "7")]
 

@@ -47,7 +47,8 @@ def test_the_resources_and_their_verbs():
     stored = ("create", "delete", "get", "list", "patch", "update", "watch")
     assert verbs == {"users": stored, "teams": stored, "ownedaccesskeys": stored, "selves": ("create",),
                      "directclusterendpointtokens": ("create",), "clusters": ("get", "list", "watch"),
-                     "namespaceactivities": ("get", "list", "watch")}
+                     "namespaceactivities": ("get", "list", "watch"), "virtualclusterinstances": stored}
+    assert [resource.plural for resource in RESOURCES if resource.namespaced] == ["virtualclusterinstances"]
     assert schema.resource("users") is USERS and USERS.list_kind == "UserList" and USERS.singular == "user"
     assert schema.resource("pods") is None
 

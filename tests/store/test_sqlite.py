@@ -272,7 +272,7 @@ def test_schema_is_versioned_and_in_wal_mode(store, tmp_path):
     store.close()
     SqliteStore(tmp_path / "state.db").close()  # reopening migrates nothing and loses nothing
     db = sqlite3.connect(tmp_path / "state.db")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS) == 5
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS) == 6
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("SELECT name FROM users").fetchall() == [("alice",)]
     db.close()
