@@ -62,6 +62,10 @@ class ConflictError(StoreError):
     """The object changed since the version the write was based on."""
 
 
+class UnavailableError(StoreError):
+    """The store cannot be reached now (etcd down, say): the write may succeed later; answer 503."""
+
+
 class InvalidError(StoreError):
     """A field value the store refuses; `field` is the store-level name of the field ("labels")."""
 
