@@ -31,8 +31,8 @@ from typing import Any, Generic, TypeVar
 
 import orjson
 
-from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX
 from ..auth.identity import key_digest
+from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX
 from ..config import EtcdConfig
 from ..names import DNS_SUBDOMAIN
 from .base import (
@@ -60,9 +60,7 @@ from .base import (
     new_uid,
     user_changes,
 )
-from .etcd_client import CompactedError, EtcdClient, KeyValue, WatchEvent, b64
-from .etcd_client import prefix_end as _range_end
-from .etcd_client import unb64 as _unb64
+from .etcd_client import CompactedError, EtcdClient, KeyValue, WatchEvent, b64, prefix_end, unb64
 
 log = logging.getLogger("fastproxy.store")
 
@@ -226,7 +224,7 @@ class EtcdStore(StateAdmin):
         if isinstance(name, str) and DNS_SUBDOMAIN.match(name):
             answer = self.client.call("kv/range", {"key": b64(self._key(kind.folder, name))})
             for raw in answer.get("kvs", ()):
-                obj: Obj = kind.decode(name, _unb64(raw.get("value", "")), int(raw["mod_revision"]))
+                obj: Obj = kind.decode(name, unb64(raw.get("value", "")), int(raw["mod_revision"]))
                 if isinstance(obj, AccessKey):
                     return replace(obj, last_activity=self._activity(name))
                 return obj
@@ -234,7 +232,7 @@ class EtcdStore(StateAdmin):
 
     def _activity(self, name: str) -> float | None:
         answer = self.client.call("kv/range", {"key": b64(self._key(ACTIVITY, name))})
-        return next((float(orjson.loads(_unb64(raw["value"]))) for raw in answer.get("kvs", ())), None)
+        return next((float(orjson.loads(unb64(raw["value"]))) for raw in answer.get("kvs", ())), None)
 
     def get_user(self, name: str) -> User:
         return self._get(USERS, name)
@@ -329,7 +327,7 @@ class EtcdStore(StateAdmin):
         folder = self._key(ACCESS_KEYS.folder, "")
         revision, keys = self._folder(ACCESS_KEYS)
         mine = [key for key in keys.values() if getattr(key, owner) == name]
-        return ([_folder_unchanged(folder, _range_end(folder), revision)],
+        return ([_folder_unchanged(folder, prefix_end(folder), revision)],
                 [op for key in mine for op in (_delete(self._key(ACCESS_KEYS.folder, key.name)),
                                                _delete(self._key(ACTIVITY, key.name)))])
 
@@ -361,7 +359,7 @@ class EtcdStore(StateAdmin):
                 if name in team.members:
                     left = replace(team, members=tuple(member for member in team.members if member != name))
                     operations.append(_put(self._key(TEAMS.folder, team.name), TEAMS.encode(left)))
-            return [*compare, _folder_unchanged(teams_folder, _range_end(teams_folder), revision)], operations
+            return [*compare, _folder_unchanged(teams_folder, prefix_end(teams_folder), revision)], operations
         return self._delete_with(USERS, name, expected_version, owned)
 
     # teams
@@ -447,7 +445,7 @@ class EtcdStore(StateAdmin):
             for name, answer in zip(names, answers):
                 stored = answer.get("response_range", {}).get("kvs", [])
                 when, value = batch[name]
-                old = _stored_time(_unb64(stored[0]["value"])) if stored else None
+                old = _stored_time(unb64(stored[0]["value"])) if stored else None
                 if old is None or old < when:
                     compare.append(_unchanged(self._key(folder, name), int(stored[0]["mod_revision"]) if stored else 0))
                     operations.append(_put(self._key(folder, name), value))
@@ -505,6 +503,7 @@ class EtcdReader(StateReader):
         self.writer: ThreadPoolExecutor | None = None
         self.pending_keys: dict[str, float] = {}
         self.pending_namespaces: dict[tuple[str, str], NamespaceActivity] = {}
+        self.reloads = 0  # full loads after a compaction
         self.flushed_at = time.monotonic()
         self.writes = 0  # activity transactions written: what the write-rate measurement reads
         self._logged_at = 0.0
@@ -567,7 +566,7 @@ class EtcdReader(StateReader):
         self._publish_state()
 
     def _reloaded(self, state: FleetState) -> None:
-        self.state = state
+        self.state, self.reloads = state, self.reloads + 1
         self._contact()
         self._publish_state()
 
