@@ -26,6 +26,7 @@ class EtcdCluster:
 
     def __init__(self, folder: Path, size: int = 1):
         self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
         ports = _free_ports(2 * size)
         self.names = [f"m{i}" for i in range(size)]
         self.client_ports, self.peer_ports = ports[:size], ports[size:]

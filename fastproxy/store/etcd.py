@@ -1,7 +1,7 @@
 """The etcd state store: one etcd (cluster) shared by a fleet of gateways, every key under `[state] prefix`.
 
-Layout: PREFIX + FOLDER + name, the value an object's fields as JSON (`_Kind` says how each kind
-is encoded; a new kind is one more `_Kind`). An object's etcd mod_revision is its resource_version,
+Layout: PREFIX + FOLDER + name, the value an object's fields as JSON (`Kind` says how each kind
+is encoded; a new kind is one more `Kind`). An object's etcd mod_revision is its resource_version,
 and a snapshot's version the revision of the last change it holds: both count on etcd's one
 revision scale, as base.py asks. Every write is a transaction comparing the mod_revision of what
 it read (absent keys: create_revision 0), retried from the read when something moved meanwhile,
@@ -76,7 +76,7 @@ Obj = TypeVar("Obj", User, Team, AccessKey)
 
 
 @dataclass(frozen=True)
-class _Kind(Generic[Obj]):
+class Kind(Generic[Obj]):
     """How one kind is stored: its folder, and its dataclass's fields as JSON (tuples as lists, bytes as hex)."""
 
     what: str
@@ -107,10 +107,10 @@ def _typed(annotation: Any, value: Any) -> Any:
     return bytes.fromhex(value) if text == "bytes" else value
 
 
-USERS = _Kind[User]("user", "users/", User)
-TEAMS = _Kind[Team]("team", "teams/", Team)
-ACCESS_KEYS = _Kind[AccessKey]("access key", "access-keys/", AccessKey, kept_apart=("last_activity",))
-KINDS: tuple[_Kind[Any], ...] = (USERS, TEAMS, ACCESS_KEYS)
+USERS = Kind[User]("user", "users/", User)
+TEAMS = Kind[Team]("team", "teams/", Team)
+ACCESS_KEYS = Kind[AccessKey]("access key", "access-keys/", AccessKey, kept_apart=("last_activity",))
+KINDS: tuple[Kind[Any], ...] = (USERS, TEAMS, ACCESS_KEYS)
 
 
 @dataclass
@@ -215,12 +215,12 @@ class EtcdStore(StateAdmin):
     def load_snapshot(self, now: float | None = None) -> Snapshot:
         return self.load_state().snapshot(time.time() if now is None else now, self._namespace_prefix)
 
-    def _folder(self, kind: _Kind[Obj]) -> tuple[int, dict[str, Obj]]:
+    def _folder(self, kind: Kind[Obj]) -> tuple[int, dict[str, Obj]]:
         revision, kvs = self.client.range(self._key(kind.folder, ""))
         return revision, {obj.name: obj for obj in (kind.decode(kv.key.rpartition("/")[2], kv.value, kv.mod_revision)
                                                      for kv in kvs)}
 
-    def _get(self, kind: _Kind[Obj], name: str) -> Obj:
+    def _get(self, kind: Kind[Obj], name: str) -> Obj:
         if isinstance(name, str) and DNS_SUBDOMAIN.match(name):
             answer = self.client.call("kv/range", {"key": b64(self._key(kind.folder, name))})
             for raw in answer.get("kvs", ()):
@@ -266,7 +266,7 @@ class EtcdStore(StateAdmin):
                 return revision
         raise ConflictError("the state store kept changing under this write; try again")
 
-    def _create(self, kind: _Kind[Obj], obj: Obj, also: Callable[[], list[dict[str, Any]]] = list) -> Obj:
+    def _create(self, kind: Kind[Obj], obj: Obj, also: Callable[[], list[dict[str, Any]]] = list) -> Obj:
         key = self._key(kind.folder, obj.name)
 
         def plan() -> Plan:
@@ -288,7 +288,7 @@ class EtcdStore(StateAdmin):
             compare.append(_unchanged(self._key(USERS.folder, member), user.resource_version))
         return compare
 
-    def _update(self, kind: _Kind[Obj], name: str, expected_version: int | None, fields: Mapping[str, Any]) -> Obj:
+    def _update(self, kind: Kind[Obj], name: str, expected_version: int | None, fields: Mapping[str, Any]) -> Obj:
         result: list[Obj] = []
 
         def plan() -> Plan:
@@ -307,7 +307,7 @@ class EtcdStore(StateAdmin):
         obj, updated = result
         return obj if updated == obj else replace(updated, resource_version=revision)
 
-    def _delete_with(self, kind: _Kind[Obj], name: str, expected_version: int | None,
+    def _delete_with(self, kind: Kind[Obj], name: str, expected_version: int | None,
                      owned: Callable[[Obj], Plan]) -> Obj:
         """Delete the object and what `owned(obj)` says depends on it, in one transaction."""
         result: list[Obj] = []
@@ -330,6 +330,17 @@ class EtcdStore(StateAdmin):
         return ([_folder_unchanged(folder, prefix_end(folder), revision)],
                 [op for key in mine for op in (_delete(self._key(ACCESS_KEYS.folder, key.name)),
                                                _delete(self._key(ACTIVITY, key.name)))])
+
+    def import_object(self, kind: Kind[Obj], obj: Obj) -> None:
+        """Store `obj` as it is (uid, creation time and all) unless etcd holds it already (same uid);
+        AlreadyExistsError if another object holds its name. What `fastproxy state migrate` writes."""
+        try:
+            stored = self._get(kind, obj.name)
+        except NotFoundError:
+            self._create(kind, obj)
+            return
+        if stored.uid != obj.uid:
+            raise AlreadyExistsError(f"{kind.what} {obj.name!r} exists in etcd as another object (uid {stored.uid})")
 
     # users
 
@@ -396,7 +407,7 @@ class EtcdStore(StateAdmin):
         secret = secrets.token_urlsafe(32)
         key = AccessKey(name, type, user, team, key_digest(secret), ttl=ttl, ttl_after_last_activity=ttl_after_last_activity,
                         created=time.time() if now is None else now, uid=new_uid(), **fields)
-        kind: _Kind[Any] = USERS if user is not None else TEAMS
+        kind: Kind[Any] = USERS if user is not None else TEAMS
         assert owner is not None  # check_new_key
 
         def owner_unchanged() -> list[dict[str, Any]]:

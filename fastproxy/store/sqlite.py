@@ -350,6 +350,11 @@ class SqliteStore(StateAdmin):
             db.execute("DELETE FROM revoked_tokens WHERE expires_at <= ?", (time.time(),))
             db.execute("INSERT OR REPLACE INTO revoked_tokens VALUES (?, ?)", (jti, expires_at))
 
+    def list_revoked_tokens(self) -> dict[str, float]:
+        """Revoked token id -> when the token expires."""
+        with self._transaction() as db:
+            return dict(db.execute("SELECT jti, expires_at FROM revoked_tokens ORDER BY jti").fetchall())
+
     def record_activity(self, batch: Mapping[str, float]) -> None:
         """Write last-activity times (key name -> unix time) in one transaction; blocks."""
         if not batch:
