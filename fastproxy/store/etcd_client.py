@@ -92,7 +92,10 @@ class EtcdClient:
         return http.client.HTTPConnection(host, port or 2379, timeout=timeout)
 
     def _post(self, connection: http.client.HTTPConnection, path: str, body: dict[str, Any]) -> http.client.HTTPResponse:
-        connection.request("POST", path, orjson.dumps(body), {"Content-Type": "application/json"})
+        # hasleader: a member that loses its leader ends the watch (else it would stay open and
+        # silent, a partition unnoticed) and refuses requests rather than serve what it last knew.
+        connection.request("POST", path, orjson.dumps(body), {"Content-Type": "application/json",
+                                                              "Grpc-Metadata-hasleader": "true"})
         return connection.getresponse()
 
     def call(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
