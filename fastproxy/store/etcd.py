@@ -59,6 +59,7 @@ from .base import (
     checked_changes,
     new_uid,
     user_changes,
+    with_keys_changed,
 )
 from .etcd_client import CompactedError, EtcdClient, KeyValue, WatchEvent, b64, prefix_end, unb64
 
@@ -123,8 +124,8 @@ class FleetState:
     namespaces: dict[tuple[str, str], NamespaceActivity] = field(default_factory=dict)
     revoked: dict[str, float] = field(default_factory=dict)
 
-    def apply(self, prefix: str, deleted: bool, kv: KeyValue) -> str:
-        """Apply one change; returns the folder it was in (so a caller knows what to rebuild)."""
+    def apply(self, prefix: str, deleted: bool, kv: KeyValue) -> tuple[str, str]:
+        """Apply one change; returns the folder and name it was of (so a caller knows what to rebuild)."""
         rest = kv.key[len(prefix):]
         for kind in KINDS:
             if rest.startswith(kind.folder):
@@ -134,33 +135,40 @@ class FleetState:
                     objects.pop(name, None)
                 else:
                     objects[name] = kind.decode(name, kv.value, kv.mod_revision)
-                return kind.folder
+                return kind.folder, name
         for folder, store in ((ACTIVITY, self.activity), (REVOKED, self.revoked)):
             if rest.startswith(folder):
                 if deleted:
                     store.pop(rest[len(folder):], None)
                 else:
                     store[rest[len(folder):]] = float(orjson.loads(kv.value))
-                return folder
+                return folder, rest[len(folder):]
         if rest.startswith(NAMESPACE_ACTIVITY):
             cluster, _, namespace = rest[len(NAMESPACE_ACTIVITY):].partition("/")
             if deleted:
                 self.namespaces.pop((cluster, namespace), None)
             else:
                 self.namespaces[cluster, namespace] = NamespaceActivity(cluster, namespace, **orjson.loads(kv.value))
-            return NAMESPACE_ACTIVITY
-        return ""  # a key of a newer version's kind: not ours to read
+            return NAMESPACE_ACTIVITY, rest
+        return "", rest  # a key of a newer version's kind: not ours to read
+
+    def access_key(self, name: str) -> AccessKey:
+        key: AccessKey = self.objects[ACCESS_KEYS.folder][name]
+        return replace(key, last_activity=self.activity[name]) if name in self.activity else key
 
     def access_keys(self) -> list[AccessKey]:
         keys: dict[str, AccessKey] = self.objects[ACCESS_KEYS.folder]
-        return [replace(key, last_activity=self.activity[name]) if name in self.activity else key
-                for name, key in sorted(keys.items())]
+        return [self.access_key(name) for name in sorted(keys)]
 
     def snapshot(self, now: float, project_namespace_prefix: str) -> Snapshot:
         snapshot = build_snapshot(self.revision, self.objects[USERS.folder].values(), self.objects[TEAMS.folder].values(),
-                                  self.access_keys(), [jti for jti, until in self.revoked.items() if until > now], now,
-                                  project_namespace_prefix=project_namespace_prefix)
-        return replace(snapshot, activities=dict(sorted(self.namespaces.items())), activity_version=self.revision)
+                                  self.access_keys(), (), now, project_namespace_prefix=project_namespace_prefix)
+        return self.with_lists(snapshot, now)
+
+    def with_lists(self, snapshot: Snapshot, now: float) -> Snapshot:
+        """`snapshot` with the revoked token ids and namespace activity as they are now."""
+        return replace(snapshot, revoked_tokens=frozenset(jti for jti, until in self.revoked.items() if until > now),
+                       activities=dict(sorted(self.namespaces.items())), activity_version=self.revision)
 
 
 def _put(key: str, value: bytes, lease: str | None = None) -> dict[str, Any]:
@@ -571,10 +579,25 @@ class EtcdReader(StateReader):
         self._contact()
         if not events:
             return
+        keys: set[str] = set()
+        rebuild = self.link is Link.STALE
         for event in events:
-            self.state.apply(self.store.prefix, event.deleted, event.kv)
+            folder, name = self.state.apply(self.store.prefix, event.deleted, event.kv)
+            if folder in (ACCESS_KEYS.folder, ACTIVITY):
+                keys.add(name)
+            elif folder in (USERS.folder, TEAMS.folder):
+                rebuild = True  # identities of many keys may change
         self.state.revision = events[-1].kv.mod_revision
-        self._publish_state()
+        if rebuild:
+            self._publish_state()
+            return
+        # Key changes alone (a revocation, a new key, activity) re-resolve only those keys.
+        now, stored = time.time(), self.state.objects[ACCESS_KEYS.folder]
+        snapshot = with_keys_changed(self.snapshot, self.state.revision, [self.state.access_key(name) for name in keys
+                                                                          if name in stored],
+                                     [name for name in keys if name not in stored], now,
+                                     project_namespace_prefix=self.prefix_ns)
+        self.publish(self.state.with_lists(snapshot, now))
 
     def _reloaded(self, state: FleetState) -> None:
         self.state, self.reloads = state, self.reloads + 1
