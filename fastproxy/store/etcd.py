@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 import math
 import random
@@ -65,6 +66,7 @@ from .etcd_client import CompactedError, EtcdClient, KeyValue, WatchEvent, b64, 
 
 log = logging.getLogger("fastproxy.store")
 
+TXN_KEYS = 100              # keys per activity transaction: etcd refuses more than 128 operations in one
 TXN_ATTEMPTS = 20            # a write whose reads keep moving under it gives up with ConflictError
 ACTIVITY_FLUSH_SECONDS = 5.0  # activity is coalesced per key (the latest wins) and written this often
 UNREACHABLE_LOG_SECONDS = 60.0
@@ -452,24 +454,23 @@ class EtcdStore(StateAdmin):
             for activity in batch.values()})
 
     def _record_newer(self, folder: str, batch: Mapping[str, tuple[float, bytes]]) -> None:
-        """Write each (time, value) whose time is newer than the stored one's, in one transaction."""
-        if not batch:
-            return
+        """Write each (time, value) whose time is newer than the stored one's, TXN_KEYS at a time."""
         names = sorted(batch)
+        for start in range(0, len(names), TXN_KEYS):
+            self._transact(functools.partial(self._newer_plan, folder, batch, names[start:start + TXN_KEYS]))
 
-        def plan() -> Plan:
-            _, _, answers = self.client.txn([], [{"request_range": {"key": b64(self._key(folder, name))}} for name in names])
-            compare: list[dict[str, Any]] = []
-            operations: list[dict[str, Any]] = []
-            for name, answer in zip(names, answers):
-                stored = answer.get("response_range", {}).get("kvs", [])
-                when, value = batch[name]
-                old = _stored_time(unb64(stored[0]["value"])) if stored else None
-                if old is None or old < when:
-                    compare.append(_unchanged(self._key(folder, name), int(stored[0]["mod_revision"]) if stored else 0))
-                    operations.append(_put(self._key(folder, name), value))
-            return compare, operations
-        self._transact(plan)
+    def _newer_plan(self, folder: str, batch: Mapping[str, tuple[float, bytes]], names: list[str]) -> Plan:
+        _, _, answers = self.client.txn([], [{"request_range": {"key": b64(self._key(folder, name))}} for name in names])
+        compare: list[dict[str, Any]] = []
+        operations: list[dict[str, Any]] = []
+        for name, answer in zip(names, answers):
+            stored = answer.get("response_range", {}).get("kvs", [])
+            when, value = batch[name]
+            old = _stored_time(unb64(stored[0]["value"])) if stored else None
+            if old is None or old < when:
+                compare.append(_unchanged(self._key(folder, name), int(stored[0]["mod_revision"]) if stored else 0))
+                operations.append(_put(self._key(folder, name), value))
+        return compare, operations
 
 
 def _stored_time(value: bytes) -> float:
@@ -583,8 +584,8 @@ class EtcdReader(StateReader):
         rebuild = self.link is Link.STALE
         for event in events:
             folder, name = self.state.apply(self.store.prefix, event.deleted, event.kv)
-            if folder in (ACCESS_KEYS.folder, ACTIVITY):
-                keys.add(name)
+            if folder == ACCESS_KEYS.folder or (folder == ACTIVITY and self._expires_with_activity(name)):
+                keys.add(name)  # other activity waits for the next full build (refresh_at), as SQLite's does
             elif folder in (USERS.folder, TEAMS.folder):
                 rebuild = True  # identities of many keys may change
         self.state.revision = events[-1].kv.mod_revision
@@ -598,6 +599,10 @@ class EtcdReader(StateReader):
                                      [name for name in keys if name not in stored], now,
                                      project_namespace_prefix=self.prefix_ns)
         self.publish(self.state.with_lists(snapshot, now))
+
+    def _expires_with_activity(self, name: str) -> bool:
+        key = self.state.objects[ACCESS_KEYS.folder].get(name)
+        return key is not None and key.ttl_after_last_activity
 
     def _reloaded(self, state: FleetState) -> None:
         self.state, self.reloads = state, self.reloads + 1
