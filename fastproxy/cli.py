@@ -10,6 +10,7 @@ from .config import ConfigError, load_config
 from .kubeconfig import add_kubeconfig_command
 from .reload import add_reload_command
 from .store.commands import add_commands
+from .store.migrate import add_migrate_command
 
 
 def _serve(args) -> int:
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     hash_key = commands.add_parser("hash-key", help="print the key_sha256 of an access key read from stdin")
     hash_key.set_defaults(handler=_hash_key)
     add_commands(commands)        # user, team, accesskey, activity: the state file
+    add_migrate_command(commands)  # state migrate: SQLite to etcd
     add_token_commands(commands)  # token issue, jwks, revoke
     add_kubeconfig_command(commands)
     add_reload_command(commands)  # reload: SIGHUP to the running gateway

@@ -96,13 +96,29 @@ class AccessKeyConfig:
 
 
 # The [state] backends fastproxy.store can open (fastproxy.store.BACKENDS; not imported here).
-STATE_BACKENDS = ("sqlite",)
+STATE_BACKENDS = ("sqlite", "etcd")
 
 
 @dataclass(frozen=True, slots=True)
 class StateConfig:
-    path: str  # the SQLite state file shared by every worker and the operator commands
+    path: str  # the SQLite state file shared by every worker and the operator commands ("" for etcd)
     backend: str = "sqlite"  # one of STATE_BACKENDS
+    etcd: EtcdConfig | None = None  # backend = "etcd"
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdConfig:
+    """`[state] backend = "etcd"`: one etcd (cluster) shared by a fleet of gateways (fastproxy.store.etcd)."""
+
+    endpoints: tuple[str, ...]       # http(s)://host:port of the members' client URLs, tried in turn
+    prefix: str = "/fastproxy/"      # every key of this fleet starts with it: several fleets share one etcd
+    ca_file: str | None = None
+    cert_file: str | None = None     # client certificate, with key_file, when etcd asks for one
+    key_file: str | None = None
+    timeout: float = 5.0             # seconds for one request to a member before the next is tried
+    # Seconds without contact after which state-store credentials are refused, since a revocation
+    # may have been missed; 0 keeps serving the last snapshot however old (fail open).
+    max_staleness: float = 60.0
 
 
 # As fastproxy.auth.tokens.SUPPORTED_ALGORITHMS (not imported: it loads the crypto libraries).
@@ -431,9 +447,30 @@ def _state(data: object) -> StateConfig:
     backend = t.str("backend", "sqlite")
     if backend not in STATE_BACKENDS:
         raise ConfigError(f"{t.key('backend')}: must be one of {', '.join(STATE_BACKENDS)}, not {backend!r}")
-    state = StateConfig(path=_writable_path(t, "path", required=True), backend=backend)
+    if backend == "etcd":
+        state = StateConfig(path="", backend=backend, etcd=_etcd(t))
+    else:
+        state = StateConfig(path=_writable_path(t, "path", required=True), backend=backend)
     t.finish()
     return state
+
+
+def _etcd(t: _Table) -> EtcdConfig:
+    endpoints = t.strings("endpoints")
+    if not endpoints:
+        raise ConfigError(f"{t.key('endpoints')}: is required with backend = \"etcd\"")
+    for endpoint in endpoints:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") or parts.query:
+            raise ConfigError(f"{t.key('endpoints')}: {endpoint!r} is not http(s)://host:port")
+    prefix = t.str("prefix", "/fastproxy/")
+    if not prefix or not prefix.endswith("/"):
+        raise ConfigError(f"{t.key('prefix')}: must end with '/', not {prefix!r}")
+    files = {key: t.file(key) for key in ("ca_file", "cert_file", "key_file")}
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        raise ConfigError(f"{t.key('cert_file')}: cert_file and key_file go together")
+    return EtcdConfig(endpoints, prefix, **files, timeout=t.positive("timeout", float, 5.0),
+                      max_staleness=t.positive("max_staleness", float, 60.0, allow_zero=True))
 
 
 def _tokens(data: object) -> TokensConfig:
@@ -521,6 +558,9 @@ def _oidc(data: object, tokens: TokensConfig | None, state: StateConfig | None) 
     from .oidc.config import parse_oidc_config  # the oidc package parses its own table
     if state is None:
         raise ConfigError("oidc: the OpenID Connect provider logs in the state store's users: it needs [state]")
+    if state.backend != "sqlite":
+        raise ConfigError(f"oidc: its single-use grants are kept by the sqlite state backend only; "
+                          f"[state] backend = {state.backend!r} does not keep them yet")
     return parse_oidc_config(data, tokens.issuer if tokens is not None and tokens.signing_keys_dir else None)
 
 
@@ -594,7 +634,7 @@ def load_config(path: str) -> Config:
 
 
 _PATH_KEYS = ("policy_file", "tls_cert_file", "tls_key_file", "ca_file", "token_file", "client_cert_file",
-              "client_key_file", "key_file", "path", "pid_file", "signing_keys_dir", "jwks_file", "revocation_file")
+              "client_key_file", "key_file", "cert_file", "path", "pid_file", "signing_keys_dir", "jwks_file", "revocation_file")
 
 
 def _resolve_paths(node: object, base: str) -> None:

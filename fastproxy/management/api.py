@@ -51,6 +51,7 @@ from ..store import (
     StateAdmin,
     StoreError,
     Team,
+    UnavailableError,
     User,
     VirtualClusterInstance,
 )
@@ -235,6 +236,8 @@ class ManagementAPI:
             raise StatusError(409, str(error), reason="AlreadyExists") from None
         except ConflictError as error:
             raise StatusError(409, str(error), reason="Conflict") from None
+        except UnavailableError as error:
+            raise StatusError(503, str(error)) from None
         except (InvalidError, StoreError) as error:
             raise StatusError(422, str(error)) from None
         version = getattr(result[0] if isinstance(result, tuple) else result, "resource_version", 0)

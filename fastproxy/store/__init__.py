@@ -24,6 +24,7 @@ from .base import (
     StateReader,
     StoreError,
     Team,
+    UnavailableError,
     User,
     VirtualClusterInstance,
     build_identity,
@@ -31,12 +32,25 @@ from .base import (
 )
 from .sqlite import SqliteReader, SqliteStore
 
+
+def _etcd_store(state: StateConfig) -> StateAdmin:
+    from .etcd import EtcdStore  # loaded only by a gateway that uses it
+    assert state.etcd is not None
+    return EtcdStore(state.etcd)
+
+
+def _etcd_reader(state: StateConfig) -> StateReader:
+    from .etcd import EtcdReader, EtcdStore
+    assert state.etcd is not None
+    return EtcdReader(EtcdStore(state.etcd))
+
 if TYPE_CHECKING:
     from ..config import StateConfig
 
 # backend name -> (admin opener, reader opener); the names are config.STATE_BACKENDS.
 BACKENDS: dict[str, tuple[Callable[[StateConfig], StateAdmin], Callable[[StateConfig], StateReader]]] = {
     "sqlite": (lambda state: SqliteStore(state.path), lambda state: SqliteReader(SqliteStore(state.path))),
+    "etcd": (_etcd_store, _etcd_reader),
 }
 
 
@@ -60,4 +74,5 @@ def open_reader(state: StateConfig) -> StateReader:
 
 __all__ = ["BACKENDS", "AccessKey", "AlreadyExistsError", "ConflictError", "InvalidError", "NamespaceActivity", "InvalidScopeError",
            "NotFoundError", "ResolvedKey", "Snapshot", "SnapshotCallback", "StateAdmin", "StateReader", "StoreError", "Team",
-           "User", "VirtualClusterInstance", "build_identity", "key_digest", "open_admin", "open_reader"]
+           "UnavailableError", "User", "VirtualClusterInstance", "build_identity", "key_digest", "open_admin",
+           "open_reader"]

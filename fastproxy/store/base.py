@@ -30,7 +30,7 @@ import ssl
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
@@ -63,6 +63,10 @@ class AlreadyExistsError(StoreError):
 
 class ConflictError(StoreError):
     """The object changed since the version the write was based on."""
+
+
+class UnavailableError(StoreError):
+    """The store cannot be reached now (etcd down, say): the write may succeed later; answer 503."""
 
 
 class InvalidError(StoreError):
@@ -461,6 +465,45 @@ def user_groups(user: User, teams: Iterable[Team]) -> list[str]:
     return [*groups, *BASE_GROUPS, f"loft:user:{user.name}"]
 
 
+def _teams_of(teams: Mapping[str, Team]) -> dict[str, list[Team]]:
+    """User name -> the teams it is a member of, by team name."""
+    teams_of: dict[str, list[Team]] = {}
+    for team in sorted(teams.values(), key=lambda team: team.name):
+        for member in team.members:
+            teams_of.setdefault(member, []).append(team)
+    return teams_of
+
+
+def _resolved(key: AccessKey, users: Mapping[str, User], teams: Mapping[str, Team], teams_of: Mapping[str, list[Team]],
+              now: float, project_namespace_prefix: str) -> ResolvedKey | None:
+    """The key with its identity, or None for a key that must not resolve (disabled, expired,
+    disabled or missing owner, unusable scope)."""
+    expires_at = key.expires_at()
+    if key.disabled or expires_at <= now:
+        return None
+    try:
+        scope = None if key.scope is None else load_scope(key.scope, project_namespace_prefix=project_namespace_prefix)
+    except ScopeError:
+        return None  # fail closed: a scope this version cannot read grants nothing
+    if key.user is not None:
+        user = users.get(key.user)
+        if user is None or user.disabled:
+            return None
+        identity = build_identity(user.subject or user.name, user_groups(user, teams_of.get(user.name, ())),
+                                  key.name, scope)
+    else:
+        team = teams.get(key.team) if key.team is not None else None
+        if team is None:
+            return None
+        team_group = f"loft:team:{team.name}"
+        identity = build_identity(team_group, [*team.groups, *BASE_GROUPS, team_group], key.name, scope)
+    return ResolvedKey(key, identity, expires_at)
+
+
+def _refresh_in(key: AccessKey) -> float:
+    return max(1.0, key.ttl / 4) if key.ttl_after_last_activity else ACTIVITY_REFRESH_SECONDS
+
+
 def build_snapshot(version: int, users: Iterable[User], teams: Iterable[Team], keys: Iterable[AccessKey],
                    revoked_tokens: Iterable[str], now: float, *,
                    project_namespace_prefix: str = DEFAULT_PROJECT_NAMESPACE_PREFIX) -> Snapshot:
@@ -468,40 +511,45 @@ def build_snapshot(version: int, users: Iterable[User], teams: Iterable[Team], k
     unusable scope) are left out of `keys`, not of `access_keys`."""
     users_by_name = {user.name: user for user in users}
     teams_by_name = {team.name: team for team in teams}
-    teams_of: dict[str, list[Team]] = {}
-    for team in sorted(teams_by_name.values(), key=lambda team: team.name):
-        for member in team.members:
-            teams_of.setdefault(member, []).append(team)
+    teams_of = _teams_of(teams_by_name)
     resolved: dict[bytes, ResolvedKey] = {}
     keys_by_name: dict[str, AccessKey] = {}
     refresh_in = ACTIVITY_REFRESH_SECONDS
     for key in keys:
         keys_by_name[key.name] = key
-        expires_at = key.expires_at()
-        if key.disabled or expires_at <= now:
-            continue
-        try:
-            scope = None if key.scope is None else load_scope(
-                key.scope, project_namespace_prefix=project_namespace_prefix)
-        except ScopeError:
-            continue  # fail closed: a scope this version cannot read grants nothing
-        if key.user is not None:
-            user = users_by_name.get(key.user)
-            if user is None or user.disabled:
-                continue
-            identity = build_identity(user.subject or user.name, user_groups(user, teams_of.get(user.name, ())),
-                                      key.name, scope)
-        else:
-            team = teams_by_name.get(key.team)
-            if team is None:
-                continue
-            team_group = f"loft:team:{team.name}"
-            identity = build_identity(team_group, [*team.groups, *BASE_GROUPS, team_group], key.name, scope)
-        if key.ttl_after_last_activity:
-            refresh_in = min(refresh_in, max(1.0, key.ttl / 4))
-        resolved[key.digest] = ResolvedKey(key, identity, expires_at)
+        entry = _resolved(key, users_by_name, teams_by_name, teams_of, now, project_namespace_prefix)
+        if entry is not None:
+            refresh_in = min(refresh_in, _refresh_in(key))
+            resolved[key.digest] = entry
     return Snapshot(version, now, now + refresh_in, resolved, users_by_name, teams_by_name,
                     frozenset(revoked_tokens), keys_by_name)
+
+
+def with_keys_changed(snapshot: Snapshot, version: int, changed: Iterable[AccessKey], removed: Iterable[str], now: float, *,
+                      project_namespace_prefix: str = DEFAULT_PROJECT_NAMESPACE_PREFIX) -> Snapshot:
+    """`snapshot` at `version` with access keys `changed` (new or updated) and `removed` (by name):
+    what build_snapshot would give for the same objects, resolving only the keys that changed, so that
+    a store told of each change applies a revocation in a large store without rebuilding every identity.
+    `refresh_at` only moves earlier (a removed key's deadline stays): the next reload comes early, never late."""
+    keys, by_name = dict(snapshot.keys), dict(snapshot.access_keys)
+    refresh_at = snapshot.refresh_at
+    teams_of: dict[str, list[Team]] | None = None
+    for name in removed:
+        old = by_name.pop(name, None)
+        if old is not None:
+            keys.pop(old.digest, None)
+    for key in changed:
+        old = by_name.get(key.name)
+        if old is not None:
+            keys.pop(old.digest, None)
+        by_name[key.name] = key
+        if teams_of is None:
+            teams_of = _teams_of(snapshot.teams)
+        entry = _resolved(key, snapshot.users, snapshot.teams, teams_of, now, project_namespace_prefix)
+        if entry is not None:
+            keys[key.digest] = entry
+            refresh_at = min(refresh_at, now + _refresh_in(key))
+    return replace(snapshot, version=version, keys=keys, access_keys=by_name, refresh_at=refresh_at)
 
 
 class StateAdmin(ABC):

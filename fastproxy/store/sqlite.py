@@ -388,6 +388,11 @@ class SqliteStore(StateAdmin):
                              (digest, kind, now)).fetchone()
         return row[0] if row is not None else None
 
+    def list_revoked_tokens(self) -> dict[str, float]:
+        """Revoked token id -> when the token expires."""
+        with self._transaction() as db:
+            return dict(db.execute("SELECT jti, expires_at FROM revoked_tokens ORDER BY jti").fetchall())
+
     def record_activity(self, batch: Mapping[str, float]) -> None:
         """Write last-activity times (key name -> unix time) in one transaction; blocks."""
         if not batch:

@@ -35,10 +35,10 @@ def test_the_factories_open_the_configured_backend(state, admin):
         assert reader.snapshot.keys == {} and not reader.failing
     finally:
         reader.close()
-    with pytest.raises(StoreError, match="^state backend 'etcd' is not one of sqlite$"):
-        open_reader(StateConfig(path=state.path, backend="etcd"))
-    with pytest.raises(StoreError, match="^state backend 'etcd' is not one of sqlite$"):
-        open_admin(StateConfig(path=state.path, backend="etcd"))
+    with pytest.raises(StoreError, match="^state backend 'zookeeper' is not one of sqlite, etcd$"):
+        open_reader(StateConfig(path=state.path, backend="zookeeper"))
+    with pytest.raises(StoreError, match="^state backend 'zookeeper' is not one of sqlite, etcd$"):
+        open_admin(StateConfig(path=state.path, backend="zookeeper"))
 
 
 def test_an_admin_write_reaches_the_subscribers_on_the_loop(state, admin):
