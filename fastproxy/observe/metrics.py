@@ -268,7 +268,13 @@ class Metrics:
             "impersonation": self.impersonation,
             "pools": pools,
             "logs": {name: [writer.written, writer.dropped] for name, writer in self.logs.items()},
+            "store_failing": int(self._store_failing()),
         }
+
+    def _store_failing(self) -> bool:
+        """Whether this worker serves from its last snapshot: the state store cannot be read now."""
+        store = self.authenticator.store if self.authenticator is not None else None
+        return store is not None and store.reader.failing
 
     def _gauge(self, gauge: dict[str, int]) -> dict[str, int]:
         """Every configured cluster, 0 when nothing is open on it."""
@@ -397,7 +403,7 @@ def merge(states: Iterable[dict[str, Any]], *, gauges: bool = True) -> dict[str,
     total: dict[str, Any] = {"in_flight": 0, "watches": {}, "tunnels": {}, "pools": {},
                              "auth_failures": dict.fromkeys(AUTH_FAILURE_REASONS, 0),
                              "impersonation": dict.fromkeys(IMPERSONATION_OUTCOMES, 0),
-                             "logs": {name: [0, 0] for name in LOGS}}
+                             "logs": {name: [0, 0] for name in LOGS}, "store_failing": 0}
     for state in states:
         _add_rows(short, state.get("short", ()), 4)
         _add_rows(long, state.get("long", ()), 4)
@@ -418,6 +424,7 @@ def merge(states: Iterable[dict[str, Any]], *, gauges: bool = True) -> dict[str,
                 total[name][label] = total[name].get(label, 0) + (value if gauges else 0)
         if gauges:
             total["in_flight"] += state.get("in_flight", 0)
+            total["store_failing"] += state.get("store_failing", 0)
     total["short"] = [[*key, *record] for key, record in short.items()]
     total["long"] = [[*key, *record] for key, record in long.items()]
     return total
@@ -601,6 +608,9 @@ def render(state: dict[str, Any], processes: list[tuple[float, int, int, int, in
             ("fastproxy_impersonation_reviews_total", "impersonation", "outcome",
              "Impersonation (kubectl --as) checked with the cluster: allowed, refused, or failed to check.")):
         out.samples(name, "counter", help, (label,), (((value_label,), value) for value_label, value in sorted(state[field].items())))
+    out.samples("fastproxy_state_store_failing_workers", "gauge",
+                "Workers serving from their last snapshot because the state store (SQLite file or etcd) cannot "
+                "be read now; 0: every worker is current.", (), [((), state["store_failing"])])
     out.samples("fastproxy_log_lines_total", "counter",
                 "Audit and access log lines written, or dropped (queue full, disk full, file not writable).",
                 ("log", "outcome"), (((name, outcome), figures[i]) for name, figures in sorted(state["logs"].items())
