@@ -64,12 +64,9 @@ def test_an_oidc_provider_on_etcd_is_refused_naming_why(files):  # noqa: F811
                                 "[state] backend = 'etcd' does not keep them yet")
 
 
-def test_kinds_etcd_does_not_keep_yet_are_refused_never_lost(store):
-    """Virtual cluster instances and OIDC grants: a write is a 503 naming the backend; nothing is listed."""
-    with pytest.raises(UnavailableError, match="kept by the sqlite state backend only"):
-        store.create_virtual_cluster_instance("team-a", "vc1", cluster="one")
-    assert store.list_virtual_cluster_instances() == []
-    with pytest.raises(UnavailableError, match="OpenID Connect grants"):
+def test_oidc_grants_are_refused_on_etcd_never_lost(store):
+    """Not kept on etcd yet: a write is a 503 naming the backend."""
+    with pytest.raises(UnavailableError, match="OpenID Connect grants are kept by the sqlite state backend only"):
         store.put_grant(b"d", "code", "{}", 1e12)
 
 

@@ -73,6 +73,22 @@ def test_the_snapshot_follows_each_change_without_reloading(admin, etcd_config):
     asyncio.run(main())
 
 
+def test_the_snapshot_follows_virtual_cluster_instances(admin, etcd_config):
+    async def main():
+        reader = EtcdReader(EtcdStore(etcd_config))
+        reader.start(asyncio.get_running_loop())
+        try:
+            created = await off_loop(admin.create_virtual_cluster_instance, "team-a", "vc1", cluster="prod")
+            snapshot = await asyncio.wait_for(reader.wait_for(created.resource_version), 5)
+            assert snapshot.virtual_cluster_instances == {("team-a", "vc1"): created}
+            gone = await off_loop(admin.delete_virtual_cluster_instance, "team-a", "vc1")
+            snapshot = await asyncio.wait_for(reader.wait_for(gone.resource_version), 5)
+            assert snapshot.virtual_cluster_instances == {} and reader.reloads == 0
+        finally:
+            reader.close()
+    asyncio.run(main())
+
+
 def test_a_watch_behind_a_compaction_reloads_once_and_ends_consistent(admin, etcd_config, relay):
     first, first_secret = admin.create_access_key(user="alice", name="first")
 
