@@ -558,9 +558,6 @@ def _oidc(data: object, tokens: TokensConfig | None, state: StateConfig | None) 
     from .oidc.config import parse_oidc_config  # the oidc package parses its own table
     if state is None:
         raise ConfigError("oidc: the OpenID Connect provider logs in the state store's users: it needs [state]")
-    if state.backend != "sqlite":
-        raise ConfigError(f"oidc: its single-use grants are kept by the sqlite state backend only; "
-                          f"[state] backend = {state.backend!r} does not keep them yet")
     return parse_oidc_config(data, tokens.issuer if tokens is not None and tokens.signing_keys_dir else None)
 
 

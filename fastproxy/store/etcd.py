@@ -77,7 +77,7 @@ BACKOFF = (0.1, 5.0)          # reconnect delay: from, doubling up to
 ACTIVITY = "activity/"         # access key name -> last activity (unix time)
 NAMESPACE_ACTIVITY = "namespace-activity/"  # cluster/namespace -> NamespaceActivity fields
 REVOKED = "revoked-tokens/"   # jti -> expires_at, leased
-NOT_KEPT = "{what} are kept by the sqlite state backend only: the etcd backend does not store them yet"
+GRANTS = "oidc-grants/"       # SHA-256 of a code or token (hex) -> its kind, data, expiry; leased
 
 Obj = TypeVar("Obj", User, Team, AccessKey)
 
@@ -530,17 +530,33 @@ class EtcdStore(StateAdmin):
         revision = self._transact(plan)
         return replace(result[0], resource_version=revision)
 
-    # OpenID Connect grants are not kept on etcd yet: refused (503, naming the backend), never lost;
-    # config.py refuses [oidc] with etcd at start.
+    # OpenID Connect grants: by the digest of their secret, leased until they expire; taken once.
 
     def put_grant(self, digest: bytes, kind: str, data: str, expires_at: float) -> None:
-        raise UnavailableError(NOT_KEPT.format(what="OpenID Connect grants"))
+        lease = self.client.grant_lease(max(1, math.ceil(expires_at - time.time())))
+        value = orjson.dumps({"kind": kind, "data": data, "expires_at": expires_at})
+        self.client.txn([], [_put(self._key(GRANTS, digest.hex()), value, lease)])
+
+    def _grant(self, digest: bytes, kind: str) -> tuple[dict[str, Any], int] | None:
+        answer = self.client.call("kv/range", {"key": b64(self._key(GRANTS, digest.hex()))})
+        for raw in answer.get("kvs", ()):
+            grant = orjson.loads(unb64(raw.get("value", "")))
+            if grant.get("kind") == kind:
+                return grant, int(raw["mod_revision"])
+        return None
 
     def take_grant(self, digest: bytes, kind: str, now: float) -> str | None:
-        raise UnavailableError(NOT_KEPT.format(what="OpenID Connect grants"))
+        found = self._grant(digest, kind)
+        if found is None:
+            return None
+        grant, revision = found
+        key = self._key(GRANTS, digest.hex())
+        taken, _, _ = self.client.txn([_unchanged(key, revision)], [_delete(key)])  # of two takers, one wins
+        return grant["data"] if taken and grant["expires_at"] > now else None
 
     def read_grant(self, digest: bytes, kind: str, now: float) -> str | None:
-        raise UnavailableError(NOT_KEPT.format(what="OpenID Connect grants"))
+        found = self._grant(digest, kind)
+        return found[0]["data"] if found is not None and found[0]["expires_at"] > now else None
 
     def record_activity(self, batch: Mapping[str, float]) -> None:
         self._record_newer(ACTIVITY, {name: (when, orjson.dumps(when)) for name, when in batch.items()})

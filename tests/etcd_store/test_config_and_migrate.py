@@ -5,7 +5,7 @@ import pytest
 
 from fastproxy.cli import main
 from fastproxy.config import ConfigError, EtcdConfig, load_config
-from fastproxy.store.base import NamespaceActivity, UnavailableError
+from fastproxy.store.base import NamespaceActivity
 from fastproxy.store.etcd import EtcdStore
 from fastproxy.store.sqlite import SqliteStore
 from tests.test_config import files, good, write  # noqa: F401 (files is a fixture)
@@ -51,23 +51,6 @@ def test_bad_etcd_settings_name_their_key(files, state, message):  # noqa: F811
     with pytest.raises(ConfigError) as error:
         load_config(write(tmp, etcd_config_text(tls, state)))
     assert str(error.value).startswith(message)
-
-
-def test_an_oidc_provider_on_etcd_is_refused_naming_why(files):  # noqa: F811
-    tmp, tls = files
-    text = etcd_config_text(tls, 'endpoints = ["http://127.0.0.1:2379"]\n') + \
-        '\n[tokens]\nissuer = "https://gw.example"\nsigning_keys_dir = "keys"\n\n[oidc]\nissuer = "https://gw.example/oidc"\n'
-    (tmp / "keys").mkdir(exist_ok=True)
-    with pytest.raises(ConfigError) as error:
-        load_config(write(tmp, text))
-    assert str(error.value) == ("oidc: its single-use grants are kept by the sqlite state backend only; "
-                                "[state] backend = 'etcd' does not keep them yet")
-
-
-def test_oidc_grants_are_refused_on_etcd_never_lost(store):
-    """Not kept on etcd yet: a write is a 503 naming the backend."""
-    with pytest.raises(UnavailableError, match="OpenID Connect grants are kept by the sqlite state backend only"):
-        store.put_grant(b"d", "code", "{}", 1e12)
 
 
 def test_migrate_copies_everything_once_and_verifies(files, etcd, etcd_config, capsys):  # noqa: F811
