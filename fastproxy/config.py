@@ -18,6 +18,7 @@ from .names import DNS_SUBDOMAIN
 
 if TYPE_CHECKING:
     from .grafana.config import GrafanaConfig
+    from .limits import LimitsConfig
     from .observe.accesslog import AccessLogConfig
     from .observe.audit import AuditConfig
 
@@ -174,6 +175,7 @@ class Config:
     virtual_clusters: tuple[VirtualClusterConfig, ...] = ()
     grafana: GrafanaConfig | None = None  # None: /grafana/ is not served
     login: LoginConfig = LoginConfig()
+    limits: LimitsConfig | None = None  # None: no limits per identity, cluster or worker
 
 
 class _Table:
@@ -492,6 +494,12 @@ def _grafana(data: object, clusters: tuple[ClusterConfig, ...]) -> GrafanaConfig
     return parse_grafana_config(data, frozenset(cluster.name for cluster in clusters))
 
 
+def _limits(data: object) -> LimitsConfig | None:
+    from .limits import parse_limits_config  # the limits module parses its own table
+
+    return parse_limits_config(data)
+
+
 def _check_jwks(table: _Table, path: str, algorithms: tuple[str, ...]) -> None:
     try:
         with open(path, "rb") as f:
@@ -524,6 +532,7 @@ def parse_config(data: dict, path: str = "") -> Config:
                              for item, where in _list_of_tables(root, "virtual_clusters"))
     grafana = _grafana(root._get("grafana", dict, None), clusters) if "grafana" in root.data else None
     login = _login(root._get("login", dict, {}), tokens)
+    limits = _limits(root._get("limits", dict, {}))
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):
@@ -542,7 +551,7 @@ def parse_config(data: dict, path: str = "") -> Config:
             raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
     return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens,
                   metrics=metrics, activity=activity, audit=audit, access_log=access_log,
-                  virtual_clusters=virtual_clusters, grafana=grafana, login=login)
+                  virtual_clusters=virtual_clusters, grafana=grafana, login=login, limits=limits)
 
 
 def load_config(path: str) -> Config:
