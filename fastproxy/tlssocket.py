@@ -299,7 +299,12 @@ class TLSSocketTransport(asyncio.Transport):
             return sock.context
         info = {"peername": sock.getpeername, "sockname": sock.getsockname, "peercert": sock.getpeercert,
                 "cipher": sock.cipher}.get(name)
-        return info() if info is not None else default
+        if info is None:
+            return default
+        try:
+            return info()
+        except OSError:  # a peer that reset the connection right after its handshake has no name left
+            return default
 
 
 def linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float = DRAIN_TIMEOUT) -> None:
