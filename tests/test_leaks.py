@@ -26,6 +26,7 @@ POOL_IDLE = 128  # idle connections a cluster's pool may keep (max_idle_connecti
 CONCURRENCY = 50
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))
 RESPONSE_HEADER_TIMEOUT = 2
+SOAK_CLIENTS = 7  # at once in the soak: as many idle upstream connections may stay in the pool
 RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST, as a client that vanished
 AUTH_LINE = f"Authorization: Bearer {ACCESS_KEY}\r\n"
 
@@ -184,7 +185,7 @@ async def soak(port: int, context: ssl.SSLContext, seconds: float, counts: dict[
             assert await reader.readuntil(b"\n") == b"LS -L\n"
             writer.close()
             counts["exec"] += 1
-    await asyncio.gather(*(gets() for _ in range(3)), lists(), *(watches() for _ in range(2)), execs())
+    await asyncio.gather(*(gets() for _ in range(3)), lists(), *(watches() for _ in range(2)), execs())  # SOAK_CLIENTS
 
 
 def trend(samples: list[tuple[float, int]]) -> float:
@@ -221,7 +222,7 @@ def test_a_mixed_soak_shows_no_growth_in_memory_or_descriptors(gateway, tls_file
     assert all(counts.values()), counts
     steady_seconds = steady[-1][0] - steady[0][0]
     assert fd_slope * steady_seconds < 8, fd_slope  # no descriptor trend while the soak runs...
-    assert after_fds <= base_fds  # ...and none left once it is over
+    assert after_fds <= base_fds + SOAK_CLIENTS  # ...and none left once it is over but the pool's idle ones
     if rss_slope * steady_seconds >= 4 * 2**20:
         # Measured: some 250-300 KiB/s for as long as the mix runs (120 s: 47 -> 90 MiB), while
         # each kind of request alone leaves RSS flat; the cause is not found yet.

@@ -133,7 +133,7 @@ def test_requests_past_the_identitys_limit_get_429_while_others_are_served(limit
     before = limited_counts(limited, tls_files)
     slow = [open_client(limited, tls_files) for _ in range(2)]
     for conn in slow:
-        conn.request("GET", f"{BASE}/slow?delay=3", ALICE)
+        conn.request("GET", f"{BASE}/slow?delay=2", ALICE)
     time.sleep(0.5)  # both in flight at the cluster
     third = open_client(limited, tls_files)
     third.request("GET", f"{BASE}/echo", ALICE)
@@ -155,7 +155,7 @@ def test_requests_past_the_identitys_limit_get_429_while_others_are_served(limit
 def test_the_clusters_limit_counts_every_identity(limited, tls_files):
     held = [open_client(limited, tls_files) for _ in range(3)]
     for conn, who in zip(held, (ALICE, ALICE, BOB)):
-        conn.request("GET", f"{BASE}/slow?delay=3", who)
+        conn.request("GET", f"{BASE}/slow?delay=2", who)
     time.sleep(0.5)
     fourth = open_client(limited, tls_files)
     fourth.request("GET", f"{BASE}/echo", BOB)  # bob holds 1 of his 2, but the cluster holds 3 of 3
