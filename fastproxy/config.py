@@ -18,6 +18,7 @@ from .names import DNS_SUBDOMAIN
 
 if TYPE_CHECKING:
     from .grafana.config import GrafanaConfig
+    from .limits import LimitsConfig
     from .observe.accesslog import AccessLogConfig
     from .observe.audit import AuditConfig
     from .oidc.config import OidcConfig
@@ -206,6 +207,7 @@ class Config:
     login: LoginConfig = LoginConfig()
     ui: UIConfig = UIConfig()
     oidc: OidcConfig | None = None  # None: /oidc/ is not served
+    limits: LimitsConfig | None = None  # None: no limits per identity, cluster or worker
 
 
 class _Table:
@@ -561,6 +563,12 @@ def _oidc(data: object, tokens: TokensConfig | None, state: StateConfig | None) 
     return parse_oidc_config(data, tokens.issuer if tokens is not None and tokens.signing_keys_dir else None)
 
 
+def _limits(data: object) -> LimitsConfig | None:
+    from .limits import parse_limits_config  # the limits module parses its own table
+
+    return parse_limits_config(data)
+
+
 def _check_jwks(table: _Table, path: str, algorithms: tuple[str, ...]) -> None:
     try:
         with open(path, "rb") as f:
@@ -595,6 +603,7 @@ def parse_config(data: dict, path: str = "") -> Config:
     login = _login(root._get("login", dict, {}), tokens)
     ui = _ui(root._get("ui", dict, {}))
     oidc = _oidc(root._get("oidc", dict, None), tokens, state) if "oidc" in root.data else None
+    limits = _limits(root._get("limits", dict, {}))
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):
@@ -613,7 +622,8 @@ def parse_config(data: dict, path: str = "") -> Config:
             raise ConfigError(f"access_keys[{i}]: the same key is configured twice")
     return Config(server=server, clusters=clusters, access_keys=access_keys, path=path, state=state, tokens=tokens,
                   metrics=metrics, activity=activity, audit=audit, access_log=access_log,
-                  virtual_clusters=virtual_clusters, grafana=grafana, login=login, ui=ui, oidc=oidc)
+                  virtual_clusters=virtual_clusters, grafana=grafana, login=login, ui=ui, oidc=oidc,
+                  limits=limits)
 
 
 def load_config(path: str) -> Config:

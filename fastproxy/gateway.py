@@ -12,6 +12,7 @@ from .config import Config
 from .context import FLUSH_INTERVAL, BatchObserver, Observer, Observers, RequestContext, RequestHead, RequestIds
 from .exchange import Connection, Responder
 from .grafana.proxy import GrafanaProxy
+from .limits import Admission
 from .local import READY, HealthChecks
 from .login import AuthEndpoints
 from .management.api import ManagementAPI
@@ -79,6 +80,12 @@ class Gateway:
                                  if log is not None}
             self.proxy.reviewer = CountedReviewer(self.metrics.impersonation)
             self.vcluster_proxy.reviewer = self.proxy.reviewer
+        limits = config.limits
+        if limits is not None and limits.per_request:  # otherwise the cluster route costs nothing more
+            admission = Admission(limits, self.proxy)
+            self.handlers[CLUSTER] = admission.responder
+            if self.metrics is not None:
+                admission.refused = self.metrics.limited
         self.grafana: GrafanaProxy | None = None
         if config.grafana is not None:
             self.grafana = GrafanaProxy(config.grafana, config.server, self.authenticator, loop)
@@ -140,7 +147,7 @@ class Gateway:
             close = err.close or not keep_alive or any(n.lower() == b"expect" for n, _ in head.headers)
             responder = Responder(client, ctx, observers, not close)
             responder.canned = status_response(err.code, err.message, close=close, reason=err.reason, details=err.details,
-                                               extra=ctx.id_line)
+                                               extra=err.headers + ctx.id_line)
             ctx.message = err.message
         if observers.active:
             observers.start(ctx)

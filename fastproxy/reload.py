@@ -11,7 +11,7 @@ from .config import Config, ConfigError, load_config
 # the metrics share, the audit and access log writers, the virtual clusters' and Grafana's
 # registries): a change to them needs a restart.
 _RESTART_TABLES = ("state", "tokens", "metrics", "activity", "audit", "access_log", "virtual_clusters", "grafana",
-                   "login", "ui", "oidc")
+                   "login", "ui", "oidc", "limits")
 
 
 def reload_refusal(old: Config, new: Config) -> str | None:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import uvloop
 
+from .accepting import Acceptor, PlainListener
 from .auth.credentials import Authenticator
 from .client import ClientConnection
 from .config import Config, ConfigError, ServerConfig, load_config
@@ -96,7 +97,7 @@ class Worker:
         self.reporter = reporter or Reporter()
         self.phase = Phase.STARTING
         self.stopping = asyncio.Event()
-        self.listener: TLSListener | asyncio.AbstractServer | None = None
+        self.listener: Acceptor | asyncio.AbstractServer | None = None
         self.gateway.health.add(READY, SHUTDOWN, lambda: "draining" if self.phase is Phase.DRAINING else None)
 
     def stop(self) -> None:
@@ -123,12 +124,17 @@ class Worker:
             self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         def connection() -> ClientConnection:
             return ClientConnection(self.gateway)
-        if context is None:
+        cap = self.config.limits.connections_per_worker if self.config.limits is not None else 0
+        if context is None and cap:
+            self.listener = PlainListener(self.loop, self.sock, connection)
+        elif context is None:
             self.listener = await self.loop.create_server(connection, sock=self.sock, backlog=4096)
         else:
             # A client gets the request-head timeout to finish its handshake as well.
             self.listener = TLSListener(self.loop, self.sock, context, connection, server_config.header_timeout,
                                         status_response(400, "this port speaks HTTPS; the client sent plain HTTP", close=True))
+        if cap and isinstance(self.listener, Acceptor):
+            self.listener.room = self._room_below(cap)
         self.gateway.start()
         self.loop.call_later(SWEEP_INTERVAL, self._sweep)
         self.phase = Phase.SERVING
@@ -138,6 +144,12 @@ class Worker:
         self.reporter.stopping()
         self.listener.close()
         await self._drain()
+
+    def _room_below(self, cap: int) -> Callable[[], bool]:
+        """Whether the worker holds fewer than `cap` client connections (handshakes included)."""
+        connections, listener = self.gateway.connections, self.listener
+        assert isinstance(listener, Acceptor)
+        return lambda: len(connections) + listener.handshakes < cap
 
     def _sweep(self) -> None:
         now = self.loop.time()

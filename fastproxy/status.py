@@ -60,13 +60,14 @@ class StatusError(Exception):
     """A refusal to answer with a Kubernetes Status; `close` ends the client connection after it."""
 
     def __init__(self, code: int, message: str, *, close: bool = False, reason: str | None = None,
-                 details: dict[str, Any] | None = None):
+                 details: dict[str, Any] | None = None, headers: bytes = b""):
         super().__init__(message)
         self.code = code
         self.message = message
         self.close = close
         self.reason = reason or REASONS.get(code, "Unknown")
         self.details = details  # the Status's details: name, group, kind, causes
+        self.headers = headers  # more header lines for the response (Retry-After)
 
 
 def status_body(code: int, message: str, reason: str | None = None, details: dict[str, Any] | None = None) -> bytes:

@@ -13,20 +13,18 @@ TLSSocketTransport implements the part of asyncio.Transport that the gateway's p
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import logging
 import socket
 import ssl
 from collections.abc import Callable
 
+from .accepting import Acceptor
+
 RECORD = 16384            # the largest TLS record payload: a full one suggests more are queued
 READ_BUDGET = 256 * 1024  # bytes read per readiness callback before the loop gets a turn
 DRAIN_TIMEOUT = 10.0      # how long a closing connection waits for the peer to close its side
-ACCEPT_BATCH = 128        # connections accepted per readiness callback
-ACCEPT_PAUSE = 1.0        # how long accepting rests when the process is out of file descriptors
 _WAIT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
-_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 log = logging.getLogger("fastproxy")
 
@@ -301,7 +299,12 @@ class TLSSocketTransport(asyncio.Transport):
             return sock.context
         info = {"peername": sock.getpeername, "sockname": sock.getsockname, "peercert": sock.getpeercert,
                 "cipher": sock.cipher}.get(name)
-        return info() if info is not None else default
+        if info is None:
+            return default
+        try:
+            return info()
+        except OSError:  # a peer that reset the connection right after its handshake has no name left
+            return default
 
 
 def linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float = DRAIN_TIMEOUT) -> None:
@@ -337,7 +340,7 @@ def linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float 
     loop.add_reader(fd, drain)
 
 
-class TLSListener:
+class TLSListener(Acceptor):
     """Accepts clients on a listening socket, completes each TLS handshake, then starts a transport.
 
     A handshake is a few callbacks on the socket's readiness, not a task; a client that has not
@@ -354,38 +357,21 @@ class TLSListener:
         handshake_timeout: float,
         plain_http_answer: bytes = b"",
     ):
-        self._loop = loop
-        self._listener = listener
+        super().__init__(loop, listener)
         self.context = context
         self._protocol_factory = protocol_factory
         self._handshake_timeout = handshake_timeout
         self._plain_http_answer = plain_http_answer
-        self._resume: asyncio.TimerHandle | None = None
-        self.handshakes = 0  # in progress: a drain lets them finish
-        listener.setblocking(False)
-        loop.add_reader(listener.fileno(), self._accept)
 
-    def _accept(self) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
-                    log.error("cannot accept clients for %gs: %s", ACCEPT_PAUSE, exc)
-                    self._loop.remove_reader(self._listener.fileno())
-                    self._resume = self._loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
-                    return
-                continue  # that client gave up (ECONNABORTED and the like)
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            except (OSError, ValueError):
-                sock.close()
-                continue
-            self._handshake(tls)
+    def accepted(self, sock: socket.socket) -> None:
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError):
+            sock.close()
+            return
+        self._handshake(tls)
 
     def _handshake(self, tls: ssl.SSLSocket) -> None:
         self.handshakes += 1
@@ -413,20 +399,6 @@ class TLSListener:
 
         timer = self._loop.call_later(self._handshake_timeout, give_up)
         handshake = _Handshake(self._loop, tls, done)
-
-    def _resume_accepting(self) -> None:
-        self._resume = None
-        self._loop.add_reader(self._listener.fileno(), self._accept)
-
-    def close(self) -> None:
-        """Stop accepting; connections already accepted carry on."""
-        if self._listener.fileno() < 0:
-            return
-        if self._resume is not None:
-            self._resume.cancel()
-        else:
-            self._loop.remove_reader(self._listener.fileno())
-        self._listener.close()
 
 
 class _Handshake:

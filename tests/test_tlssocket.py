@@ -15,7 +15,8 @@ import time
 import pytest
 import uvloop
 
-from fastproxy.tlssocket import ACCEPT_PAUSE, READ_BUDGET, TLSListener, open_tls_connection
+from fastproxy.accepting import ACCEPT_PAUSE
+from fastproxy.tlssocket import READ_BUDGET, TLSListener, open_tls_connection
 
 
 class Recorder(asyncio.Protocol):

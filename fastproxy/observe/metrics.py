@@ -38,6 +38,7 @@ from .. import headers as hdrs
 from ..auth.impersonation import ImpersonationReviewer
 from ..auth.requestinfo import request_info, request_verb
 from ..auth.scopes import check_scope
+from ..limits import LIMITS
 from ..local import LocalResponder
 from ..proxy import is_long_running
 from ..status import StatusError
@@ -126,6 +127,7 @@ class Metrics:
         self.streams: dict[RequestContext, tuple[dict[str, int], str]] = {}
         self.auth_failures = dict.fromkeys(AUTH_FAILURE_REASONS, 0)
         self.impersonation = dict.fromkeys(IMPERSONATION_OUTCOMES, 0)
+        self.limited = dict.fromkeys(LIMITS, 0)  # requests refused with 429, by the limit they met
         self.logs: dict[str, BackgroundWriter] = {}  # the audit and access logs' writers, by LOGS name
 
     # --- the observer: batches of requests, on the event loop (context.BatchObserver) ----------
@@ -266,6 +268,7 @@ class Metrics:
             "tunnels": self._gauge(self.tunnels),
             "auth_failures": self.auth_failures,
             "impersonation": self.impersonation,
+            "limited": self.limited,
             "pools": pools,
             "logs": {name: [writer.written, writer.dropped] for name, writer in self.logs.items()},
             "store_failing": int(self._store_failing()),
@@ -403,11 +406,12 @@ def merge(states: Iterable[dict[str, Any]], *, gauges: bool = True) -> dict[str,
     total: dict[str, Any] = {"in_flight": 0, "watches": {}, "tunnels": {}, "pools": {},
                              "auth_failures": dict.fromkeys(AUTH_FAILURE_REASONS, 0),
                              "impersonation": dict.fromkeys(IMPERSONATION_OUTCOMES, 0),
+                             "limited": dict.fromkeys(LIMITS, 0),
                              "logs": {name: [0, 0] for name in LOGS}, "store_failing": 0}
     for state in states:
         _add_rows(short, state.get("short", ()), 4)
         _add_rows(long, state.get("long", ()), 4)
-        for name in ("auth_failures", "impersonation"):
+        for name in ("auth_failures", "impersonation", "limited"):
             for label, value in state.get(name, {}).items():
                 total[name][label] = total[name].get(label, 0) + value
         for name, figures in state.get("logs", {}).items():
@@ -606,7 +610,8 @@ def render(state: dict[str, Any], processes: list[tuple[float, int, int, int, in
     for name, field, label, help in (
             ("fastproxy_authentication_failures_total", "auth_failures", "reason", "Requests refused with 401, by reason."),
             ("fastproxy_impersonation_reviews_total", "impersonation", "outcome",
-             "Impersonation (kubectl --as) checked with the cluster: allowed, refused, or failed to check.")):
+             "Impersonation (kubectl --as) checked with the cluster: allowed, refused, or failed to check."),
+            ("fastproxy_limited_requests_total", "limited", "limit", "Requests refused with 429 by a [limits] limit.")):
         out.samples(name, "counter", help, (label,), (((value_label,), value) for value_label, value in sorted(state[field].items())))
     out.samples("fastproxy_state_store_failing_workers", "gauge",
                 "Workers serving from their last snapshot because the state store (SQLite file or etcd) cannot "
