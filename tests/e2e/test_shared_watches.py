@@ -8,6 +8,7 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
@@ -18,12 +19,13 @@ from tests.helpers import start_gateway
 
 pytestmark = pytest.mark.e2e
 WATCH = f"/kubernetes/cluster/{CLUSTER}/api/v1/namespaces/team-b/configmaps?watch=1"
+HISTORY = 50  # changes the simulated cluster keeps for watches; older versions get 410
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     state = tmp_path_factory.mktemp("shared-watch")
-    cluster = start_devcluster(state / "cluster", rules=VIEWER_RULES, verbose=True)
+    cluster = start_devcluster(state / "cluster", rules=VIEWER_RULES, verbose=True, watch_history=HISTORY)
     gateway = None
     try:
         listen = f"127.0.0.1:{free_port()}"
@@ -38,6 +40,26 @@ def stack(tmp_path_factory):
         cluster.stop()
 
 
+def cluster_api(cluster, method: str, path: str, body: dict | None = None) -> dict:
+    """A request straight to the simulated cluster as its admin (changes the watches then see)."""
+    context = ssl.create_default_context(cafile=str(cluster.ca_file))
+    request = urllib.request.Request(cluster.url + path, method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {cluster.admin_token}",
+                                              "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, context=context, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def create_configmap(cluster, name: str, data: str = "") -> dict:
+    return cluster_api(cluster, "POST", "/api/v1/namespaces/team-b/configmaps",
+                       {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"d": data}})
+
+
+def delete_configmap(cluster, name: str) -> None:
+    cluster_api(cluster, "DELETE", f"/api/v1/namespaces/team-b/configmaps/{name}")
+
+
 class Watch:
     """One client's watch over its own TLS connection, read event by event."""
 
@@ -49,18 +71,23 @@ class Watch:
         token = (state / "admin.key").read_text().strip()
         self.sock.sendall(f"GET {WATCH}{query} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
                           "Accept: application/json\r\n\r\n".encode())
-        self.buffer = b""
+        self.buffer = bytearray()  # appended to in place: a slow reader gets many small pieces
         head = self._until(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head
         assert b"chunked" in head.lower()
 
-    def _until(self, mark: bytes) -> bytes:
-        while mark not in self.buffer:
-            data = self.sock.recv(65536)
+    def _fill(self, size: int) -> None:
+        while len(self.buffer) < size:
+            data = self.sock.recv(1 << 20)
             if not data:
-                raise EOFError(self.buffer)
+                raise EOFError(bytes(self.buffer))
             self.buffer += data
-        found, _, self.buffer = self.buffer.partition(mark)
+
+    def _until(self, mark: bytes) -> bytes:
+        while (at := self.buffer.find(mark)) < 0:
+            self._fill(len(self.buffer) + 1)
+        found = bytes(self.buffer[:at])
+        del self.buffer[:at + len(mark)]
         return found
 
     def next(self) -> dict | None:
@@ -69,12 +96,9 @@ class Watch:
         if size == 0:
             assert self._until(b"\r\n") == b""
             return None
-        while len(self.buffer) < size + 2:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError(self.buffer)
-            self.buffer += data
-        chunk, self.buffer = self.buffer[:size], self.buffer[size + 2:]
+        self._fill(size + 2)
+        chunk = bytes(self.buffer[:size])
+        del self.buffer[:size + 2]
         return json.loads(chunk)
 
     def named(self) -> tuple[str, str]:
@@ -202,3 +226,44 @@ def test_two_kubectl_watches_share_one_stream(stack):
         kubectl(env, "delete", "configmap", "kubectl-shared", "-n", "team-b", "--ignore-not-found")
     # kubectl lists, then watches from the list's version: the same one for both here.
     assert settle(lambda: upstream_watches(cluster), before + 1) == before + 1
+
+
+def test_a_slow_client_is_ended_alone(stack):
+    _, _, cluster, _ = stack
+    slow, fast = Watch(stack), Watch(stack)
+    names = [f"big-{i}" for i in range(12)]
+    try:
+        assert fast.named() == ("ADDED", "app-config")
+        # The slow client reads nothing more while ~12 MB of events go out, more than the
+        # kernel's socket buffers and the gateway's write buffer bound hold together.
+        for name in names:
+            create_configmap(cluster, name, "x" * 1_000_000)
+            assert fast.named() == ("ADDED", name)
+        create_configmap(cluster, "after-slow")
+        assert fast.named() == ("ADDED", "after-slow")
+        # What the gateway had taken for the slow client still arrives, then a clean end.
+        seen = []
+        while (event := slow.next()) is not None:
+            seen.append(event["object"]["metadata"]["name"])
+        assert seen[0] == "app-config" and seen[1:] == names[:len(seen) - 1] and len(seen) < len(names)
+    finally:
+        slow.close()
+        fast.close()
+        for name in [*names, "after-slow"]:
+            delete_configmap(cluster, name)
+
+
+def test_an_expired_version_reaches_every_subscriber_and_ends_their_streams(stack):
+    _, _, cluster, _ = stack
+    for i in range(HISTORY + 1):  # push the oldest versions out of the cluster's history
+        create_configmap(cluster, f"churn-{i}")
+        delete_configmap(cluster, f"churn-{i}")
+    watches = [Watch(stack, "&resourceVersion=2") for _ in range(3)]
+    try:
+        for watch in watches:
+            event = watch.next()
+            assert event is not None and event["type"] == "ERROR" and event["object"]["code"] == 410
+            assert watch.next() is None  # the upstream ended: every stream ends cleanly
+    finally:
+        for watch in watches:
+            watch.close()
