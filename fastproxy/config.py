@@ -43,6 +43,7 @@ class ServerConfig:
     watch_termination_period: float = 10.0
     log_level: str = "info"
     pid_file: str | None = None  # where `fastproxy reload` finds the running gateway
+    share_watches: bool = False  # same watches of one identity share one upstream stream
 
     @property
     def tls(self) -> bool:
@@ -324,6 +325,7 @@ def _server(data: object) -> ServerConfig:
         watch_termination_period=t.positive("watch_termination_period", float, 10.0, allow_zero=True),
         log_level=log_level,
         pid_file=_writable_path(t, "pid_file"),
+        share_watches=t.bool("share_watches"),
     )
     t.finish()
     return server
@@ -604,6 +606,9 @@ def parse_config(data: dict, path: str = "") -> Config:
     ui = _ui(root._get("ui", dict, {}))
     oidc = _oidc(root._get("oidc", dict, None), tokens, state) if "oidc" in root.data else None
     limits = _limits(root._get("limits", dict, {}))
+    if server.share_watches and limits is not None and limits.per_request:
+        raise ConfigError("server.share_watches: cannot be combined with [limits] on requests, watches or tunnels "
+                          "yet (a shared watch is not counted against them); set one or the other")
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):

@@ -15,6 +15,7 @@ from .exchange import AWAITING_HEAD
 from .lifecycle import Census
 from .local import LocalResponder
 from .proxy import ProxyExchange
+from .watchstream import WatchSubscriber
 
 
 class Busy(enum.Enum):
@@ -33,7 +34,7 @@ def busy(conn: ClientConnection) -> Busy:
     if responder.tunnel or responder.upgrade:
         return Busy.TUNNEL
     if (isinstance(responder, ProxyExchange) and responder.plan.long_running) or \
-            (isinstance(responder, LocalResponder) and responder.streaming):
+            (isinstance(responder, LocalResponder) and responder.streaming) or isinstance(responder, WatchSubscriber):
         return Busy.WATCH
     return Busy.REQUEST
 

@@ -27,6 +27,7 @@ from .context import Observers, RequestContext, RequestHead
 from .exchange import AWAITING_RESPONSE, Connection, Responder
 from .flow import AWAITING_PEER, PEER_FULL, PENDING_LIMIT
 from .status import StatusError
+from .watchstream import WatchStreams, watch_subscriber
 
 if TYPE_CHECKING:
     from .upstream import UpstreamConnection
@@ -63,10 +64,16 @@ class ClusterProxy:
         self.loop = loop
         self.reviewer = ImpersonationReviewer()
         self.reviews: set[asyncio.Task] = set()  # running impersonation reviews, kept from collection
+        self.watches = WatchStreams(loop) if server.share_watches else None
 
     def responder(self, client: Connection, ctx: RequestContext, observers: Observers,
-                 keep_alive: bool) -> ProxyExchange:
-        return ProxyExchange(client, ctx, observers, keep_alive, self, self.plan(ctx))
+                 keep_alive: bool) -> Responder:
+        plan = self.plan(ctx)
+        if plan.long_running and self.watches is not None:
+            shared = watch_subscriber(client, ctx, observers, keep_alive, self.watches, plan, self.review_impersonation)
+            if shared is not None:
+                return shared
+        return ProxyExchange(client, ctx, observers, keep_alive, self, plan)
 
     def plan(self, ctx: RequestContext) -> ProxyPlan:
         """Decide what goes to the cluster, or raise StatusError. No I/O; fills in ctx.identity."""

@@ -321,3 +321,10 @@ def test_plain_http_past_the_connection_cap_waits_as_well(gateway_config, tls_fi
         held[0].close()
     finally:
         process.stop()
+
+
+def test_shared_watches_and_per_request_limits_are_refused_together():
+    """A shared watch bypasses the per-identity counters: the combination is refused, naming why."""
+    with pytest.raises(ConfigError, match="server.share_watches: cannot be combined with \\[limits\\]"):
+        parse_config({"server": {"share_watches": True}, "limits": {"watches_per_identity": 2}})
+    assert parse_config({"server": {"share_watches": True}, "limits": {"connections_per_worker": 100}}).server.share_watches

@@ -67,7 +67,7 @@ def start_devcluster(directory: str | os.PathLike, *, rules: RulesArg = None,
                      tokens: Mapping[str, tuple[str, Iterable[str]]] | None = None,
                      activity_rate: float = 0, seed: bool = True, listen: str = "127.0.0.1:0",
                      watch_history: int = 1000, services: Mapping[str, str | os.PathLike] | None = None,
-                     timeout: float = 20) -> DevCluster:
+                     timeout: float = 20, verbose: bool = False) -> DevCluster:
     """Start `python -m devcluster` and wait until it is ready.
 
     `rules` is a rules file path or the rules themselves (written to DIR/rules.json); `tokens`
@@ -81,7 +81,7 @@ def start_devcluster(directory: str | os.PathLike, *, rules: RulesArg = None,
     ready_file.unlink(missing_ok=True)
     command = [sys.executable, "-m", "devcluster", "--dir", str(directory), "--listen", listen,
                "--activity-rate", str(activity_rate), "--watch-history", str(watch_history),
-               "--seed" if seed else "--no-seed"]
+               "--seed" if seed else "--no-seed", *(["--verbose"] if verbose else [])]
     if rules is not None:
         if not isinstance(rules, (str, os.PathLike)):
             rules_file = directory / "rules.json"
