@@ -27,6 +27,7 @@ import hmac
 import math
 import re
 import ssl
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -382,6 +383,14 @@ def check_token(value: Any) -> str:
             not all("!" <= char <= "~" for char in value):
         raise InvalidError(f"token is not printable ASCII without spaces of at most {MAX_TOKEN_BYTES} bytes", "token")
     return value
+
+
+def new_instance(namespace: str, name: str, fields: Mapping[str, Any]) -> VirtualClusterInstance:
+    """A new virtual cluster instance from a create's arguments, every one checked (both backends' part)."""
+    check_object_name(namespace, "namespace")
+    check_object_name(name, "virtual cluster")
+    checked = checked_changes(INSTANCE_FIELDS, fields, "virtual cluster instance")
+    return check_instance(VirtualClusterInstance(namespace, name, created=time.time(), uid=new_uid(), **checked))
 
 
 def check_instance(instance: VirtualClusterInstance) -> VirtualClusterInstance:

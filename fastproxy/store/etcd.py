@@ -61,6 +61,7 @@ from .base import (
     check_revoked_token,
     check_version,
     checked_changes,
+    new_instance,
     new_uid,
     user_changes,
     with_keys_changed,
@@ -470,12 +471,9 @@ class EtcdStore(StateAdmin):
                                         ca_data: str = "", token: str = "", display_name: str = "",
                                         description: str = "", labels: Mapping[str, str] = EMPTY,
                                         annotations: Mapping[str, str] = EMPTY) -> VirtualClusterInstance:
-        check_object_name(namespace, "namespace")
-        check_object_name(name, "virtual cluster")
-        fields = checked_changes(INSTANCE_FIELDS, {
+        instance = new_instance(namespace, name, {
             "cluster": cluster, "server": server, "ca_data": ca_data, "token": token, "display_name": display_name,
-            "description": description, "labels": labels, "annotations": annotations}, "virtual cluster instance")
-        instance = check_instance(VirtualClusterInstance(namespace, name, created=time.time(), uid=new_uid(), **fields))
+            "description": description, "labels": labels, "annotations": annotations})
         key = self._key(INSTANCES.folder, f"{namespace}/{name}")
 
         def plan() -> Plan:

@@ -53,6 +53,7 @@ from .base import (
     check_version,
     checked_changes,
     key_digest,
+    new_instance,
     new_uid,
     user_changes,
 )
@@ -425,12 +426,9 @@ class SqliteStore(StateAdmin):
                                         ca_data: str = "", token: str = "", display_name: str = "",
                                         description: str = "", labels: Mapping[str, str] = EMPTY,
                                         annotations: Mapping[str, str] = EMPTY) -> VirtualClusterInstance:
-        check_object_name(namespace, "namespace")
-        check_object_name(name, "virtual cluster")
-        fields = checked_changes(INSTANCE_FIELDS, {
+        instance = new_instance(namespace, name, {
             "cluster": cluster, "server": server, "ca_data": ca_data, "token": token, "display_name": display_name,
-            "description": description, "labels": labels, "annotations": annotations}, "virtual cluster instance")
-        instance = check_instance(VirtualClusterInstance(namespace, name, created=time.time(), uid=new_uid(), **fields))
+            "description": description, "labels": labels, "annotations": annotations})
         with self._transaction(write=True) as db:
             if _read_instance(db, namespace, name) is not None:
                 raise AlreadyExistsError(f"virtual cluster instance {namespace}/{name} already exists")

@@ -112,8 +112,14 @@ def test_discovery_names_the_endpoints_below_the_issuer():
 
 
 @pytest.fixture
-def grants(tmp_path):
-    store = SqliteStore(tmp_path / "state.db")
+def new_store(tmp_path):
+    """Opens another connection to the grants' store: each taker of a code its own."""
+    return lambda: SqliteStore(tmp_path / "state.db")
+
+
+@pytest.fixture
+def grants(new_store):
+    store = new_store()
     yield Grants(store)
     store.close()
 
@@ -142,9 +148,9 @@ def test_the_store_keeps_digests_not_secrets(grants, tmp_path):
         path.read_bytes() for path in tmp_path.glob("state.db-*"))
 
 
-def test_of_many_takers_of_one_code_exactly_one_gets_it(grants, tmp_path):
+def test_of_many_takers_of_one_code_exactly_one_gets_it(grants, new_store):
     grants.put(CODE, "raced", GRANT, 60)
-    stores = [Grants(SqliteStore(tmp_path / "state.db")) for _ in range(8)]  # each its own connection
+    stores = [Grants(new_store()) for _ in range(8)]  # each its own connection
     got: list[Grant | None] = []
     start = threading.Barrier(len(stores))
 
