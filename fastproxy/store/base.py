@@ -26,6 +26,7 @@ import base64
 import hmac
 import math
 import re
+import secrets
 import ssl
 import time
 import uuid
@@ -399,6 +400,20 @@ def check_instance(instance: VirtualClusterInstance) -> VirtualClusterInstance:
         raise InvalidError("caData and token need a server (without one the host's service proxy is used with "
                            "the host's credential)", "server")
     return instance
+
+
+def new_access_key(user: str | None, team: str | None, name: str | None, type: str, ttl: int,
+                   ttl_after_last_activity: bool, now: float | None, fields: Mapping[str, Any]) -> tuple[AccessKey, str]:
+    """A new access key and its secret from a create's arguments, every one checked (both backends'
+    part); the key holds only the secret's digest."""
+    check_new_key(user, team, type, ttl, ttl_after_last_activity)
+    checked = checked_changes(ACCESS_KEY_FIELDS, fields, "access key")
+    owner = user if user is not None else team
+    name = check_object_name(name or f"{owner}-{secrets.token_hex(4)}", "access key")
+    secret = secrets.token_urlsafe(32)
+    key = AccessKey(name, type, user, team, key_digest(secret), ttl=ttl, ttl_after_last_activity=ttl_after_last_activity,
+                    created=time.time() if now is None else now, uid=new_uid(), **checked)
+    return key, secret
 
 
 def check_new_key(user: str | None, team: str | None, type: str, ttl: int, ttl_after_last_activity: bool) -> None:

@@ -22,7 +22,6 @@ import functools
 import logging
 import math
 import random
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -32,7 +31,6 @@ from typing import Any, Generic, TypeVar
 
 import orjson
 
-from ..auth.identity import key_digest
 from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX
 from ..config import EtcdConfig
 from ..names import DNS_SUBDOMAIN
@@ -56,11 +54,11 @@ from .base import (
     VirtualClusterInstance,
     build_snapshot,
     check_instance,
-    check_new_key,
     check_object_name,
     check_revoked_token,
     check_version,
     checked_changes,
+    new_access_key,
     new_instance,
     new_uid,
     user_changes,
@@ -431,15 +429,11 @@ class EtcdStore(StateAdmin):
                           ttl_after_last_activity: bool = False, scope: Any = None,
                           now: float | None = None, description: str = "", labels: Mapping[str, str] = EMPTY,
                           annotations: Mapping[str, str] = EMPTY) -> tuple[AccessKey, str]:
-        check_new_key(user, team, type, ttl, ttl_after_last_activity)
-        fields = checked_changes(ACCESS_KEY_FIELDS, {"display_name": display_name, "scope": scope,
-                                                     "description": description, "labels": labels,
-                                                     "annotations": annotations}, "access key")
+        key, secret = new_access_key(user, team, name, type, ttl, ttl_after_last_activity, now, {
+            "display_name": display_name, "scope": scope, "description": description, "labels": labels,
+            "annotations": annotations})
         owner = user if user is not None else team
-        name = check_object_name(name or f"{owner}-{secrets.token_hex(4)}", "access key")
-        secret = secrets.token_urlsafe(32)
-        key = AccessKey(name, type, user, team, key_digest(secret), ttl=ttl, ttl_after_last_activity=ttl_after_last_activity,
-                        created=time.time() if now is None else now, uid=new_uid(), **fields)
+        name = key.name
         kind: Kind[Any] = USERS if user is not None else TEAMS
         assert owner is not None  # check_new_key
 

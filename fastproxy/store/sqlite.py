@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -47,12 +46,11 @@ from .base import (
     VirtualClusterInstance,
     build_snapshot,
     check_instance,
-    check_new_key,
     check_object_name,
     check_revoked_token,
     check_version,
     checked_changes,
-    key_digest,
+    new_access_key,
     new_instance,
     new_uid,
     user_changes,
@@ -321,15 +319,11 @@ class SqliteStore(StateAdmin):
                           ttl_after_last_activity: bool = False, scope: Any = None,
                           now: float | None = None, description: str = "", labels: Mapping[str, str] = EMPTY,
                           annotations: Mapping[str, str] = EMPTY) -> tuple[AccessKey, str]:
-        check_new_key(user, team, type, ttl, ttl_after_last_activity)
-        fields = checked_changes(ACCESS_KEY_FIELDS, {"display_name": display_name, "scope": scope,
-                                                     "description": description, "labels": labels,
-                                                     "annotations": annotations}, "access key")
+        key, secret = new_access_key(user, team, name, type, ttl, ttl_after_last_activity, now, {
+            "display_name": display_name, "scope": scope, "description": description, "labels": labels,
+            "annotations": annotations})
         owner = user if user is not None else team
-        name = check_object_name(name or f"{owner}-{secrets.token_hex(4)}", "access key")
-        secret = secrets.token_urlsafe(32)
-        key = AccessKey(name, type, user, team, key_digest(secret), ttl=ttl, ttl_after_last_activity=ttl_after_last_activity,
-                        created=time.time() if now is None else now, uid=new_uid(), **fields)
+        name = key.name
         with self._transaction(write=True) as db:
             table, what = ("users", "user") if user is not None else ("teams", "team")
             if not _exists(db, table, owner):
