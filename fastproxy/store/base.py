@@ -601,12 +601,18 @@ class StateAdmin(ABC):
     def list_users(self) -> list[User]: ...
 
     @abstractmethod
+    def _update_checked(self, what: str, name: str, expected_version: int | None, fields: Mapping[str, Any]) -> Any:
+        """Set the checked `fields` of the `what` ("user", "team", "access key") named `name`; a change of
+        nothing writes nothing. The one write path behind every backend's update_user/team/access_key."""
+
     def update_user(self, name: str, *, expected_version: int | None = None, **changes: Any) -> User:
         """Set any of USER_FIELDS; an update that changes nothing writes nothing. A password is set as
         `password_hash=auth.passwords.hash_password(text)` ("" removes it): the store never sees the text."""
+        user: User = self._update_checked("user", name, expected_version, user_changes(name, changes))
+        return user
 
-    @abstractmethod
-    def disable_user(self, name: str) -> None: ...
+    def disable_user(self, name: str) -> None:
+        self.update_user(name, disabled=True)
 
     @abstractmethod
     def delete_user(self, name: str, *, expected_version: int | None = None) -> User:
@@ -623,9 +629,10 @@ class StateAdmin(ABC):
     @abstractmethod
     def list_teams(self) -> list[Team]: ...
 
-    @abstractmethod
     def update_team(self, name: str, *, expected_version: int | None = None, **changes: Any) -> Team:
         """Set any of TEAM_FIELDS; every member must be a user."""
+        team: Team = self._update_checked("team", name, expected_version, checked_changes(TEAM_FIELDS, changes, "team"))
+        return team
 
     @abstractmethod
     def delete_team(self, name: str, *, expected_version: int | None = None) -> Team:
@@ -645,20 +652,22 @@ class StateAdmin(ABC):
     @abstractmethod
     def list_access_keys(self) -> list[AccessKey]: ...
 
-    @abstractmethod
     def update_access_key(self, name: str, *, expected_version: int | None = None, **changes: Any) -> AccessKey:
         """Set any of ACCESS_KEY_FIELDS; the secret, owner, type and lifetime stay as created."""
+        key: AccessKey = self._update_checked("access key", name, expected_version,
+                                              checked_changes(ACCESS_KEY_FIELDS, changes, "access key"))
+        return key
 
-    @abstractmethod
-    def disable_access_key(self, name: str) -> None: ...
+    def disable_access_key(self, name: str) -> None:
+        self.update_access_key(name, disabled=True)
 
     @abstractmethod
     def delete_access_key(self, name: str, *, expected_version: int | None = None) -> AccessKey:
         """Delete the key: it stops resolving once readers load the next snapshot."""
 
-    @abstractmethod
     def revoke_access_key(self, name: str) -> None:
         """Delete the key, as delete_access_key does."""
+        self.delete_access_key(name)
 
     @abstractmethod
     def revoke_token(self, jti: str, expires_at: float) -> None:

@@ -35,7 +35,6 @@ from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX
 from ..config import EtcdConfig
 from ..names import DNS_SUBDOMAIN
 from .base import (
-    ACCESS_KEY_FIELDS,
     EMPTY,
     INSTANCE_FIELDS,
     TEAM_FIELDS,
@@ -131,6 +130,7 @@ class InstanceKind(Kind[Any]):
 USERS = Kind[User]("user", "users/", User)
 TEAMS = Kind[Team]("team", "teams/", Team)
 ACCESS_KEYS = Kind[AccessKey]("access key", "access-keys/", AccessKey, kept_apart=("last_activity",))
+_KINDS: dict[str, Kind[Any]] = {kind.what: kind for kind in (USERS, TEAMS, ACCESS_KEYS)}
 INSTANCES = InstanceKind("virtual cluster instance", "virtual-cluster-instances/", VirtualClusterInstance)
 KINDS: tuple[Kind[Any], ...] = (USERS, TEAMS, ACCESS_KEYS, INSTANCES)
 
@@ -319,8 +319,9 @@ class EtcdStore(StateAdmin):
             compare.append(_unchanged(self._key(USERS.folder, member), user.resource_version))
         return compare
 
-    def _update(self, kind: Kind[Obj], name: str, expected_version: int | None, fields: Mapping[str, Any]) -> Obj:
-        result: list[Obj] = []
+    def _update_checked(self, what: str, name: str, expected_version: int | None, fields: Mapping[str, Any]) -> Any:
+        kind: Kind[Any] = _KINDS[what]
+        result: list[Any] = []
 
         def plan() -> Plan:
             obj = self._get(kind, name)
@@ -386,12 +387,6 @@ class EtcdStore(StateAdmin):
                                      "password_hash": password_hash})
         return self._create(USERS, User(name, created=time.time(), uid=new_uid(), **fields))
 
-    def update_user(self, name: str, *, expected_version: int | None = None, **changes: Any) -> User:
-        return self._update(USERS, name, expected_version, user_changes(name, changes))
-
-    def disable_user(self, name: str) -> None:
-        self.update_user(name, disabled=True)
-
     def delete_user(self, name: str, *, expected_version: int | None = None) -> User:
         def owned(user: User) -> Plan:
             compare, operations = self._keys_of("user", name)
@@ -416,9 +411,6 @@ class EtcdStore(StateAdmin):
         team = Team(name, created=time.time(), uid=new_uid(), **fields)
         return self._create(TEAMS, team, lambda: self._members_exist(team.members))
 
-    def update_team(self, name: str, *, expected_version: int | None = None, **changes: Any) -> Team:
-        return self._update(TEAMS, name, expected_version, checked_changes(TEAM_FIELDS, changes, "team"))
-
     def delete_team(self, name: str, *, expected_version: int | None = None) -> Team:
         return self._delete_with(TEAMS, name, expected_version, lambda team: self._keys_of("team", name))
 
@@ -441,18 +433,9 @@ class EtcdStore(StateAdmin):
             return [_unchanged(self._key(kind.folder, owner), self._get(kind, owner).resource_version)]
         return self._create(ACCESS_KEYS, key, owner_unchanged), secret
 
-    def update_access_key(self, name: str, *, expected_version: int | None = None, **changes: Any) -> AccessKey:
-        return self._update(ACCESS_KEYS, name, expected_version, checked_changes(ACCESS_KEY_FIELDS, changes, "access key"))
-
-    def disable_access_key(self, name: str) -> None:
-        self.update_access_key(name, disabled=True)
-
     def delete_access_key(self, name: str, *, expected_version: int | None = None) -> AccessKey:
         return self._delete_with(ACCESS_KEYS, name, expected_version,
                                  lambda key: ([], [_delete(self._key(ACTIVITY, name))]))
-
-    def revoke_access_key(self, name: str) -> None:
-        self.delete_access_key(name)
 
     def revoke_token(self, jti: str, expires_at: float) -> None:
         check_revoked_token(jti, expires_at)

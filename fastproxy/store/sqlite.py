@@ -28,7 +28,6 @@ import orjson
 
 from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX
 from .base import (
-    ACCESS_KEY_FIELDS,
     EMPTY,
     INSTANCE_FIELDS,
     TEAM_FIELDS,
@@ -226,9 +225,8 @@ class SqliteStore(StateAdmin):
             check_version(obj, kind.what, expected_version)
             yield db, obj
 
-    def _update_object(self, kind: _Kind[Obj], name: str, expected_version: int | None,
-                       fields: Mapping[str, Any]) -> Obj:
-        """Set the checked `fields` of the object `name`; a change of nothing writes nothing."""
+    def _update_checked(self, what: str, name: str, expected_version: int | None, fields: Mapping[str, Any]) -> Any:
+        kind: _Kind[Any] = _KINDS[what]
         with self._current(kind, name, expected_version) as (db, obj):
             updated = replace(obj, **fields)
             if updated == obj:
@@ -264,12 +262,6 @@ class SqliteStore(StateAdmin):
         with self._transaction() as db:
             return [_user(row) for row in db.execute(f"{_USERS} ORDER BY name")]
 
-    def update_user(self, name: str, *, expected_version: int | None = None, **changes: Any) -> User:
-        return self._update_object(_USER_KIND, name, expected_version, user_changes(name, changes))
-
-    def disable_user(self, name: str) -> None:
-        self.update_user(name, disabled=True)
-
     def delete_user(self, name: str, *, expected_version: int | None = None) -> User:
         with self._current(_USER_KIND, name, expected_version) as (db, user):
             teams = [team for (team,) in db.execute("SELECT team FROM team_members WHERE user = ?", (name,))]
@@ -302,9 +294,6 @@ class SqliteStore(StateAdmin):
     def list_teams(self) -> list[Team]:
         with self._transaction() as db:
             return _teams(db)
-
-    def update_team(self, name: str, *, expected_version: int | None = None, **changes: Any) -> Team:
-        return self._update_object(_TEAM_KIND, name, expected_version, checked_changes(TEAM_FIELDS, changes, "team"))
 
     def delete_team(self, name: str, *, expected_version: int | None = None) -> Team:
         with self._current(_TEAM_KIND, name, expected_version) as (db, team):
@@ -341,20 +330,10 @@ class SqliteStore(StateAdmin):
         with self._transaction() as db:
             return _access_keys(db)
 
-    def update_access_key(self, name: str, *, expected_version: int | None = None, **changes: Any) -> AccessKey:
-        return self._update_object(_KEY_KIND, name, expected_version,
-                                   checked_changes(ACCESS_KEY_FIELDS, changes, "access key"))
-
-    def disable_access_key(self, name: str) -> None:
-        self.update_access_key(name, disabled=True)
-
     def delete_access_key(self, name: str, *, expected_version: int | None = None) -> AccessKey:
         with self._current(_KEY_KIND, name, expected_version) as (db, key):
             db.execute("DELETE FROM access_keys WHERE name = ?", (name,))
             return replace(key, resource_version=_generation(db))
-
-    def revoke_access_key(self, name: str) -> None:
-        self.delete_access_key(name)
 
     def revoke_token(self, jti: str, expires_at: float) -> None:
         check_revoked_token(jti, expires_at)
@@ -794,3 +773,4 @@ _USER_KIND = _Kind[User]("user", "users", _USER_COLUMNS, _user_row, _read_user)
 _TEAM_KIND = _Kind[Team]("team", "teams", _TEAM_COLUMNS, _team_row, _read_team,
                          lambda db, old, new: _set_members(db, new.name, old.members, new.members))
 _KEY_KIND = _Kind[AccessKey]("access key", "access_keys", _KEY_COLUMNS, _key_row, _read_key)
+_KINDS: dict[str, _Kind[Any]] = {kind.what: kind for kind in (_USER_KIND, _TEAM_KIND, _KEY_KIND)}
