@@ -386,6 +386,18 @@ def check_token(value: Any) -> str:
     return value
 
 
+def new_user(name: str, fields: Mapping[str, Any]) -> User:
+    """A new user from a create's arguments, every one checked (both backends' part)."""
+    check_object_name(name, "user")
+    return User(name, created=time.time(), uid=new_uid(), **user_changes(name, fields))
+
+
+def new_team(name: str, fields: Mapping[str, Any]) -> Team:
+    """A new team from a create's arguments, every one checked (both backends' part)."""
+    check_object_name(name, "team")
+    return Team(name, created=time.time(), uid=new_uid(), **checked_changes(TEAM_FIELDS, fields, "team"))
+
+
 def new_instance(namespace: str, name: str, fields: Mapping[str, Any]) -> VirtualClusterInstance:
     """A new virtual cluster instance from a create's arguments, every one checked (both backends' part)."""
     check_object_name(namespace, "namespace")

@@ -37,7 +37,6 @@ from ..names import DNS_SUBDOMAIN
 from .base import (
     EMPTY,
     INSTANCE_FIELDS,
-    TEAM_FIELDS,
     AccessKey,
     AlreadyExistsError,
     ConflictError,
@@ -53,14 +52,13 @@ from .base import (
     VirtualClusterInstance,
     build_snapshot,
     check_instance,
-    check_object_name,
     check_revoked_token,
     check_version,
     checked_changes,
     new_access_key,
     new_instance,
-    new_uid,
-    user_changes,
+    new_team,
+    new_user,
     with_keys_changed,
 )
 from .etcd_client import CompactedError, EtcdClient, KeyValue, WatchEvent, b64, prefix_end, unb64
@@ -380,12 +378,10 @@ class EtcdStore(StateAdmin):
                     subject: str = "", groups: Iterable[str] = (), disabled: bool = False, description: str = "",
                     labels: Mapping[str, str] = EMPTY, annotations: Mapping[str, str] = EMPTY,
                     password_hash: str = "") -> User:
-        check_object_name(name, "user")
-        fields = user_changes(name, {"username": username, "display_name": display_name, "email": email,
-                                     "subject": subject, "groups": groups, "disabled": disabled,
-                                     "description": description, "labels": labels, "annotations": annotations,
-                                     "password_hash": password_hash})
-        return self._create(USERS, User(name, created=time.time(), uid=new_uid(), **fields))
+        user = new_user(name, {"username": username, "display_name": display_name, "email": email,
+                               "subject": subject, "groups": groups, "disabled": disabled, "description": description,
+                               "labels": labels, "annotations": annotations, "password_hash": password_hash})
+        return self._create(USERS, user)
 
     def delete_user(self, name: str, *, expected_version: int | None = None) -> User:
         def owned(user: User) -> Plan:
@@ -404,11 +400,8 @@ class EtcdStore(StateAdmin):
     def create_team(self, name: str, *, members: Iterable[str] = (), groups: Iterable[str] = (), display_name: str = "",
                     description: str = "", labels: Mapping[str, str] = EMPTY,
                     annotations: Mapping[str, str] = EMPTY) -> Team:
-        check_object_name(name, "team")
-        fields = checked_changes(TEAM_FIELDS, {"members": members, "groups": groups, "display_name": display_name,
-                                               "description": description, "labels": labels,
-                                               "annotations": annotations}, "team")
-        team = Team(name, created=time.time(), uid=new_uid(), **fields)
+        team = new_team(name, {"members": members, "groups": groups, "display_name": display_name,
+                               "description": description, "labels": labels, "annotations": annotations})
         return self._create(TEAMS, team, lambda: self._members_exist(team.members))
 
     def delete_team(self, name: str, *, expected_version: int | None = None) -> Team:

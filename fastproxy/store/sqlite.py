@@ -30,7 +30,6 @@ from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX
 from .base import (
     EMPTY,
     INSTANCE_FIELDS,
-    TEAM_FIELDS,
     AccessKey,
     AlreadyExistsError,
     InvalidError,
@@ -45,14 +44,13 @@ from .base import (
     VirtualClusterInstance,
     build_snapshot,
     check_instance,
-    check_object_name,
     check_revoked_token,
     check_version,
     checked_changes,
     new_access_key,
     new_instance,
-    new_uid,
-    user_changes,
+    new_team,
+    new_user,
 )
 
 log = logging.getLogger("fastproxy.store")
@@ -242,12 +240,9 @@ class SqliteStore(StateAdmin):
                     subject: str = "", groups: Iterable[str] = (), disabled: bool = False, description: str = "",
                     labels: Mapping[str, str] = EMPTY, annotations: Mapping[str, str] = EMPTY,
                     password_hash: str = "") -> User:
-        check_object_name(name, "user")
-        fields = user_changes(name, {"username": username, "display_name": display_name, "email": email,
-                                     "subject": subject, "groups": groups, "disabled": disabled,
-                                     "description": description, "labels": labels, "annotations": annotations,
-                                     "password_hash": password_hash})
-        user = User(name, created=time.time(), uid=new_uid(), **fields)
+        user = new_user(name, {"username": username, "display_name": display_name, "email": email,
+                               "subject": subject, "groups": groups, "disabled": disabled, "description": description,
+                               "labels": labels, "annotations": annotations, "password_hash": password_hash})
         with self._transaction(write=True) as db:
             if _exists(db, "users", name):
                 raise AlreadyExistsError(f"user {name!r} already exists")
@@ -275,11 +270,8 @@ class SqliteStore(StateAdmin):
     def create_team(self, name: str, *, members: Iterable[str] = (), groups: Iterable[str] = (), display_name: str = "",
                     description: str = "", labels: Mapping[str, str] = EMPTY,
                     annotations: Mapping[str, str] = EMPTY) -> Team:
-        check_object_name(name, "team")
-        fields = checked_changes(TEAM_FIELDS, {"members": members, "groups": groups, "display_name": display_name,
-                                               "description": description, "labels": labels,
-                                               "annotations": annotations}, "team")
-        team = Team(name, created=time.time(), uid=new_uid(), **fields)
+        team = new_team(name, {"members": members, "groups": groups, "display_name": display_name,
+                               "description": description, "labels": labels, "annotations": annotations})
         with self._transaction(write=True) as db:
             if _exists(db, "teams", name):
                 raise AlreadyExistsError(f"team {name!r} already exists")
