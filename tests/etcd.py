@@ -102,16 +102,21 @@ class Link:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            if not self.open:
-                client.close()
-                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target))
             except OSError:
                 client.close()
                 continue
+            # Checked and registered under the lock cut() holds: a connection accepted while cut()
+            # runs would otherwise miss its list and outlive the cut (the reader never noticing it).
             with self.lock:
-                self.connections += [client, upstream]
+                admitted = self.open
+                if admitted:
+                    self.connections += [client, upstream]
+            if not admitted:
+                client.close()
+                upstream.close()
+                continue
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
@@ -129,8 +134,8 @@ class Link:
                 pass
 
     def cut(self) -> None:
-        self.open = False
         with self.lock:
+            self.open = False
             connections, self.connections = self.connections, []
         for sock in connections:
             try:
