@@ -338,6 +338,8 @@ class ProxyExchange(Responder):
         ctx.status = conn.status
         if self.observers.active:
             ctx.first_byte = time.monotonic()
+            if conn.complete:  # the whole response came in this read: its end is this clock read too
+                ctx.ended = ctx.first_byte
         # Without framing the response ends when the upstream closes, and so must the client's.
         self.keep_alive = self.keep_alive and conn.framed and not self.plan.upgrade
         head = hdrs.relay_response_head(conn.head, keep_alive=self.keep_alive)
@@ -443,7 +445,8 @@ class ProxyExchange(Responder):
         if observers.active:  # Responder._observed_end, inlined: it runs for every request
             ctx = self.ctx
             ctx.bytes_out += self.bytes_out
-            ctx.ended = time.monotonic()
+            if not ctx.ended:
+                ctx.ended = time.monotonic()
             observers.finish(ctx)
 
     def _detach(self, graceful: bool = False) -> None:
