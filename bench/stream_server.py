@@ -164,8 +164,9 @@ async def broadcast_same(same: SameResources) -> None:
             continue
         started = time.monotonic()
         for watchers in list(same.watchers.values()):
+            event = MODIFIED.stamped()  # one event of the resource, one stamp, however many streams carry it
             for watcher in list(watchers):
-                watcher.transport.write(MODIFIED.stamped())
+                watcher.transport.write(event)
         await asyncio.sleep(max(0.0, 1 / min(MAX_BROADCASTS_PER_SECOND, same.per_second) - (time.monotonic() - started)))
 
 

@@ -242,7 +242,7 @@ def watch_fanout(endpoint: Endpoint, plan: Plan, setup: Setup, streams: int) -> 
 def watch_same(endpoint: Endpoint, plan: Plan, setup: Setup, streams: int, resources: int = 1) -> dict:
     """N clients watching `resources` resources alike, at the offered total rate; how many upstream streams."""
     setup.upstream.watch_same_streams(0)  # start the count afresh
-    per_resource = setup.upstream.watch_events_per_second / streams * resources
+    per_resource = setup.upstream.watch_events_per_second / streams  # each client of a resource gets them all
     try:
         setup.upstream.watch_same_streams(per_resource)
         metrics = _watch(endpoint, plan, setup, streams, WATCH_SAME_PATH, resources)
