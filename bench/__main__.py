@@ -36,6 +36,7 @@ from .workloads import (
     management_self,
     small_get,
     watch_fanout,
+    watch_same,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,7 +49,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, short windows, small N")
     parser.add_argument("--repeat", type=int, help="repetitions (default 3, or 1 with --quick)")
     parser.add_argument("--workloads", default="get,list,watch,management",
-                        help="comma list of get, list, watch, management (the gateway's own API: fastproxy only)")
+                        help="comma list of get, list, watch, watch-same (many clients watching alike; not by "
+                             "default), management (the gateway's own API: fastproxy only)")
     parser.add_argument("--tls", action="store_true", help="also measure every workload with TLS on the client side")
     parser.add_argument("--targets", default=",".join(target.name for target in TARGETS),
                         help="comma list of targets (default: all but the opt-in ones: "
@@ -64,7 +66,7 @@ def parse_args() -> argparse.Namespace:
     args.workloads = args.workloads.split(",")
     names = args.targets.split(",")
     args.targets = [target for target in TARGETS + OPT_IN_TARGETS if target.name in names]
-    unknown = set(args.workloads) - {"get", "list", "watch", "management"}
+    unknown = set(args.workloads) - {"get", "list", "watch", "watch-same", "management"}
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     unknown = set(names) - {target.name for target in args.targets}
@@ -118,6 +120,11 @@ def workload_cases(args: argparse.Namespace, plan: Plan, max_streams: int) -> li
         for streams in plan.watch_streams:
             streams = min(streams, max_streams)
             cases.append((f"watch-{streams}", functools.partial(watch_fanout, streams=streams)))
+    if "watch-same" in args.workloads:
+        for streams, resources in plan.watch_same:
+            streams = min(streams, max_streams // resources * resources)
+            cases.append((f"same-{streams}x{resources}", functools.partial(watch_same, streams=streams,
+                                                                            resources=resources)))
     if "management" in args.workloads:
         cases += [("management-get", management_get), ("management-self", management_self),
                   ("management-list", management_list)]
@@ -241,7 +248,8 @@ def main() -> int:
         "list_mb": args.list_mb,
         "watch_events_per_second_offered": args.watch_events_per_second,
         "max_open_files": max_open_files,
-        "watch_streams_capped": max_streams if max(plan.watch_streams) > max_streams and "watch" in args.workloads
+        "watch_streams_capped": max_streams if max(plan.watch_streams) > max_streams
+        and {"watch", "watch-same"} & set(args.workloads)
         else None,
         "unavailable": unavailable,
         "environment": versions,

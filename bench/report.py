@@ -39,9 +39,18 @@ METRICS = {
         Metric("kib_per_watch", "proxy KiB per watch", False),
         Metric("setup_s", "s to open all watches", False),
     ],
+    "same": [
+        Metric("upstream_streams", "upstream watch streams opened", False),
+        Metric("events_per_s", "events/s delivered", True, throughput=True),
+        Metric("latency_p99_ms", "p99 delivery ms", False),
+        Metric("cpu_us_per_event", "proxy CPU µs per event", False),
+        Metric("kib_per_watch", "proxy KiB per watch", False),
+        Metric("setup_s", "s to open all watches", False),
+    ],
 }
 METRICS["management"] = METRICS["get"]  # the gateway's own API, counted in requests like the small GET
-WORKLOAD_TITLES = {"get": "small GET", "list": "chunked LIST", "watch": "watch fan-out", "management": "management API"}
+WORKLOAD_TITLES = {"get": "small GET", "list": "chunked LIST", "watch": "watch fan-out", "management": "management API",
+                   "same": "watch-same"}
 MANAGEMENT_TITLES = {"get": "GET a user", "self": "create a Self", "list": "LIST 10,000 users"}
 
 
@@ -53,6 +62,9 @@ def case_title(case: str) -> str:
     name = WORKLOAD_TITLES[family(case)]
     if family(case) == "watch":
         name += f" ×{int(case.split('-')[1].split('+')[0]):,}"
+    elif family(case) == "same":  # same-CLIENTSxRESOURCES
+        clients, resources = map(int, case.split("-")[1].split("+")[0].split("x"))
+        name += f" ×{clients:,}" + (f" ({resources} resources of {clients // resources})" if resources > 1 else "")
     elif family(case) == "management":
         name += ": " + MANAGEMENT_TITLES[case.split("-")[1].split("+")[0]]
     return name + (" (TLS)" if case.endswith("+tls") else "")

@@ -89,23 +89,26 @@ VARIANTS = {
     "fastproxy-access": _NO_METRICS + _NO_UI,                         # the access log alone (1%)
     "fastproxy+audit": '[audit]\npath = "{workdir}/audit-{port}.log"\n',                  # every request at Metadata
     "fastproxy+access": '[access_log]\npath = "{workdir}/access-{port}.log"\nsample = 1.0\n',  # every request logged
+    "fastproxy+share": "share_watches = true\n",  # identical watches share one upstream stream
 }
 
 
 def fastproxy_config(setup: Setup, port: int, client_tls: bool, extra: str = "") -> Path:
-    """The gateway's configuration for one start (`extra`: more tables, {workdir} and {port} filled in)."""
+    """The gateway's configuration for one start (`extra`: [server] keys, then more tables; {workdir} and
+    {port} filled in)."""
+    server_keys, table_start, tables = extra.format(workdir=setup.workdir, port=port).partition("[")
     client_tls_settings = (
         f'tls_cert_file = "{setup.tls.cert}"\ntls_key_file = "{setup.tls.key}"\n' if client_tls else ""
     )
     config = setup.workdir / f"fastproxy-{port}.toml"
     config.write_text(
-        f'[server]\nlisten = "127.0.0.1:{port}"\n{client_tls_settings}workers = 1\n\n'
+        f'[server]\nlisten = "127.0.0.1:{port}"\n{client_tls_settings}workers = 1\n{server_keys}\n'
         f'[[clusters]]\nname = "bench"\nserver = "{setup.upstream.url(tls=True)}"\n'
         f'ca_file = "{setup.tls.ca}"\ntoken_file = "{setup.upstream_token_file}"\n\n'
         f'[[access_keys]]\nname = "bench"\nkey_file = "{setup.access_key_file}"\n'
         f'user = "bench-user"\ngroups = ["bench", "loft:admins"]\n'
         + (f'\n[state]\npath = "{setup.state_file}"\n' if setup.state_file else "")
-        + "\n" + extra.format(workdir=setup.workdir, port=port)
+        + "\n" + table_start + tables
     )
     return config
 

@@ -13,9 +13,9 @@ import pytest
 
 from bench import report, stream_server, watch_client
 from bench.measure import cpu_seconds, process_tree, rss_bytes
-from bench.targets import Setup, start_direct, start_fastproxy, start_nginx_proxy
+from bench.targets import VARIANTS, Setup, start_direct, start_fastproxy, start_nginx_proxy
 from bench.upstream import Upstream, make_tls_files
-from bench.workloads import Plan, chunked_list, parse_wrk, small_get, watch_fanout
+from bench.workloads import Plan, chunked_list, parse_wrk, small_get, watch_fanout, watch_same
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8080/
   1 threads and 64 connections
@@ -82,15 +82,51 @@ def test_report_takes_medians_and_ratios_and_draws(tmp_path: Path):
     assert (tmp_path / "ratios.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(not all(map(shutil.which, ("nginx", "wrk", "curl", "taskset"))),
-                    reason="needs nginx, wrk, curl and taskset (scripts/bench installs them)")
-def test_every_workload_runs_through_fastproxy_nginx_and_direct(tmp_path: Path):
+NEEDS_TOOLS = pytest.mark.skipif(not all(map(shutil.which, ("nginx", "wrk", "curl", "taskset"))),
+                                 reason="needs nginx, wrk, curl and taskset (scripts/bench installs them)")
+
+
+def _setup(tmp_path: Path, watch_events_per_second: float) -> Setup:
     tls = make_tls_files(tmp_path)
-    upstream = Upstream(tmp_path, tls, list_mb=2, watch_events_per_second=500, max_open_files=1024)
+    upstream = Upstream(tmp_path, tls, list_mb=2, watch_events_per_second=watch_events_per_second, max_open_files=1024)
     token, key = tmp_path / "token", tmp_path / "key"
     token.write_text("t\n")
     key.write_text("bench-access-key\n")
-    setup = Setup(tmp_path, tls, upstream, token, "bench-access-key", key, 1024, None, "")
+    return Setup(tmp_path, tls, upstream, token, "bench-access-key", key, 1024, None, "")
+
+
+def _sharing_fastproxy(setup: Setup, client_tls: bool):
+    return start_fastproxy(setup, client_tls, extra=VARIANTS["fastproxy+share"])
+
+
+@NEEDS_TOOLS
+@pytest.mark.parametrize(("start", "client_tls", "streams", "resources", "upstream_streams"), [
+    (_sharing_fastproxy, False, 30, 1, 1),   # one upstream stream per resource, however many clients
+    (_sharing_fastproxy, True, 30, 3, 3),
+    (start_nginx_proxy, False, 20, 2, 20),   # a stream per client
+])
+def test_watch_same_counts_upstream_streams_and_every_client_gets_every_event(
+        tmp_path: Path, start, client_tls: bool, streams: int, resources: int, upstream_streams: int):
+    setup = _setup(tmp_path, watch_events_per_second=600)
+    plan = Plan(get_warmup_s=1, get_duration_s=1, list_fetches=1, watch_streams=(), watch_warmup_s=0.3,
+                watch_window_s=1)
+    try:
+        endpoint = start(setup, client_tls)
+        try:
+            watched = watch_same(endpoint, plan, setup, streams=streams, resources=resources)
+        finally:
+            endpoint.stop()
+    finally:
+        setup.upstream.stop()
+    assert watched["upstream_streams"] == upstream_streams
+    # every client of a resource got every event written in the window: ~600 in all over 1 s
+    assert watched["missed"] == 0 and watched["events"] >= 300
+
+
+@NEEDS_TOOLS
+def test_every_workload_runs_through_fastproxy_nginx_and_direct(tmp_path: Path):
+    setup = _setup(tmp_path, watch_events_per_second=500)
+    upstream = setup.upstream
     plan = Plan(get_warmup_s=1, get_duration_s=1, list_fetches=1, watch_streams=(20,), watch_warmup_s=0.2,
                 watch_window_s=0.5)
     try:

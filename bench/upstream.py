@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from .processes import LOAD_CPU, Process, free_port, wait_until_ready
 SMALL_PATH = "/api/v1/namespaces/default/configmaps/small"
 LIST_PATH = "/api/v1/configmaps"
 WATCH_PATH = "/api/v1/namespaces/default/configmaps?watch=true"
+# watch-same: the resources many clients watch alike ({resource}: which one); stream_server.SAME_PREFIX
+WATCH_SAME_PATH = "/api/v1/namespaces/bench-same/configmaps?watch=true&labelSelector=group%3D{resource}"
 TLS_NAME = "localhost"  # nginx checks proxied certificates by DNS name, not IP
 
 
@@ -108,6 +111,7 @@ class Upstream:
                  max_open_files: int):
         self.plain_port, self.tls_port = free_port(), free_port()
         self.tls = tls
+        self.watch_events_per_second = watch_events_per_second
         prefix = workdir / "upstream"
         prefix.mkdir()
         socket_path = prefix / "stream.sock"
@@ -174,6 +178,12 @@ http {{
 
     def url(self, tls: bool) -> str:
         return f"https://127.0.0.1:{self.tls_port}" if tls else f"http://127.0.0.1:{self.plain_port}"
+
+    def watch_same_streams(self, events_per_second: float) -> int:
+        """Watch-same streams opened since the last call; from now on, events_per_second per resource."""
+        url = f"http://127.0.0.1:{self.plain_port}/bench/watch-same?rate={events_per_second:g}"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return json.load(answer)["opened"]
 
     def stop(self) -> None:
         self.nginx.stop()

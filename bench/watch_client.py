@@ -5,7 +5,10 @@ The harness drives it over stdin/stdout, one JSON object per output line:
   <- start                        count events from now on
   <- stop                         -> {"phase": "stats", ...}, then exit
 Latency is CLOCK_MONOTONIC at receipt minus the upstream's CLOCK_MONOTONIC at write, both on
-this machine.
+this machine. The window counts the events written between start and stop (by their stamp),
+waiting SETTLE_S after stop for those still in flight, so that every stream of one resource
+should count the same: `missed` is how many fewer than the most any stream of its resource got.
+With --resources G, stream i watches `--url` with `{resource}` replaced by i % G.
 """
 from __future__ import annotations
 
@@ -23,26 +26,36 @@ import uvloop
 
 SENT_NS_MARKER = b'"bench.fastproxy.io/sent-ns":"'
 SENT_NS_DIGITS = 20
+SETTLE_S = 1.0
 
 
 class Tally:
     def __init__(self) -> None:
         self.counting = False
+        self.from_ns = 0
+        self.until_ns = 1 << 64
         self.events = 0
         self.latencies_ns: list[int] = []
         self.streams_lost = 0
 
-    def record(self, line: bytes, received_ns: int) -> None:
+    def record(self, line: bytes, received_ns: int) -> bool:
+        """Whether the event counts: written inside the window."""
         if not self.counting:
-            return
+            return False
         start = line.find(SENT_NS_MARKER) + len(SENT_NS_MARKER)
+        sent_ns = int(line[start : start + SENT_NS_DIGITS])
+        if not self.from_ns <= sent_ns <= self.until_ns:
+            return False
         self.events += 1
-        self.latencies_ns.append(received_ns - int(line[start : start + SENT_NS_DIGITS]))
+        self.latencies_ns.append(received_ns - sent_ns)
+        return True
 
 
 class WatchStream(asyncio.Protocol):
-    def __init__(self, request: bytes, tally: Tally, first_event: asyncio.Future) -> None:
+    def __init__(self, request: bytes, resource: int, tally: Tally, first_event: asyncio.Future) -> None:
         self.request = request
+        self.resource = resource
+        self.events = 0
         self.tally = tally
         self.first_event = first_event
         self.parser = httptools.HttpResponseParser(self)
@@ -68,7 +81,7 @@ class WatchStream(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         *lines, self.pending = (self.pending + body).split(b"\n")
         for line in lines:
-            self.tally.record(line, self.received_ns)
+            self.events += self.tally.record(line, self.received_ns)
         if lines and not self.established:
             self.established = True
             self.first_event.set_result(None)
@@ -88,9 +101,11 @@ class WatchStream(asyncio.Protocol):
 async def open_streams(args: argparse.Namespace, tally: Tally) -> tuple[list[WatchStream], collections.Counter]:
     url = urllib.parse.urlsplit(args.url)
     headers = "".join(f"{header}\r\n" for header in args.header)
-    request = (
+    requests = [
         f"GET {url.path}?{url.query} HTTP/1.1\r\nHost: {url.netloc}\r\nAccept: application/json\r\n{headers}\r\n"
-    ).encode()
+        .replace("{resource}", str(resource)).encode()
+        for resource in range(args.resources)
+    ]
     tls = ssl.create_default_context(cafile=args.cafile) if url.scheme == "https" else None
     loop = asyncio.get_running_loop()
     # Bounded concurrency: a burst of thousands of SYNs overflows accept backlogs (Python's default is 100).
@@ -98,14 +113,14 @@ async def open_streams(args: argparse.Namespace, tally: Tally) -> tuple[list[Wat
     failures: collections.Counter = collections.Counter()
     deadline = loop.time() + args.setup_timeout
 
-    async def open_one() -> WatchStream | None:
+    async def open_one(resource: int) -> WatchStream | None:
         async with gate:
             first_event = loop.create_future()
             timeout = max(0.1, min(args.timeout, deadline - loop.time()))
             try:
                 _, stream = await asyncio.wait_for(
                     loop.create_connection(
-                        lambda: WatchStream(request, tally, first_event), url.hostname, url.port, ssl=tls
+                        lambda: WatchStream(requests[resource], resource, tally, first_event), url.hostname, url.port, ssl=tls
                     ),
                     timeout,
                 )
@@ -115,7 +130,7 @@ async def open_streams(args: argparse.Namespace, tally: Tally) -> tuple[list[Wat
                 failures[f"{type(error).__name__}: {error}"[:200]] += 1
                 return None
 
-    streams = await asyncio.gather(*(open_one() for _ in range(args.streams)))
+    streams = await asyncio.gather(*(open_one(number % args.resources) for number in range(args.streams)))
     return [stream for stream in streams if stream], failures
 
 
@@ -123,6 +138,14 @@ def percentile_ms(sorted_ns: list[int], fraction: float) -> float | None:
     if not sorted_ns:
         return None
     return sorted_ns[min(len(sorted_ns) - 1, int(fraction * len(sorted_ns)))] / 1e6
+
+
+def missed_events(streams: list[WatchStream]) -> int:
+    """Events short of the most any stream of the same resource counted, over all streams."""
+    most: collections.Counter = collections.Counter()
+    for stream in streams:
+        most[stream.resource] = max(most[stream.resource], stream.events)
+    return sum(most[stream.resource] - stream.events for stream in streams)
 
 
 def emit(message: dict) -> None:
@@ -148,9 +171,13 @@ async def run(args: argparse.Namespace) -> None:
     )
 
     await commands.readline()  # start
+    tally.from_ns = time.monotonic_ns()
     tally.counting, window_started = True, time.monotonic()
     await commands.readline()  # stop
-    tally.counting, window_s = False, time.monotonic() - window_started
+    tally.until_ns = time.monotonic_ns()
+    window_s = time.monotonic() - window_started
+    await asyncio.sleep(SETTLE_S)
+    tally.counting = False
     latencies = sorted(tally.latencies_ns)
     emit(
         {
@@ -162,6 +189,7 @@ async def run(args: argparse.Namespace) -> None:
             "latency_p99_ms": percentile_ms(latencies, 0.99),
             "latency_max_ms": percentile_ms(latencies, 1.0),
             "streams_lost": tally.streams_lost,
+            "missed": missed_events(streams),
         }
     )
     for stream in streams:
@@ -172,6 +200,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="watch URL, e.g. http://127.0.0.1:8080/api/v1/...?watch=true")
     parser.add_argument("--streams", type=int, required=True)
+    parser.add_argument("--resources", type=int, default=1, help="distinct watches, {resource} in --url")
     parser.add_argument("--header", action="append", default=[], help="extra request header line")
     parser.add_argument("--cafile", help="CA bundle for https URLs")
     parser.add_argument("--connect-concurrency", type=int, default=100)

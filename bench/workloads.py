@@ -16,7 +16,7 @@ from pathlib import Path
 from .measure import Window, rss_bytes
 from .processes import LOAD_CPU
 from .targets import MANAGEMENT_USER, MANAGEMENT_USERS, Endpoint, Setup
-from .upstream import LIST_PATH, SMALL_PATH, WATCH_PATH
+from .upstream import LIST_PATH, SMALL_PATH, WATCH_PATH, WATCH_SAME_PATH
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,10 +31,11 @@ class Plan:
     watch_streams: tuple[int, ...]
     watch_warmup_s: float
     watch_window_s: float
+    watch_same: tuple[tuple[int, int], ...] = ()  # (clients, resources)
 
 
-FULL_PLAN = Plan(2, 10, 10, (100, 1_000, 10_000), 2, 10)
-QUICK_PLAN = Plan(1, 2, 3, (100, 1_000), 1, 2)
+FULL_PLAN = Plan(2, 10, 10, (100, 1_000, 10_000), 2, 10, ((1_000, 1), (9_000, 1), (9_000, 100)))
+QUICK_PLAN = Plan(1, 2, 3, (100, 1_000), 1, 2, ((100, 1), (1_000, 1), (1_000, 10)))
 
 
 class WorkloadFailed(Exception):
@@ -187,11 +188,12 @@ def chunked_list(endpoint: Endpoint, plan: Plan, setup: Setup) -> dict:
     }
 
 
-def watch_fanout(endpoint: Endpoint, plan: Plan, setup: Setup, streams: int) -> dict:
+def _watch(endpoint: Endpoint, plan: Plan, setup: Setup, streams: int, path: str, resources: int = 1) -> dict:
+    """N watch streams through the target over one measured window (watch_client.py)."""
     pid = endpoint.process.pid if endpoint.process else None
     idle_rss = rss_bytes(pid) if pid else 0
-    argv = _pinned([sys.executable, "-m", "bench.watch_client", "--url", endpoint.base_url + WATCH_PATH,
-                    "--streams", str(streams), "--cafile", str(setup.tls.ca),
+    argv = _pinned([sys.executable, "-m", "bench.watch_client", "--url", endpoint.base_url + path,
+                    "--streams", str(streams), "--resources", str(resources), "--cafile", str(setup.tls.ca),
                     *[arg for name, value in endpoint.headers.items() for arg in ("--header", f"{name}: {value}")]])
     client = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -220,7 +222,9 @@ def watch_fanout(endpoint: Endpoint, plan: Plan, setup: Setup, streams: int) -> 
     return {
         "streams": streams,
         "setup_s": connected["setup_s"],
+        "events": stats["events"],
         "events_per_s": stats["events_per_s"],
+        "missed": stats["missed"],
         "latency_p50_ms": stats["latency_p50_ms"],
         "latency_p99_ms": stats["latency_p99_ms"],
         "latency_max_ms": stats["latency_max_ms"],
@@ -228,3 +232,22 @@ def watch_fanout(endpoint: Endpoint, plan: Plan, setup: Setup, streams: int) -> 
         "kib_per_watch": (loaded_rss - idle_rss) / streams / 1024 if pid else None,
         "window": measured,
     }
+
+
+def watch_fanout(endpoint: Endpoint, plan: Plan, setup: Setup, streams: int) -> dict:
+    """N watches of N streams the upstream tells apart: the proxy relays every one."""
+    return _watch(endpoint, plan, setup, streams, WATCH_PATH)
+
+
+def watch_same(endpoint: Endpoint, plan: Plan, setup: Setup, streams: int, resources: int = 1) -> dict:
+    """N clients watching `resources` resources alike, at the offered total rate; how many upstream streams."""
+    setup.upstream.watch_same_streams(0)  # start the count afresh
+    per_resource = setup.upstream.watch_events_per_second / streams  # each client of a resource gets them all
+    try:
+        setup.upstream.watch_same_streams(per_resource)
+        metrics = _watch(endpoint, plan, setup, streams, WATCH_SAME_PATH, resources)
+    finally:
+        opened = setup.upstream.watch_same_streams(0)
+    if metrics["missed"]:
+        raise WorkloadFailed(f"{metrics['missed']} events missed by some of the {streams} clients")
+    return {**metrics, "resources": resources, "upstream_streams": opened}
