@@ -148,9 +148,12 @@ def instructions(state: Path, listen: str) -> str:
 
           curl -s --cacert {ca} -H "Authorization: Bearer $(cat {admin_key})" https://{listen}/metrics | grep ^fastproxy_requests
 
-        The status page, for the admin key (sign in with the contents of {admin_key}):
+        The status page, for admins: sign in with the contents of {admin_key}, or make a
+        password user of loft:admins and sign in with the name and password:
 
           https://{listen}/ui/
+          fastproxy user create --config {config} ops --group loft:admins
+          fastproxy user set-password --config {config} ops
 
         What the gateway writes and answers about itself:
 

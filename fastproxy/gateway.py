@@ -91,7 +91,8 @@ class Gateway:
             self.grafana = GrafanaProxy(config.grafana, config.server, self.authenticator, loop)
             self.handlers[GRAFANA] = self.grafana.responder
         # The status page ([ui]): its handler, its observer of denials, its samples on the tick.
-        self.status_page = (StatusPage(config, self.authenticator, self.management.probe, self.metrics, metrics_share)
+        self.status_page = (StatusPage(config, self.authenticator, self.management.probe, self.metrics, metrics_share,
+                                       self.login)
                             if config.ui.enabled else None)
         if self.status_page is not None:
             self.handlers[UI] = self.status_page.responder

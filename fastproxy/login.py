@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .context import Observers, RequestContext
     from .exchange import Connection
-    from .store import StateAdmin, User
+    from .store import AccessKey, StateAdmin, User
 
 API_VERSION = "authentication.loft.sh/v1"
 FORGET_AFTER = 900.0      # seconds without a failure after which a user's or address's count starts again
@@ -115,6 +115,23 @@ class AuthEndpoints:
         self.by_address.forgive(address)
         return user
 
+    async def create_login_key(self, user: User, display_name: str) -> tuple[AccessKey, str]:
+        """A new Login access key of `user`, with the login lifetime: (the key, its secret)."""
+        owner, ttl = user.name, self.login.key_ttl
+        created: tuple[AccessKey, str] = await self.write(lambda admin: admin.create_access_key(
+            user=owner, type="Login", ttl=ttl, display_name=display_name))
+        return created
+
+    async def revoke_login_key(self, credential: bytes) -> str | None:
+        """Revoke the Login access key `credential` is; its name, or None if it is no Login key."""
+        store = self.authenticator.store
+        entry = store.snapshot.resolve(credential, time.time()) if store is not None else None
+        if entry is None or entry.access_key.type != "Login":
+            return None
+        name = entry.access_key.name
+        await self.write(lambda admin: admin.delete_access_key(name))
+        return name
+
     def tick(self) -> None:
         now = time.monotonic()
         self.by_user.prune(now)
@@ -168,9 +185,7 @@ class AuthRequest(LocalResponder):
         except TooMany as refusal:
             self.too_many(refusal.wait, refusal.message)
             return
-        owner, ttl = user.name, api.login.key_ttl
-        key, secret = await api.write(lambda admin: admin.create_access_key(
-            user=owner, type="Login", ttl=ttl, display_name="password login"))
+        key, secret = await api.create_login_key(user, "password login")
         self.send_json(200, {"kind": "AccessKey", "apiVersion": API_VERSION,
                              "metadata": {"name": key.name, "creationTimestamp": timestamp(key.created)},
                              "user": user.name, "username": user.username or user.name, "accessKey": secret})
@@ -199,11 +214,9 @@ class AuthRequest(LocalResponder):
             raise StatusError(503, "this gateway has no [state] store: there are no login keys")
         credential = self.bearer()
         self.ctx.identity = self.api.authenticator.authenticate(credential, None)
-        entry = store.snapshot.resolve(credential, time.time())
-        if entry is None or entry.access_key.type != "Login":
+        name = await self.api.revoke_login_key(credential)
+        if name is None:
             raise StatusError(400, "logout revokes the Login access key it is called with; this credential is none")
-        name = entry.access_key.name
-        await self.api.write(lambda admin: admin.delete_access_key(name))
         self.send_json(200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                              "message": f"access key {name} revoked", "code": 200})
 

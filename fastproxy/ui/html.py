@@ -61,14 +61,23 @@ def dashboard(document: dict[str, Any], user: str) -> bytes:
 """).encode()
 
 
-def signin(message: str = "") -> bytes:
-    """The sign-in form: the key goes in a POST body, never in a URL."""
+def signin(message: str = "", passwords: bool = True) -> bytes:
+    """The sign-in forms: a user name and password (the /auth/ login; with a state store) and an
+    access key. Both go in a POST body, never in a URL."""
     note = f'<p class="error" id="error">{escape(message)}</p>' if message else ""
+    password_form = """<form method="post" action="/ui/signin" autocomplete="off">
+<label for="username">User name</label>
+<input id="username" name="username" type="text" required autofocus autocomplete="username">
+<label for="password">Password</label>
+<input id="password" name="password" type="password" required autocomplete="current-password">
+<button type="submit" id="signin-password">Sign in</button></form>
+<p class="note">Or with an administrator access key:</p>
+""" if passwords else ""
     return (_HEAD + f"""<main class="signin"><h1>fastproxy status</h1>{note}
-<form method="post" action="/ui/signin" autocomplete="off">
+{password_form}<form method="post" action="/ui/signin" autocomplete="off">
 <label for="key">Administrator access key</label>
-<input id="key" name="key" type="password" required autofocus>
-<button type="submit" id="signin">Sign in</button></form>
+<input id="key" name="key" type="password" required{"" if passwords else " autofocus"}>
+<button type="submit" id="signin">Sign in with the key</button></form>
 <p class="note">Only users in the loft:admins group may see this page.</p></main></body></html>
 """).encode()
 
@@ -76,5 +85,5 @@ def signin(message: str = "") -> bytes:
 def refused(message: str) -> bytes:
     """A page for a signed-in caller who may not see the status (not an administrator)."""
     return (_HEAD + f"""<main class="signin"><h1>fastproxy status</h1><p class="error" id="error">{escape(message)}</p>
-<form method="post" action="/ui/signout"><button type="submit">Sign in with another key</button></form></main></body></html>
+<form method="post" action="/ui/signout"><button type="submit">Sign in as someone else</button></form></main></body></html>
 """).encode()

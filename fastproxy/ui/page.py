@@ -8,6 +8,7 @@ whole service whichever worker answers.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -16,9 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..auth.limiter import retry_after_header
+from ..auth.passwords import MAX_PASSWORD_BYTES
 from ..auth.requestinfo import request_info
 from ..auth.scopes import check_scope
 from ..local import LocalResponder
+from ..login import MAX_USERNAME_CHARS, TooMany
 from ..management.api import ADMINS
 from ..observe.metrics import DURATION_AT, merge, read_states, write_state
 from ..routing import UI
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..context import Observers, RequestContext
     from ..exchange import Connection
+    from ..login import AuthEndpoints
     from ..management.probe import ClusterProbe
     from ..observe.metrics import Metrics
 
@@ -41,6 +46,7 @@ SHARE_SUBFOLDER = "ui"   # in the metrics share folder: one file of rings per wo
 STALE_FILE = 600.0       # seconds after which an ended worker's file is removed
 PATH_SHOWN = 200         # bytes of a denied request's path kept
 PROBE_AGE = 3.0          # while the page is watched, clusters are probed at least this often
+NEW_KEY_CHECKS, NEW_KEY_CHECK_INTERVAL = 10, 0.1  # seconds: a new key may take one store poll to reach a worker
 _PAGE_INFO = request_info("GET", "/ui/", "")  # what a scoped key's rules are checked against
 
 # Every answer of /ui/: no framing by other sites, no inline script, nothing from elsewhere.
@@ -86,9 +92,11 @@ class StatusPage:
     """One worker's status page (see the module docstring)."""
 
     def __init__(self, config: Config, authenticator: Authenticator, probe: ClusterProbe,
-                 metrics: Metrics | None, share: str | None):
+                 metrics: Metrics | None, share: str | None, login: AuthEndpoints | None = None):
         self.config = config
         self.authenticator = authenticator
+        # The /auth/ login's checker and back-off, for the password sign-in (None: keys only).
+        self.login = login if login is not None and login.checker is not None else None
         self.probe = probe
         self.metrics = metrics
         self.share = os.path.join(share, SHARE_SUBFOLDER) if share is not None else None
@@ -160,16 +168,22 @@ class StatusPage:
 
     def signed_in(self, ctx: RequestContext) -> Identity | None:
         """The identity of the request's session cookie, authenticated afresh; None without a valid one."""
-        cookies = [value for name, value in ctx.head.headers if name.lower() == b"cookie"]
-        value = session.cookie_value(cookies)
-        key = session.unseal(value) if value else None
-        if key is None:
+        return self.identity(session_of(ctx), ctx)
+
+    def identity(self, signed: session.Session | None, ctx: RequestContext) -> Identity | None:
+        if signed is None:
             return None
         try:
-            identity = ctx.identity = self.authenticator.authenticate(key, None)
+            identity = ctx.identity = self.authenticator.authenticate(signed.key, None)
         except StatusError:
             return None
         return identity
+
+
+def session_of(ctx: RequestContext) -> session.Session | None:
+    """The session the request's cookie holds, or None."""
+    value = session.cookie_value([value for name, value in ctx.head.headers if name.lower() == b"cookie"])
+    return session.unseal(value) if value else None
 
 
 def may_see(identity: Identity) -> bool:
@@ -204,7 +218,7 @@ class UIRequest(LocalResponder):
             if path == "/signin":
                 self.sign_in()
             else:
-                self.answer(303, b"", HTML, ((b"Location", b"/ui/"), (b"Set-Cookie", session.set_cookie("", 0, self.tls))))
+                self.run(self.sign_out())
         elif path in _STATIC_BODIES or path in ("/", "/api/status", "/signin", "/signout"):
             raise StatusError(405, f"the method {method.decode('latin-1')} is not allowed on /ui{path}")
         else:
@@ -218,9 +232,27 @@ class UIRequest(LocalResponder):
         self.send(status, body, kind, SECURITY_HEADERS + headers)
 
     def page_view(self) -> None:
-        identity = self.page.signed_in(self.ctx)
+        signed = session_of(self.ctx)
+        identity = self.page.identity(signed, self.ctx)
+        if identity is None and signed is not None and signed.made_here:
+            self.run(self.page_view_once_known(signed))
+        else:
+            self.show(identity)
+
+    async def page_view_once_known(self, signed: session.Session) -> None:
+        """A Login key the sign-in just made on another worker reaches this worker's snapshot
+        within one poll of the store (SQLite: 0.25 s): wait that long rather than sign out."""
+        identity = None
+        for _ in range(NEW_KEY_CHECKS):
+            await asyncio.sleep(NEW_KEY_CHECK_INTERVAL)
+            identity = self.page.identity(signed, self.ctx)
+            if identity is not None:
+                break
+        self.show(identity)
+
+    def show(self, identity: Identity | None) -> None:
         if identity is None:
-            self.answer(200, html.signin())
+            self.answer(200, self.signin_form())
         elif not may_see(identity):
             self.answer(403, html.refused(f"{identity.user} is not an administrator: the status page is for loft:admins."))
         else:
@@ -241,24 +273,75 @@ class UIRequest(LocalResponder):
         if not session.same_origin(found.get(b"origin"), found.get(b"host"), self.tls):
             raise StatusError(403, "forbidden: a sign-in form must be posted from this gateway's own page")
 
+    def signin_form(self, message: str = "") -> bytes:
+        return html.signin(message, passwords=self.page.login is not None)
+
     def sign_in(self) -> None:
         kind = next((value for name, value in self.ctx.head.headers if name.lower() == b"content-type"), b"")
         if kind.split(b";")[0].strip().lower() != b"application/x-www-form-urlencoded":
             raise StatusError(415, "the sign-in form must be application/x-www-form-urlencoded")
-        key = session.form_key(b"".join(self.body))
+        form = session.form_fields(b"".join(self.body))
         self.body.clear()
+        if form.username is not None or form.password is not None:
+            self.run(self.password_sign_in(form.username, form.password))
+            return
         try:
-            if key is None:
+            if form.key is None:
                 raise StatusError(401, "Unauthorized: no key given")
-            identity = self.ctx.identity = self.page.authenticator.authenticate(key, None)
+            identity = self.ctx.identity = self.page.authenticator.authenticate(form.key, None)
         except StatusError as refusal:
             self.ctx.message = refusal.message
-            self.answer(401, html.signin("That key was not accepted."))
+            self.answer(401, self.signin_form("That key was not accepted."))
             return
-        if not may_see(identity):
-            self.ctx.message = f"{identity.user} is not an administrator"
-            self.answer(403, html.refused(f"{identity.user} is not an administrator: the status page is for loft:admins."))
+        if may_see(identity):
+            self.admit(form.key, made_here=False)
+        else:
+            self.refuse_non_admin(identity)
+
+    async def password_sign_in(self, username: str | None, password: str | None) -> None:
+        """The /auth/ password login (its checker and back-off, shared with /auth/password/login):
+        a new Login key for the user, sealed in the cookie and revoked again at sign-out."""
+        login = self.page.login
+        if login is None:
+            self.answer(400, self.signin_form("This gateway has no state store, so no passwords: use an access key."))
             return
+        if (not username or not password or len(username) > MAX_USERNAME_CHARS
+                or len(password.encode()) > MAX_PASSWORD_BYTES):
+            self.answer(400, self.signin_form("Give a user name and a password."))
+            return
+        try:
+            user = await login.verify(username, password, self.ctx.head.client_ip.decode("latin-1"))
+        except TooMany as refusal:
+            seconds = retry_after_header(refusal.wait)
+            self.ctx.message = refusal.message
+            self.answer(429, self.signin_form(f"Too many failed sign-ins: try again in {seconds} s."),
+                        headers=((b"Retry-After", b"%d" % seconds),))
+            return
+        except StatusError as refusal:
+            self.ctx.message = refusal.message
+            self.answer(401, self.signin_form("That user name and password were not accepted."))
+            return
+        _, secret = await login.create_login_key(user, "status page sign-in")
+        key = secret.encode()
+        identity = self.ctx.identity = self.page.authenticator.authenticate(key, None)
+        if may_see(identity):
+            self.admit(key, made_here=True)
+        else:  # the key is of no use to the page: gone at once
+            await login.revoke_login_key(key)
+            self.refuse_non_admin(identity)
+
+    async def sign_out(self) -> None:
+        """End the session; a Login key the sign-in made is revoked, a pasted key is left alone."""
+        signed = session_of(self.ctx)
+        if signed is not None and signed.made_here and self.page.login is not None:
+            await self.page.login.revoke_login_key(signed.key)
+        self.answer(303, b"", HTML, ((b"Location", b"/ui/"), (b"Set-Cookie", session.set_cookie("", 0, self.tls))))
+
+    def admit(self, key: bytes, made_here: bool) -> None:
         lifetime = self.page.config.ui.session_seconds
-        cookie = session.set_cookie(session.seal(key, time.time() + lifetime), lifetime, self.tls)
+        cookie = session.set_cookie(session.seal(key, time.time() + lifetime, made_here), lifetime, self.tls)
         self.answer(303, b"", HTML, ((b"Location", b"/ui/"), (b"Set-Cookie", cookie)))
+
+    def refuse_non_admin(self, identity: Identity) -> None:
+        self.ctx.message = f"{identity.user} is not an administrator"
+        self.answer(403, html.refused(f"{identity.user} is not an administrator: the status page is for loft:admins."))

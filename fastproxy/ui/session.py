@@ -5,6 +5,8 @@ Why not a random id in a server-side table: with `workers = N` each request may 
 worker process, and a table would have to live in the state store. Why the key rather than the
 user it stood for: every request of the page authenticates the key afresh, so a key disabled,
 expired or deleted, or a user no longer an administrator, ends the session at its next poll.
+A key the page made itself (a password sign-in's Login key) is marked so in the cookie: signing out
+revokes that key, never one the administrator pasted in.
 The secret is made when this module is imported, in the supervisor before it forks its workers,
 so every worker opens the others' cookies; a restart of the service ends every session.
 """
@@ -15,6 +17,7 @@ import binascii
 import os
 import struct
 import time
+from typing import NamedTuple
 from urllib.parse import parse_qs
 
 from cryptography.exceptions import InvalidTag
@@ -25,29 +28,35 @@ COOKIE_PATH = "/ui/"
 _AAD = b"fastproxy status page session"
 _SECRET = AESGCM(AESGCM.generate_key(bit_length=256))
 _NONCE = 12
-MAX_FORM = 4096  # bytes of sign-in form body: a key is far shorter
+_PREFIX = struct.Struct(">d?")  # expiry (unix time), made here
+MAX_FORM = 4096  # bytes of sign-in form body: a key or a password is far shorter
 
 
-def seal(key: bytes, expires: float, aead: AESGCM = _SECRET) -> str:
+class Session(NamedTuple):
+    key: bytes
+    made_here: bool  # a Login key the sign-in created, which signing out revokes
+
+
+def seal(key: bytes, expires: float, made_here: bool = False, aead: AESGCM = _SECRET) -> str:
     """The cookie value for a signed-in key, valid until `expires` (unix time)."""
     nonce = os.urandom(_NONCE)
-    sealed = aead.encrypt(nonce, struct.pack(">d", expires) + key, _AAD)
+    sealed = aead.encrypt(nonce, struct.pack(">d?", expires, made_here) + key, _AAD)
     return base64.urlsafe_b64encode(nonce + sealed).decode("ascii").rstrip("=")
 
 
-def unseal(value: str, now: float | None = None, aead: AESGCM = _SECRET) -> bytes | None:
-    """The key a cookie value holds, or None: forged, damaged, from before a restart, or expired."""
+def unseal(value: str, now: float | None = None, aead: AESGCM = _SECRET) -> Session | None:
+    """The session a cookie value holds, or None: forged, damaged, from before a restart, or expired."""
     try:
         raw = base64.b64decode(value + "=" * (-len(value) % 4), altchars=b"-_", validate=True)
         plain = aead.decrypt(raw[:_NONCE], raw[_NONCE:], _AAD)
     except (binascii.Error, ValueError, InvalidTag):
         return None
-    if len(plain) <= 8:
+    if len(plain) <= _PREFIX.size:
         return None
-    (expires,) = struct.unpack(">d", plain[:8])
+    expires, made_here = _PREFIX.unpack_from(plain)
     if expires <= (time.time() if now is None else now):
         return None
-    return plain[8:]
+    return Session(plain[_PREFIX.size:], made_here)
 
 
 def set_cookie(value: str, max_age: int, secure: bool) -> bytes:
@@ -66,15 +75,27 @@ def cookie_value(header_values: list[bytes]) -> str | None:
     return None
 
 
-def form_key(body: bytes) -> bytes | None:
-    """The `key` field of an application/x-www-form-urlencoded sign-in body (None: absent or empty)."""
+class SignIn(NamedTuple):
+    """What a sign-in form asks for: an access key, or a user name and a password."""
+    key: bytes | None = None
+    username: str | None = None
+    password: str | None = None
+
+
+def form_fields(body: bytes) -> SignIn:
+    """The fields of an application/x-www-form-urlencoded sign-in body; a field given twice, or
+    empty, counts as absent. The key is trimmed (pasted with spaces); a password is taken as typed."""
     try:
-        fields = parse_qs(body.decode("ascii"), max_num_fields=4, strict_parsing=False)
+        fields = parse_qs(body.decode("utf-8"), max_num_fields=4, strict_parsing=False, keep_blank_values=True)
     except (UnicodeDecodeError, ValueError):
-        return None
-    values = fields.get("key", [])
-    key = values[0].strip() if len(values) == 1 else ""
-    return key.encode("utf-8") if key else None
+        return SignIn()
+
+    def one(name: str) -> str | None:
+        values = fields.get(name, [])
+        return values[0] if len(values) == 1 and values[0] else None
+
+    key, username = (one("key") or "").strip(), (one("username") or "").strip()
+    return SignIn(key.encode("utf-8") if key else None, username or None, one("password"))
 
 
 def same_origin(origin: bytes | None, host: bytes | None, tls: bool) -> bool:

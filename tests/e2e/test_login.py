@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
@@ -28,7 +29,8 @@ KUBECTL = "/usr/bin/kubectl"
 USERS = "/kubernetes/management/apis/management.loft.sh/v1/users"
 pytestmark = pytest.mark.e2e
 
-PASSWORDS = {"alice": "alice-Correct-Horse-1", "carol": "carol-Disabled-Horse-2", "erin": "erin-Managed-Horse-3"}
+PASSWORDS = {"alice": "alice-Correct-Horse-1", "carol": "carol-Disabled-Horse-2", "erin": "erin-Managed-Horse-3",
+             "root": "root-Admin-Horse-7"}
 FREE_FAILURES = 5
 
 
@@ -97,10 +99,11 @@ token_ttl = 300
 free_failures = {FREE_FAILURES}
 max_backoff = 4
 """)
-        for name, groups in (("alice", ["demo:viewers"]), ("bob", []), ("carol", [])):
+        for name, groups in (("alice", ["demo:viewers"]), ("bob", []), ("carol", []), ("root", ["loft:admins"])):
             cli(config, "user", "create", name, *(arg for group in groups for arg in ("--group", group)))
         cli(config, "user", "set-password", "alice", stdin=PASSWORDS["alice"] + "\n")
         cli(config, "user", "set-password", "carol", stdin=PASSWORDS["carol"] + "\n")
+        cli(config, "user", "set-password", "root", stdin=PASSWORDS["root"] + "\n")
         cli(config, "user", "disable", "carol")
         gateway = start_gateway(config.read_text(), folder)
         yield Stack(folder, config, int(listen.rsplit(":", 1)[1]), str(folder / "gateway-tls" / "ca.crt"),
@@ -201,6 +204,95 @@ def test_logout_revokes_the_login_key(stack):
     assert code == 400 and "Login access key" in status["message"]  # only Login keys are logged out
     assert stack.request("POST", "/auth/logout", source="127.0.4.1")[0] == 401
     assert stack.request("GET", "/auth/logout", source="127.0.4.1", key=stack.admin_key)[0] == 405
+
+
+def sign_in(stack, source: str, origin: str | None = None, **fields: str) -> tuple[int, dict, bytes]:
+    """POST the status page's sign-in form from `source`: (status, headers, page)."""
+    connection = http.client.HTTPSConnection("127.0.0.1", stack.port, context=stack.context,
+                                             source_address=(source, 0), timeout=30)
+    try:
+        connection.request("POST", "/ui/signin", body=urlencode(fields).encode(),
+                           headers={"Content-Type": "application/x-www-form-urlencoded",
+                                    "Origin": origin or f"https://127.0.0.1:{stack.port}"})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def ui_request(stack, method: str, path: str, cookie: str, source: str) -> tuple[int, dict, bytes]:
+    connection = http.client.HTTPSConnection("127.0.0.1", stack.port, context=stack.context,
+                                             source_address=(source, 0), timeout=30)
+    try:
+        connection.request(method, path, headers={"Cookie": cookie, "Origin": f"https://127.0.0.1:{stack.port}"})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def login_keys(stack, user: str) -> list[str]:
+    """The names of `user`'s Login access keys, from the CLI."""
+    rows = [line.split() for line in cli(stack.config, "accesskey", "list").splitlines()]
+    return [row[0] for row in rows if row[1:3] == ["Login", f"user/{user}"]]
+
+
+def test_the_status_page_signs_in_with_a_password_and_signing_out_revokes_its_login_key(stack):
+    before = login_keys(stack, "root")
+    code, headers, _ = sign_in(stack, "127.0.9.1", username="root", password=PASSWORDS["root"])
+    assert code == 303 and headers["location"] == "/ui/", headers
+    cookie = headers["set-cookie"].split(";")[0]
+    assert PASSWORDS["root"] not in headers["set-cookie"]
+    made = [name for name in login_keys(stack, "root") if name not in before]
+    assert len(made) == 1  # the sign-in's own Login key, listed as the user's
+    code, _, page = ui_request(stack, "GET", "/ui/", cookie, "127.0.9.1")
+    assert code == 200 and b'id="clusters"' in page and b"root" in page
+    code, _, status = ui_request(stack, "GET", "/ui/api/status", cookie, "127.0.9.1")
+    assert code == 200 and json.loads(status)["clusters"]
+    code, headers, _ = ui_request(stack, "POST", "/ui/signout", cookie, "127.0.9.1")
+    assert code == 303 and "Max-Age=0" in headers["set-cookie"]
+    assert made[0] not in login_keys(stack, "root")  # revoked: the cookie's key is gone with the session
+    assert ui_request(stack, "GET", "/ui/api/status", cookie, "127.0.9.1")[0] == 401
+
+
+def test_signing_out_of_a_pasted_login_key_leaves_the_key_alone(stack):
+    key = stack.login("root", PASSWORDS["root"], "127.0.9.2")[2]["accessKey"]
+    code, headers, _ = sign_in(stack, "127.0.9.2", key=key)
+    assert code == 303, headers
+    cookie = headers["set-cookie"].split(";")[0]
+    assert ui_request(stack, "POST", "/ui/signout", cookie, "127.0.9.2")[0] == 303
+    code, _, answer = stack.request("GET", f"{USERS}/root", source="127.0.9.2", key=key)
+    assert code == 200 and answer["metadata"]["name"] == "root", answer  # the key still works
+
+
+def test_the_status_page_refuses_a_wrong_password_and_a_non_admin_alike_to_auth(stack):
+    code, headers, page = sign_in(stack, "127.0.9.3", username="root", password="not-roots-password")
+    assert code == 401 and "set-cookie" not in headers and b"not accepted" in page
+    code, _, page2 = sign_in(stack, "127.0.9.4", username="nobody", password="not-roots-password")
+    assert code == 401 and b"not accepted" in page2  # an unknown user reads the same
+    before = login_keys(stack, "alice")
+    code, headers, page = sign_in(stack, "127.0.9.5", username="alice", password=PASSWORDS["alice"])
+    assert code == 403 and "set-cookie" not in headers and b"not an administrator" in page
+    assert login_keys(stack, "alice") == before  # the key made for the check was revoked at once
+    code, _, page = sign_in(stack, "127.0.9.6", username="root")
+    assert code == 400 and b"user name and a password" in page
+    code, headers, _ = sign_in(stack, "127.0.9.6", username="root", password=PASSWORDS["root"],
+                               origin="https://attacker.example")
+    assert code == 403 and "set-cookie" not in headers  # the CSRF check comes first
+
+
+def test_the_status_page_shares_the_login_back_off(stack):
+    source = "127.0.9.7"
+    for attempt in range(FREE_FAILURES + 1):  # failures at /auth/ ...
+        assert stack.login(f"sprayed-ui-{attempt}", "guess-guess", source)[0] == 401
+    code, headers, page = sign_in(stack, source, username="root", password=PASSWORDS["root"])
+    assert code == 429 and int(headers["retry-after"]) >= 1 and b"try again in" in page  # ... hold the page back
+    assert "set-cookie" not in headers
+    assert stack.login("root", PASSWORDS["root"], source)[0] == 429  # and a failure at the page counts at /auth/
+    source = "127.0.9.8"
+    for attempt in range(FREE_FAILURES + 1):
+        assert sign_in(stack, source, username=f"sprayed-ui-{attempt}", password="guess-guess")[0] == 401
+    assert stack.login("root", PASSWORDS["root"], source)[0] == 429
 
 
 def test_a_key_is_exchanged_for_a_short_lived_token(stack):

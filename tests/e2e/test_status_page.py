@@ -18,6 +18,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from devcluster.process import start_devcluster
 from fastproxy.demo import CLUSTER, VIEWER_RULES, prepare
 from tests.e2e.test_kubectl_through_gateway import free_port
+from tests.e2e.test_login import cli
 from tests.helpers import start_gateway
 
 pytestmark = pytest.mark.e2e
@@ -26,6 +27,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SPARE = "spare"  # the second cluster, which a test stops
 WRONG_KEY = "fpk-wrong-" + "x" * 30
+ADMIN_USER, ADMIN_PASSWORD = "root", "root-Browser-Horse-8"  # a state-store administrator with a password
 
 
 class Stack:
@@ -70,6 +72,8 @@ def stack(tmp_path_factory):
         text = config.read_text().replace("[server]\n", "[server]\nworkers = 2\n", 1) + (
             f'\n[[clusters]]\nname = "{SPARE}"\nserver = "{spare.url}"\nca_file = "{spare.ca_file}"\n'
             f'token_file = "{spare.gateway_token_file}"\n')
+        cli(config, "user", "create", ADMIN_USER, "--group", "loft:admins")
+        cli(config, "user", "set-password", ADMIN_USER, stdin=ADMIN_PASSWORD + "\n")
         gateway = start_gateway(text, folder)
         yield Stack(folder, f"https://{listen}", str(folder / "gateway-tls" / "ca.crt"),
                     (folder / "admin.key").read_text().strip(), (folder / "viewer.key").read_text().strip(), spare,
@@ -110,6 +114,15 @@ def sign_in_with(browser, stack, key: str) -> None:
     browser.find_element(By.ID, "key").send_keys(key)
     browser.find_element(By.ID, "signin").click()
     # The answer is a new page: the dashboard, or the form again with its error.
+    WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "error") or b.find_elements(By.ID, "clusters"))
+
+
+def sign_in_with_password(browser, stack, password: str) -> None:
+    browser.delete_all_cookies()
+    browser.get(stack.url + "/ui/")
+    browser.find_element(By.ID, "username").send_keys(ADMIN_USER)
+    browser.find_element(By.ID, "password").send_keys(password)
+    browser.find_element(By.ID, "signin-password").click()
     WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "error") or b.find_elements(By.ID, "clusters"))
 
 
@@ -223,6 +236,21 @@ def test_the_page_forbids_framing_inline_script_and_caching(stack):
     assert b"<script>" not in body and b'<script src="/ui/app.js">' not in body  # the form needs no script
     code, headers, body = stack.curl("/ui/app.js")
     assert code == 200 and headers["content-type"].startswith("text/javascript")
+
+
+def test_an_administrator_signs_in_with_a_password_and_out_again(browser, stack):
+    sign_in_with_password(browser, stack, "not-the-password")
+    assert "not accepted" in browser.find_element(By.ID, "error").text
+    assert not browser.find_elements(By.ID, "clusters") and ADMIN_PASSWORD not in browser.current_url
+    for _ in range(3):  # either worker may answer the redirect, before or after its snapshot has the new key
+        sign_in_with_password(browser, stack, ADMIN_PASSWORD)
+        assert not browser.find_elements(By.ID, "error")
+        assert ADMIN_USER in browser.find_element(By.TAG_NAME, "header").text
+        WebDriverWait(browser, 10).until(lambda b: cell(b, "clusters", CLUSTER, 1) == "Ready")
+        browser.find_element(By.CSS_SELECTOR, "header button").click()
+        WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "username"))
+    keys = [line.split() for line in cli(stack.folder / "fastproxy.toml", "accesskey", "list").splitlines()]
+    assert not [row for row in keys if row[1:3] == ["Login", f"user/{ADMIN_USER}"]]  # each sign-out revoked its key
 
 
 def test_a_sign_in_posted_from_elsewhere_is_refused(stack):

@@ -38,8 +38,11 @@ def test_without_metrics_the_page_says_why_there_are_no_rates():
 
 def test_the_sign_in_form_posts_the_key_and_escapes_its_message():
     form = html.signin(HOSTILE).decode()
-    assert 'method="post" action="/ui/signin"' in form and 'type="password"' in form
+    assert form.count('method="post" action="/ui/signin"') == 2 and 'name="key" type="password"' in form
+    assert 'name="username"' in form and 'name="password" type="password"' in form
     assert HOSTILE not in form and "<script" not in form
+    keys_only = html.signin(passwords=False).decode()
+    assert 'name="password"' not in keys_only and 'name="key"' in keys_only
     assert html.refused(HOSTILE).decode().count("&lt;script&gt;") == 1
 
 

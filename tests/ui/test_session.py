@@ -1,6 +1,8 @@
 """The status page's session cookie, sign-in form body and CSRF check: pure, no sockets."""
 from __future__ import annotations
 
+import base64
+
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -10,8 +12,16 @@ from fastproxy.ui import session
 def test_a_sealed_key_opens_until_it_expires():
     value = session.seal(b"fpk-secret", expires=1000.0)
     assert b"fpk-secret" not in value.encode() and "fpk" not in value
-    assert session.unseal(value, now=999.0) == b"fpk-secret"
+    assert session.unseal(value, now=999.0) == (b"fpk-secret", False)
     assert session.unseal(value, now=1000.0) is None
+
+
+def test_a_key_the_page_made_is_marked_so_and_the_mark_cannot_be_changed():
+    made = session.seal(b"fpk-login", expires=1000.0, made_here=True)
+    assert session.unseal(made, now=1.0) == (b"fpk-login", True)
+    raw = bytearray(base64.urlsafe_b64decode(made + "=" * (-len(made) % 4)))
+    raw[12 + 8] ^= 1  # the flag's byte under the cipher: the tag no longer matches
+    assert session.unseal(base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("="), now=1.0) is None
 
 
 def test_two_seals_of_one_key_differ():
@@ -54,7 +64,20 @@ def test_the_session_cookie_is_found_among_others():
     (b"\xff\xfe", None),
 ])
 def test_the_form_key(body, key):
-    assert session.form_key(body) == key
+    assert session.form_fields(body).key == key
+
+
+@pytest.mark.parametrize("body, username, password", [
+    (b"username=alice&password=p%C3%A4ss+word+", "alice", "p\u00e4ss word "),  # a password is kept as typed
+    (b"username=+alice+&password=x", "alice", "x"),
+    (b"username=alice&password=", "alice", None),
+    (b"username=alice&username=bob&password=x", None, "x"),
+    (b"password=x", None, "x"),
+    (b"key=fpk-abc", None, None),
+])
+def test_the_form_user_name_and_password(body, username, password):
+    form = session.form_fields(body)
+    assert (form.username, form.password) == (username, password)
 
 
 def test_only_a_post_from_this_gateway_passes_the_origin_check():
