@@ -606,9 +606,6 @@ def parse_config(data: dict, path: str = "") -> Config:
     ui = _ui(root._get("ui", dict, {}))
     oidc = _oidc(root._get("oidc", dict, None), tokens, state) if "oidc" in root.data else None
     limits = _limits(root._get("limits", dict, {}))
-    if server.share_watches and limits is not None and limits.per_request:
-        raise ConfigError("server.share_watches: cannot be combined with [limits] on requests, watches or tunnels "
-                          "yet (a shared watch is not counted against them); set one or the other")
     root.finish()
     names = [c.name for c in clusters]
     for i, name in enumerate(names):

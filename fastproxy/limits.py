@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 from .config import _Table
 from .context import Observers, RequestContext
-from .exchange import Connection
+from .exchange import Connection, Responder
 from .proxy import ClusterProxy, ProxyExchange, ProxyPlan
 from .status import StatusError
+from .watchstream import WatchSubscriber, watch_subscriber
 
 
 class Kind(enum.IntEnum):
@@ -94,7 +95,9 @@ def refusal(config: LimitsConfig, limit: str) -> StatusError:
 
 class Admission:
     """The cluster route's handler while `[limits]` sets a per-request limit: ClusterProxy.plan,
-    then the counts; a LimitedExchange gives its place back when it ends, however it ends."""
+    then the counts; a LimitedExchange (or, for a watch served from a shared upstream stream, a
+    LimitedSubscriber: each subscriber counts as the watch it is) gives its place back when it
+    ends, however it ends."""
 
     def __init__(self, config: LimitsConfig, proxy: ClusterProxy):
         self.config = config
@@ -104,8 +107,9 @@ class Admission:
         self.refused = dict.fromkeys(LIMITS, 0)  # shared with the metrics when they are on
 
     def responder(self, client: Connection, ctx: RequestContext, observers: Observers,
-                  keep_alive: bool) -> ProxyExchange:
-        plan = self.proxy.plan(ctx)
+                  keep_alive: bool) -> Responder:
+        proxy = self.proxy
+        plan = proxy.plan(ctx)
         kind = kind_of(plan)
         user, cluster = plan.identity.user, plan.upstream.cluster.name
         held = self.held[kind]
@@ -118,7 +122,14 @@ class Admission:
         held[user] = holds + 1
         if kind is Kind.REQUEST:
             self.clusters[cluster] = cluster_holds + 1
-        exchange = LimitedExchange(client, ctx, observers, keep_alive, self.proxy, plan)
+        elif kind is Kind.WATCH and proxy.watches is not None:
+            shared = watch_subscriber(client, ctx, observers, keep_alive, proxy.watches, plan,
+                                      proxy.review_impersonation, LimitedSubscriber)
+            if shared is not None:
+                assert isinstance(shared, LimitedSubscriber)
+                shared.admission, shared.plan = self, plan
+                return shared
+        exchange = LimitedExchange(client, ctx, observers, keep_alive, proxy, plan)
         exchange.admission, exchange.kind = self, kind
         return exchange
 
@@ -146,4 +157,17 @@ class LimitedExchange(ProxyExchange):
 
     def _observed_end(self) -> None:
         self.admission.release(self.plan, self.kind)
+        super()._observed_end()
+
+
+class LimitedSubscriber(WatchSubscriber):
+    """A shared watch's subscriber, counted by Admission as one watch until it ends."""
+
+    __slots__ = ("admission", "plan")
+
+    admission: Admission
+    plan: ProxyPlan
+
+    def _observed_end(self) -> None:
+        self.admission.release(self.plan, Kind.WATCH)
         super()._observed_end()

@@ -41,7 +41,8 @@ _TERMINATOR = b"0\r\n\r\n"
 
 def watch_subscriber(client: Connection, ctx: RequestContext, observers: Observers, keep_alive: bool,
                      streams: WatchStreams, plan: ProxyPlan,
-                     review: Callable[[ProxyPlan, Callable[[StatusError | None], None]], None]) -> WatchSubscriber | None:
+                     review: Callable[[ProxyPlan, Callable[[StatusError | None], None]], None],
+                     subscriber: type[WatchSubscriber] | None = None) -> WatchSubscriber | None:
     """The shared-stream responder for a planned watch, or None when it keeps a stream of its own."""
     head = ctx.head
     if head.method != b"GET" or plan.upgrade:
@@ -53,8 +54,8 @@ def watch_subscriber(client: Connection, ctx: RequestContext, observers: Observe
     if request is None:
         return None
     nested_review = None if plan.nested is None else partial(review, plan)
-    return WatchSubscriber(client, ctx, observers, keep_alive, streams, request, plan.upstream, identity_lines,
-                           nested_review)
+    return (subscriber or WatchSubscriber)(client, ctx, observers, keep_alive, streams, request, plan.upstream,
+                                           identity_lines, nested_review)
 
 
 class StreamState(enum.Enum):

@@ -323,8 +323,7 @@ def test_plain_http_past_the_connection_cap_waits_as_well(gateway_config, tls_fi
         process.stop()
 
 
-def test_shared_watches_and_per_request_limits_are_refused_together():
-    """A shared watch bypasses the per-identity counters: the combination is refused, naming why."""
-    with pytest.raises(ConfigError, match="server.share_watches: cannot be combined with \\[limits\\]"):
-        parse_config({"server": {"share_watches": True}, "limits": {"watches_per_identity": 2}})
-    assert parse_config({"server": {"share_watches": True}, "limits": {"connections_per_worker": 100}}).server.share_watches
+def test_shared_watches_and_per_request_limits_go_together():
+    """Each subscriber of a shared stream counts as a watch (tests/e2e/test_shared_watches.py)."""
+    config = parse_config({"server": {"share_watches": True}, "limits": {"watches_per_identity": 2}})
+    assert config.server.share_watches and config.limits is not None and config.limits.watches_per_identity == 2

@@ -20,6 +20,7 @@ from tests.helpers import start_gateway
 pytestmark = pytest.mark.e2e
 WATCH = f"/kubernetes/cluster/{CLUSTER}/api/v1/namespaces/team-b/configmaps?watch=1"
 HISTORY = 50  # changes the simulated cluster keeps for watches; older versions get 410
+WATCH_LIMIT = 12  # [limits] watches_per_identity: above what the other tests hold at once
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def stack(tmp_path_factory):
     try:
         listen = f"127.0.0.1:{free_port()}"
         config = prepare(state, cluster.url, cluster.ca_file, cluster.gateway_token_file, listen)
-        text = config.read_text().replace("[server]\n", "[server]\nshare_watches = true\n", 1)
+        text = config.read_text().replace("[server]\n", "[server]\nshare_watches = true\n", 1) + (
+            f"\n[limits]\nwatches_per_identity = {WATCH_LIMIT}\nretry_after = 2\n")
         gateway = start_gateway(text, state)
         env = {**os.environ, "KUBECONFIG": str(state / "kubeconfig"), "HOME": str(state)}
         yield state, env, cluster, gateway
@@ -172,6 +174,45 @@ def test_a_joiner_from_an_old_version_gets_its_own_stream(stack):
             old.close()
         kubectl(env, "delete", "configmap", "own-stream", "-n", "team-b", "--ignore-not-found")
     assert settle(lambda: upstream_watches(cluster), before + 2) == before + 2
+
+
+def refused_watch(stack) -> tuple[bytes, dict]:
+    """A watch expected to be refused: (its head, its Status)."""
+    state, _, _, gateway = stack
+    context = ssl.create_default_context(cafile=str(state / "gateway-tls" / "ca.crt"))
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", gateway.port), timeout=10),
+                             server_hostname="localhost") as sock:
+        token = (state / "admin.key").read_text().strip()
+        sock.sendall(f"GET {WATCH} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
+                     "Accept: application/json\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, json.loads(body)
+
+
+def test_each_subscriber_of_a_shared_stream_counts_against_the_watch_limit(stack):
+    _, _, cluster, _ = stack
+    before = upstream_watches(cluster)
+    watches = [Watch(stack) for _ in range(WATCH_LIMIT)]
+    try:
+        head, status = refused_watch(stack)
+        assert head.startswith(b"HTTP/1.1 429") and b"\r\nRetry-After: 2\r\n" in head, head
+        assert "(limits.watches_per_identity = 12)" in status["message"] and status["reason"] == "TooManyRequests"
+        watches.pop().close()
+        deadline = time.monotonic() + 10
+        while True:  # the gateway sees the client leave and gives its place back
+            try:
+                watches.append(Watch(stack))
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, "the subscriber that left kept its place"
+                time.sleep(0.1)
+    finally:
+        for watch in watches:
+            watch.close()
+    assert settle(lambda: upstream_watches(cluster), before + 1) == before + 1  # all of them on one stream
 
 
 def test_timeout_ends_one_client_alone(stack):
