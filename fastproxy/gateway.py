@@ -82,8 +82,9 @@ class Gateway:
             self.vcluster_proxy.reviewer = self.proxy.reviewer
         limits = config.limits
         if limits is not None and limits.per_request:  # otherwise the cluster route costs nothing more
-            admission = Admission(limits, self.proxy)
+            admission = Admission(limits, self.proxy, self.vcluster_proxy)
             self.handlers[CLUSTER] = admission.responder
+            self.handlers[VIRTUAL_CLUSTER] = admission.virtual_cluster_responder
             if self.metrics is not None:
                 admission.refused = self.metrics.limited
         self.grafana: GrafanaProxy | None = None

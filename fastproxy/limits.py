@@ -1,7 +1,7 @@
 """Limits per identity and per cluster (`[limits]`): the API server's priority and fairness, in small.
 
 Each worker counts what every identity (the user a credential resolves to) holds open on the
-cluster proxy: requests (neither watches nor tunnels), watches and followed logs, and tunnels
+cluster and virtual-cluster proxies together: requests (neither watches nor tunnels), watches and followed logs, and tunnels
 (exec, attach, port-forward); and the requests in flight to each cluster. A request past a
 limit is refused with 429 and `Retry-After`, and counted by which limit it met (metrics:
 `fastproxy_limited_requests_total{limit}`). So one client holding many slow requests cannot
@@ -18,6 +18,7 @@ from .context import Observers, RequestContext
 from .exchange import Connection, Responder
 from .proxy import ClusterProxy, ProxyExchange, ProxyPlan
 from .status import StatusError
+from .virtualclusters import VirtualClusterExchange, VirtualClusterProxy
 from .watchstream import WatchSubscriber, watch_subscriber
 
 
@@ -99,16 +100,28 @@ class Admission:
     LimitedSubscriber: each subscriber counts as the watch it is) gives its place back when it
     ends, however it ends."""
 
-    def __init__(self, config: LimitsConfig, proxy: ClusterProxy):
+    def __init__(self, config: LimitsConfig, proxy: ClusterProxy, virtual_clusters: VirtualClusterProxy | None = None):
         self.config = config
         self.proxy = proxy
+        self.virtual_clusters = virtual_clusters
         self.held: tuple[dict[str, int], ...] = ({}, {}, {})  # by Kind: user -> open
         self.clusters: dict[str, int] = {}  # cluster name -> requests (Kind.REQUEST) in flight
         self.refused = dict.fromkeys(LIMITS, 0)  # shared with the metrics when they are on
 
     def responder(self, client: Connection, ctx: RequestContext, observers: Observers,
                   keep_alive: bool) -> Responder:
-        proxy = self.proxy
+        """The cluster route's."""
+        return self._admit(self.proxy, LimitedExchange, client, ctx, observers, keep_alive)
+
+    def virtual_cluster_responder(self, client: Connection, ctx: RequestContext, observers: Observers,
+                                  keep_alive: bool) -> Responder:
+        """The virtual-cluster route's: the same counts per identity, and per virtual cluster its own
+        (its upstream's name is CLUSTER/NAMESPACE/NAME); counted before the host's access review."""
+        assert self.virtual_clusters is not None
+        return self._admit(self.virtual_clusters, LimitedVirtualClusterExchange, client, ctx, observers, keep_alive)
+
+    def _admit(self, proxy: ClusterProxy, exchange_class: type[LimitedExchange], client: Connection,
+               ctx: RequestContext, observers: Observers, keep_alive: bool) -> Responder:
         plan = proxy.plan(ctx)
         kind = kind_of(plan)
         user, cluster = plan.identity.user, plan.upstream.cluster.name
@@ -122,14 +135,14 @@ class Admission:
         held[user] = holds + 1
         if kind is Kind.REQUEST:
             self.clusters[cluster] = cluster_holds + 1
-        elif kind is Kind.WATCH and proxy.watches is not None:
+        elif kind is Kind.WATCH and proxy is self.proxy and proxy.watches is not None:
             shared = watch_subscriber(client, ctx, observers, keep_alive, proxy.watches, plan,
                                       proxy.review_impersonation, LimitedSubscriber)
             if shared is not None:
                 assert isinstance(shared, LimitedSubscriber)
                 shared.admission, shared.plan = self, plan
                 return shared
-        exchange = LimitedExchange(client, ctx, observers, keep_alive, proxy, plan)
+        exchange = exchange_class(client, ctx, observers, keep_alive, proxy, plan)
         exchange.admission, exchange.kind = self, kind
         return exchange
 
@@ -158,6 +171,12 @@ class LimitedExchange(ProxyExchange):
     def _observed_end(self) -> None:
         self.admission.release(self.plan, self.kind)
         super()._observed_end()
+
+
+class LimitedVirtualClusterExchange(LimitedExchange, VirtualClusterExchange):
+    """A virtual cluster's exchange (the host's review first), counted as a LimitedExchange."""
+
+    __slots__ = ()
 
 
 class LimitedSubscriber(WatchSubscriber):

@@ -4,6 +4,7 @@ service proxy; the host decides with its storage.loft.sh/virtualclusters rules w
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import ssl
@@ -356,3 +357,37 @@ def test_sleep_mode_activity_names_the_virtual_cluster(stack):
         assert time.monotonic() < deadline, activity
         time.sleep(0.25)
     assert activity["spec"] == {"cluster": "host", "namespace": HOST_NAMESPACE}
+
+
+def test_limits_count_virtual_cluster_requests_with_the_identitys_others(tmp_path):
+    """[limits] holds for the virtual-cluster route too: a watch there and one on the host cluster
+    are both alice's, so with watches_per_identity = 1 either one refuses the other."""
+    limits = "\n[limits]\nwatches_per_identity = 1\nretry_after = 2\n"
+    with processes(tmp_path, config=lambda text: text + limits) as (_, _, gateway, tls):
+        context = ssl.create_default_context(cafile=str(tls.ca_file))
+
+        def watch(path: str) -> http.client.HTTPSConnection:
+            connection = http.client.HTTPSConnection("127.0.0.1", gateway.port, context=context, timeout=20)
+            connection.request("GET", f"{path}/api/v1/namespaces/team-a/configmaps?watch=1",
+                               headers={"Authorization": f"Bearer {KEYS['alice']}"})
+            return connection
+
+        first = watch(PATHS["proxied"])
+        assert first.getresponse().status == 200
+        for path in (PATHS["direct"], "/kubernetes/cluster/host"):
+            refused = watch(path)
+            response = refused.getresponse()
+            status = json.loads(response.read())
+            assert response.status == 429 and response.getheader("Retry-After") == "2", status
+            assert "(limits.watches_per_identity = 1)" in status["message"]
+            refused.close()
+        first.close()
+        deadline = time.monotonic() + 10
+        while True:  # the gateway sees the watch end and gives its place back
+            again = watch(PATHS["direct"])
+            code = again.getresponse().status
+            again.close()
+            if code == 200:
+                break
+            assert code == 429 and time.monotonic() < deadline, code
+            time.sleep(0.1)
