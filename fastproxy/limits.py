@@ -1,8 +1,9 @@
 """Limits per identity and per cluster (`[limits]`): the API server's priority and fairness, in small.
 
 Each worker counts what every identity (the user a credential resolves to) holds open on the
-cluster and virtual-cluster proxies together: requests (neither watches nor tunnels), watches and followed logs, and tunnels
-(exec, attach, port-forward); and the requests in flight to each cluster. A request past a
+cluster and virtual-cluster proxies together: requests (neither watches nor tunnels), watches
+and followed logs, and tunnels (exec, attach, port-forward); and the requests in flight to each
+cluster (a virtual cluster is one of its own). A request past a
 limit is refused with 429 and `Retry-After`, and counted by which limit it met (metrics:
 `fastproxy_limited_requests_total{limit}`). So one client holding many slow requests cannot
 take a worker's share of a cluster from the others. Without a `[limits]` table none of this
@@ -135,7 +136,7 @@ class Admission:
         held[user] = holds + 1
         if kind is Kind.REQUEST:
             self.clusters[cluster] = cluster_holds + 1
-        elif kind is Kind.WATCH and proxy is self.proxy and proxy.watches is not None:
+        elif kind is Kind.WATCH and proxy.watches is not None:
             shared = watch_subscriber(client, ctx, observers, keep_alive, proxy.watches, plan,
                                       proxy.review_impersonation, LimitedSubscriber)
             if shared is not None:

@@ -49,6 +49,15 @@ class TooMany(Exception):
         self.wait, self.message = wait, message
 
 
+def login_fields(username: object, password: object) -> tuple[str, str]:
+    """The user name and password a login asks with, or StatusError 400 (never repeating the password)."""
+    if not isinstance(username, str) or not 0 < len(username) <= MAX_USERNAME_CHARS:
+        raise StatusError(400, f"username must be a string of 1 to {MAX_USERNAME_CHARS} characters")
+    if not isinstance(password, str) or not password or len(password.encode()) > MAX_PASSWORD_BYTES:
+        raise StatusError(400, f"password must be a string of 1 to {MAX_PASSWORD_BYTES} bytes")
+    return username, password
+
+
 class AuthEndpoints:
     """The handler of /auth/: one per worker; `write` runs a store write on the management thread and
     returns once this worker's snapshot holds it (ManagementAPI.write)."""
@@ -232,14 +241,8 @@ class AuthRequest(LocalResponder):
         return body
 
     def login_body(self) -> tuple[str, str]:
-        """The user name and password asked for; refusals never repeat the password."""
         body = self.json_object()
-        username, password = body.get("username"), body.get("password")
-        if not isinstance(username, str) or not 0 < len(username) <= MAX_USERNAME_CHARS:
-            raise StatusError(400, f"username must be a string of 1 to {MAX_USERNAME_CHARS} characters")
-        if not isinstance(password, str) or not password or len(password.encode()) > MAX_PASSWORD_BYTES:
-            raise StatusError(400, f"password must be a string of 1 to {MAX_PASSWORD_BYTES} bytes")
-        return username, password
+        return login_fields(body.get("username"), body.get("password"))
 
     def too_many(self, wait: float, message: str) -> None:
         seconds = retry_after_header(wait)

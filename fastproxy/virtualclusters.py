@@ -133,6 +133,7 @@ class VirtualClusterProxy(ClusterProxy):
     def __init__(self, server: ServerConfig, clusters: ClusterRegistry, authenticator: Authenticator,
                  loop: asyncio.AbstractEventLoop, virtual_clusters: VirtualClusters):
         super().__init__(server, clusters, authenticator, loop)
+        self.watches = None  # no shared streams: every watch must pass the host's review first
         self.virtual_clusters = virtual_clusters
         self.access = AccessReviewer(ALLOWED_TTL, denied_ttl=DENIED_TTL)
 

@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..auth.limiter import retry_after_header
-from ..auth.passwords import MAX_PASSWORD_BYTES
 from ..auth.requestinfo import request_info
 from ..auth.scopes import check_scope
 from ..local import LocalResponder
-from ..login import MAX_USERNAME_CHARS, TooMany
+from ..login import TooMany, login_fields
 from ..management.api import ADMINS
 from ..observe.metrics import DURATION_AT, merge, read_states, write_state
 from ..routing import UI
@@ -247,8 +246,10 @@ class UIRequest(LocalResponder):
             await asyncio.sleep(NEW_KEY_CHECK_INTERVAL)
             identity = self.page.identity(signed, self.ctx)
             if identity is not None:
-                break
-        self.show(identity)
+                self.show(identity)
+                return
+        # Still unknown: revoked or expired meanwhile. The form, and the cookie gone with it.
+        self.answer(200, self.signin_form(), headers=((b"Set-Cookie", session.set_cookie("", 0, self.tls)),))
 
     def show(self, identity: Identity | None) -> None:
         if identity is None:
@@ -305,16 +306,19 @@ class UIRequest(LocalResponder):
         if login is None:
             self.answer(400, self.signin_form("This gateway has no state store, so no passwords: use an access key."))
             return
-        if (not username or not password or len(username) > MAX_USERNAME_CHARS
-                or len(password.encode()) > MAX_PASSWORD_BYTES):
-            self.answer(400, self.signin_form("Give a user name and a password."))
+        try:
+            username, password = login_fields(username, password)
+        except StatusError as refusal:
+            self.ctx.message = refusal.message
+            self.answer(400, self.signin_form("Give a user name and a password (" + refusal.message + ")."))
             return
         try:
             user = await login.verify(username, password, self.ctx.head.client_ip.decode("latin-1"))
         except TooMany as refusal:
             seconds = retry_after_header(refusal.wait)
             self.ctx.message = refusal.message
-            self.answer(429, self.signin_form(f"Too many failed sign-ins: try again in {seconds} s."),
+            why = refusal.message.partition(":")[0]  # "too many failed logins", "... logins in progress"
+            self.answer(429, self.signin_form(f"{why.capitalize()}: try again in {seconds} s."),
                         headers=((b"Retry-After", b"%d" % seconds),))
             return
         except StatusError as refusal:

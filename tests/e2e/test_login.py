@@ -253,6 +253,8 @@ def test_the_status_page_signs_in_with_a_password_and_signing_out_revokes_its_lo
     assert code == 303 and "Max-Age=0" in headers["set-cookie"]
     assert made[0] not in login_keys(stack, "root")  # revoked: the cookie's key is gone with the session
     assert ui_request(stack, "GET", "/ui/api/status", cookie, "127.0.9.1")[0] == 401
+    code, headers, page = ui_request(stack, "GET", "/ui/", cookie, "127.0.9.1")  # the old cookie, kept
+    assert code == 200 and b'name="username"' in page and "Max-Age=0" in headers["set-cookie"]  # ...and dropped
 
 
 def test_signing_out_of_a_pasted_login_key_leaves_the_key_alone(stack):
