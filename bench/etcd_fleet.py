@@ -20,8 +20,9 @@ the worker's state reader, called in the same publish as the authenticator's, so
 of a key leaves the gateway once its worker refuses the key. Propagation is the time from the
 revocation's request (EtcdStore.revoke_access_key, what the CLI and the management API call) to
 the DELETED event read from each gateway's stream: what a client sees, event by event, with no
-polling interval to round it. The traffic process checks it: any request sent with a revoked key
-after its gateway reported the key gone must be answered 401, and the bench counts those that are not.
+polling interval to round it. Two checks that the event means refusal: the traffic process counts
+the requests sent with a revoked key after its gateway reported the key gone that were not answered
+401, and at the end every revoked key is tried once on every gateway.
 
 Revocations come every `--interval` seconds on a fixed clock (a slow one does not delay the next;
 how late each was committed against its slot, and how long its commit took, are printed). Printed
@@ -158,6 +159,21 @@ class Watch:
         self.connection.close()
 
 
+def answers(port: int, names: list[str]) -> list[int]:
+    """The status a gateway answers a request with each of the keys `names`."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        statuses = []
+        for name in names:
+            connection.request("GET", TRAFFIC_PATH, headers={"Authorization": f"Bearer {secret(name)}"})
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+        return statuses
+    finally:
+        connection.close()
+
+
 def traffic(ports: list[int], keys: int, rate: float, watched: list[str]) -> None:
     """The traffic process: `rate` requests a second to each gateway with random keys, until SIGTERM.
     Prints a JSON line: answers by status, and (port, key, sent at, status) of every request with a `watched` key."""
@@ -250,6 +266,7 @@ def run(args: argparse.Namespace) -> None:
         cpu, revisions = cpu_seconds(etcd_pid) - cpu, revision_of(store) - revision
         gateway_cpu = sum(tree_cpu_seconds(gateway.popen.pid) for gateway in gateways) - gateway_cpu
         load.send_signal(signal.SIGTERM)
+        refusals = Counter(status for port in ports for status in answers(port, list(revoked)))
         output, _ = load.communicate(timeout=60)
         report = orjson.loads(output.splitlines()[-1])
         latencies, missing = [], 0
@@ -289,6 +306,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"gateways: {gateway_cpu / window * 100:.1f} % of a core together over the window; traffic: {requests} requests "
           f"({args.rate:g}/s per gateway), answers {dict(sorted(report['statuses'].items()))}; "
           f"{len(after_gone)} sent with a key after its gateway reported it gone, {served_after_gone} of them not refused")
+    print(f"after the run, every revoked key on every gateway: answers {dict(sorted(refusals.items()))}")
 
 
 def main() -> None:
