@@ -141,15 +141,30 @@ def snapshot_events(old: Snapshot, new: Snapshot,
     """What changed between two snapshots, as watch events of users, teams, ownedaccesskeys,
     namespaceactivities and virtualclusterinstances (`instance_status`: phase and message on this gateway)."""
     version = new.version
-    member_of = teams_of(new)
-    events = _diff(old.users, new.users, version, "users", lambda user: user_object(user, member_of.get(user.name, ())))
-    events += _diff(old.teams, new.teams, version, "teams", team_object)
-    events += _diff(old.access_keys, new.access_keys, version, "ownedaccesskeys", access_key_object)
-    events += _diff(old.activities, new.activities, version, "namespaceactivities",
-                    lambda activity: activity_object(activity, new.activity_version))
-    events += _diff(old.virtual_cluster_instances, new.virtual_cluster_instances, version, "virtualclusterinstances",
-                    lambda instance: instance_object(instance, *instance_status(instance)))
+    events: list[Event] = []
+    # Snapshots are never changed in place: a mapping the new one shares with the old is unchanged.
+    if old.users is not new.users:
+        member_of = teams_of(new)
+        events += _diff(old.users, new.users, version, "users", lambda user: user_object(user, member_of.get(user.name, ())))
+    if old.teams is not new.teams:
+        events += _diff(old.teams, new.teams, version, "teams", team_object)
+    changes = new.key_changes
+    if changes is not None and changes.base() is old:  # the store named the keys it changed: diff those alone
+        events += _diff(_only(old.access_keys, changes.names), _only(new.access_keys, changes.names), version,
+                        "ownedaccesskeys", access_key_object)
+    elif old.access_keys is not new.access_keys:
+        events += _diff(old.access_keys, new.access_keys, version, "ownedaccesskeys", access_key_object)
+    if old.activities is not new.activities:
+        events += _diff(old.activities, new.activities, version, "namespaceactivities",
+                        lambda activity: activity_object(activity, new.activity_version))
+    if old.virtual_cluster_instances is not new.virtual_cluster_instances:
+        events += _diff(old.virtual_cluster_instances, new.virtual_cluster_instances, version, "virtualclusterinstances",
+                        lambda instance: instance_object(instance, *instance_status(instance)))
     return events
+
+
+def _only(objects: Mapping[str, Any], names: frozenset[str]) -> dict[str, Any]:
+    return {name: objects[name] for name in names if name in objects}
 
 
 def _diff(old: Mapping[Any, Any], new: Mapping[Any, Any], version: int, resource: str, render: Any) -> list[Event]:

@@ -30,6 +30,7 @@ import secrets
 import ssl
 import time
 import uuid
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -193,6 +194,15 @@ class VirtualClusterInstance:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyChanges:
+    """Which access keys a snapshot changed from the one it was made from (`base`, while that one lives):
+    so that a subscriber holding `base` diffs those keys alone, not every key."""
+
+    base: weakref.ReferenceType[Snapshot]
+    names: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Snapshot:
     version: int
     loaded_at: float
@@ -207,6 +217,8 @@ class Snapshot:
     activity_version: int = 0
     # (namespace, name) -> the virtual clusters created in the management API
     virtual_cluster_instances: Mapping[tuple[str, str], VirtualClusterInstance] = field(default_factory=dict)
+    # Set by with_keys_changed; None: a full build, which a subscriber compares whole.
+    key_changes: KeyChanges | None = field(default=None, compare=False, repr=False)
 
     def resolve(self, key: str | bytes, now: float) -> ResolvedKey | None:
         """The usable access key whose secret is `key`, or None."""
@@ -566,7 +578,13 @@ def with_keys_changed(snapshot: Snapshot, version: int, changed: Iterable[Access
     """`snapshot` at `version` with access keys `changed` (new or updated) and `removed` (by name):
     what build_snapshot would give for the same objects, resolving only the keys that changed, so that
     a store told of each change applies a revocation in a large store without rebuilding every identity.
-    `refresh_at` only moves earlier (a removed key's deadline stays): the next reload comes early, never late."""
+    `refresh_at` only moves earlier (a removed key's deadline stays): the next reload comes early, never late.
+    The result's `key_changes` names the keys given, against `snapshot`; users, teams and the lists stay the
+    same objects, so that a subscriber can tell by identity what did not change."""
+    changed, removed = list(changed), list(removed)
+    changes = KeyChanges(weakref.ref(snapshot), frozenset([*removed, *(key.name for key in changed)]))
+    if not changes.names:  # activity of keys it does not bear on: a new version, nothing to copy
+        return replace(snapshot, version=version, key_changes=changes)
     keys, by_name = dict(snapshot.keys), dict(snapshot.access_keys)
     refresh_at = snapshot.refresh_at
     teams_of: dict[str, list[Team]] | None = None
@@ -585,7 +603,7 @@ def with_keys_changed(snapshot: Snapshot, version: int, changed: Iterable[Access
         if entry is not None:
             keys[key.digest] = entry
             refresh_at = min(refresh_at, now + _refresh_in(key))
-    return replace(snapshot, version=version, keys=keys, access_keys=by_name, refresh_at=refresh_at)
+    return replace(snapshot, version=version, keys=keys, access_keys=by_name, refresh_at=refresh_at, key_changes=changes)
 
 
 class StateAdmin(ABC):
