@@ -73,6 +73,28 @@ def test_the_snapshot_follows_each_change_without_reloading(admin, etcd_config):
     asyncio.run(main())
 
 
+def test_another_gateways_activity_copies_no_key_and_a_revocation_names_its_key(admin, etcd_config):
+    async def main():
+        reader = EtcdReader(EtcdStore(etcd_config))
+        reader.start(asyncio.get_running_loop())
+        try:
+            key, _ = await off_loop(admin.create_access_key, user="alice", name="k")
+            before = await asyncio.wait_for(reader.wait_for(key.resource_version), 5)
+            await off_loop(admin.record_activity, {"k": time.time()})  # what another gateway's flush writes
+            await until(lambda: reader.snapshot.version > before.version, what="the activity's watch event")
+            after = reader.snapshot
+            assert after.keys is before.keys and after.access_keys is before.access_keys and after.users is before.users
+            assert after.revoked_tokens is before.revoked_tokens and after.activities is before.activities
+            assert after.key_changes.base() is before and after.key_changes.names == frozenset()
+            gone = await off_loop(admin.delete_access_key, "k")
+            revoked = await asyncio.wait_for(reader.wait_for(gone.resource_version), 5)
+            assert revoked.key_changes.base() is after and revoked.key_changes.names == {"k"}
+            assert "k" not in revoked.access_keys and "k" in after.access_keys  # the old snapshot left as it was
+        finally:
+            reader.close()
+    asyncio.run(main())
+
+
 def test_the_snapshot_follows_virtual_cluster_instances(admin, etcd_config):
     async def main():
         reader = EtcdReader(EtcdStore(etcd_config))
