@@ -197,8 +197,9 @@ def _put(key: str, value: bytes, lease: str | None = None) -> dict[str, Any]:
     return {"request_put": {**put, "lease": lease} if lease else put}
 
 
-def _delete(key: str) -> dict[str, Any]:
-    return {"request_delete_range": {"key": b64(key)}}
+def _delete(key: str, answer_with_it: bool = False) -> dict[str, Any]:
+    """The deletion of `key`; `answer_with_it`: etcd's answer holds what was deleted (prev_kv)."""
+    return {"request_delete_range": {"key": b64(key), "prev_kv": True} if answer_with_it else {"key": b64(key)}}
 
 
 def _unchanged(key: str, mod_revision: int) -> dict[str, Any]:
@@ -427,8 +428,27 @@ class EtcdStore(StateAdmin):
         return self._create(ACCESS_KEYS, key, owner_unchanged), secret
 
     def delete_access_key(self, name: str, *, expected_version: int | None = None) -> AccessKey:
-        return self._delete_with(ACCESS_KEYS, name, expected_version,
-                                 lambda key: ([], [_delete(self._key(ACTIVITY, name))]))
+        """One round trip, not a read of the key and its activity then a transaction: a revocation is the
+        write a fleet waits for. The key and its activity go while the key exists (and is at
+        `expected_version`); etcd answers with what it deleted, or, refused, with the key as it is."""
+        if not (isinstance(name, str) and DNS_SUBDOMAIN.match(name)):
+            raise NotFoundError(f"{ACCESS_KEYS.what} {name!r} does not exist")
+        key = self._key(ACCESS_KEYS.folder, name)
+        compare = [{"key": b64(key), "target": "CREATE", "result": "GREATER", "create_revision": "0"}]
+        if expected_version is not None:
+            compare.append({"key": b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(expected_version)})
+        deleted, revision, answers = self.client.txn(
+            compare, [_delete(key, answer_with_it=True), _delete(self._key(ACTIVITY, name), answer_with_it=True)],
+            [{"request_range": {"key": b64(key)}}])
+        if not deleted:
+            stored = answers[0].get("response_range", {}).get("kvs", [])
+            if not stored:
+                raise NotFoundError(f"{ACCESS_KEYS.what} {name!r} does not exist")
+            check_version(_decoded_key(name, stored[0]), ACCESS_KEYS.what, expected_version)
+            raise AssertionError("etcd refused comparisons that hold")  # check_version raised: the version differs
+        previous = [answer.get("response_delete_range", {}).get("prev_kvs", []) for answer in answers]
+        activity = float(orjson.loads(unb64(previous[1][0]["value"]))) if previous[1] else None
+        return replace(_decoded_key(name, previous[0][0]), last_activity=activity, resource_version=revision)
 
     def revoke_token(self, jti: str, expires_at: float) -> None:
         check_revoked_token(jti, expires_at)
@@ -553,6 +573,11 @@ class EtcdStore(StateAdmin):
                 compare.append(_unchanged(self._key(folder, name), int(stored[0]["mod_revision"]) if stored else 0))
                 operations.append(_put(self._key(folder, name), value))
         return compare, operations
+
+
+def _decoded_key(name: str, raw: dict[str, Any]) -> AccessKey:
+    """An access key as etcd's JSON answers hold it (base64 value, decimal mod_revision)."""
+    return ACCESS_KEYS.decode(name, unb64(raw.get("value", "")), int(raw["mod_revision"]))
 
 
 def _stored_time(value: bytes) -> float:

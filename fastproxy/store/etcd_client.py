@@ -143,9 +143,12 @@ class EtcdClient:
         answer = self.call("kv/range", {"key": b64(prefix), "range_end": prefix_end(prefix)})
         return int(answer["header"]["revision"]), [_kv(raw) for raw in answer.get("kvs", ())]
 
-    def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]]) -> tuple[bool, int, list[dict[str, Any]]]:
-        """(whether every comparison held and `success` ran, the revision after, the operations' answers)."""
-        answer = self.call("kv/txn", {"compare": compare, "success": success})
+    def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
+            failure: list[dict[str, Any]] | None = None) -> tuple[bool, int, list[dict[str, Any]]]:
+        """(whether every comparison held and `success` ran, else `failure`; the revision after; the
+        answers of the operations that ran)."""
+        body = {"compare": compare, "success": success}
+        answer = self.call("kv/txn", {**body, "failure": failure} if failure else body)
         return bool(answer.get("succeeded")), int(answer["header"]["revision"]), answer.get("responses", [])
 
     def grant_lease(self, ttl: int) -> str:
