@@ -42,6 +42,7 @@ from ..auth.identity import HeaderValueError, Identity, check_header_value, iden
 from ..auth.passwords import HASH_PREFIX
 from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX, AccessKeyScope, CompiledScope, ScopeError, load_scope, parse_scope
 from ..names import DNS_SUBDOMAIN
+from .shared import SharedMap
 
 ACCESS_KEY_TYPES = ("Login", "User", "Other")
 BASE_GROUPS = ("system:authenticated", "loft:authenticated")
@@ -585,25 +586,35 @@ def with_keys_changed(snapshot: Snapshot, version: int, changed: Iterable[Access
     changes = KeyChanges(weakref.ref(snapshot), frozenset([*removed, *(key.name for key in changed)]))
     if not changes.names:  # activity of keys it does not bear on: a new version, nothing to copy
         return replace(snapshot, version=version, key_changes=changes)
-    keys, by_name = dict(snapshot.keys), dict(snapshot.access_keys)
+    # What changes, by digest and by name (None: gone), applied in order; then copied onto SharedMaps, which
+    # copy the few buckets touched rather than every key (a full build's dicts become SharedMaps once).
+    digests: dict[bytes, ResolvedKey | None] = {}
+    names: dict[str, AccessKey | None] = {}
     refresh_at = snapshot.refresh_at
     teams_of: dict[str, list[Team]] | None = None
     for name in removed:
-        old = by_name.pop(name, None)
+        old = names[name] if name in names else snapshot.access_keys.get(name)
         if old is not None:
-            keys.pop(old.digest, None)
+            names[name], digests[old.digest] = None, None
     for key in changed:
-        old = by_name.get(key.name)
+        old = names[key.name] if key.name in names else snapshot.access_keys.get(key.name)
         if old is not None:
-            keys.pop(old.digest, None)
-        by_name[key.name] = key
+            digests[old.digest] = None
+        names[key.name] = key
         if teams_of is None:
             teams_of = _teams_of(snapshot.teams)
         entry = _resolved(key, snapshot.users, snapshot.teams, teams_of, now, project_namespace_prefix)
         if entry is not None:
-            keys[key.digest] = entry
+            digests[key.digest] = entry
             refresh_at = min(refresh_at, now + _refresh_in(key))
-    return replace(snapshot, version=version, keys=keys, access_keys=by_name, refresh_at=refresh_at, key_changes=changes)
+    return replace(snapshot, version=version, keys=_changed(snapshot.keys, digests),
+                   access_keys=_changed(snapshot.access_keys, names), refresh_at=refresh_at, key_changes=changes)
+
+
+def _changed(entries: Mapping[Any, Any], changes: Mapping[Any, Any]) -> SharedMap[Any, Any]:
+    shared = entries if isinstance(entries, SharedMap) else SharedMap(entries)
+    return shared.changed({key: value for key, value in changes.items() if value is not None},
+                          [key for key, value in changes.items() if value is None])
 
 
 class StateAdmin(ABC):

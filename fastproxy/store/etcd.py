@@ -62,6 +62,7 @@ from .base import (
     with_keys_changed,
 )
 from .etcd_client import CompactedError, EtcdClient, KeyValue, WatchEvent, b64, prefix_end, unb64
+from .shared import SharedMap
 
 log = logging.getLogger("fastproxy.store")
 
@@ -182,6 +183,8 @@ class FleetState:
     def snapshot(self, now: float, project_namespace_prefix: str) -> Snapshot:
         snapshot = build_snapshot(self.revision, self.objects[USERS.folder].values(), self.objects[TEAMS.folder].values(),
                                   self.access_keys(), (), now, project_namespace_prefix=project_namespace_prefix)
+        # Shared maps from the start: each change the watch brings then copies a few buckets, not every key.
+        snapshot = replace(snapshot, keys=SharedMap(snapshot.keys), access_keys=SharedMap(snapshot.access_keys))
         return self.with_lists(snapshot, now)
 
     def with_lists(self, snapshot: Snapshot, now: float) -> Snapshot:
