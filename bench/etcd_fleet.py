@@ -1,7 +1,7 @@
 """A large fleet on one etcd: how fast a revocation reaches every gateway, and what it costs etcd.
 
     .venv/bin/python -m bench.etcd_fleet [--gateways 20] [--keys 10000] [--revocations 100] [--interval 0.1]
-                                         [--rate 3]
+                                         [--rate 3] [--warmup 6]
 
 Starts one etcd member (Debian's etcd-server) and one simulated cluster (simulated-cluster/'s
 devcluster) in a temporary folder, writes `--keys` access keys of 100 users, then starts
@@ -11,7 +11,8 @@ devcluster) in a temporary folder, writes `--keys` access keys of 100 users, the
 Traffic: a separate process sends each gateway `--rate` requests a second (`GET /version` of the
 cluster) with random keys, over one kept-alive connection per gateway; so every gateway records
 activity and writes it in batches, as a fleet's gateways do, and the activity comes back to every
-gateway as watch events.
+gateway as watch events. The first revocation comes `--warmup` seconds after the traffic starts, so
+that the window holds the gateways' activity flushes (every 5 s) from its start.
 
 How propagation is measured: the revoked keys belong to one more user, `observer`, which holds one
 key more that is never revoked. Before the revocations start, the bench opens a management API
