@@ -65,13 +65,13 @@ def delete_configmap(cluster, name: str) -> None:
 class Watch:
     """One client's watch over its own TLS connection, read event by event."""
 
-    def __init__(self, stack, query: str = ""):
+    def __init__(self, stack, query: str = "", *, path: str = WATCH, key: str = "admin"):
         state, _, _, gateway = stack
         context = ssl.create_default_context(cafile=str(state / "gateway-tls" / "ca.crt"))
         self.sock = context.wrap_socket(socket.create_connection(("127.0.0.1", gateway.port), timeout=10),
                                         server_hostname="localhost")
-        token = (state / "admin.key").read_text().strip()
-        self.sock.sendall(f"GET {WATCH}{query} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
+        token = (state / f"{key}.key").read_text().strip()
+        self.sock.sendall(f"GET {path}{query} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
                           "Accept: application/json\r\n\r\n".encode())
         self.buffer = bytearray()  # appended to in place: a slow reader gets many small pieces
         head = self._until(b"\r\n\r\n")
@@ -176,14 +176,14 @@ def test_a_joiner_from_an_old_version_gets_its_own_stream(stack):
     assert settle(lambda: upstream_watches(cluster), before + 2) == before + 2
 
 
-def refused_watch(stack) -> tuple[bytes, dict]:
-    """A watch expected to be refused: (its head, its Status)."""
+def refused_watch(stack, *, path: str = WATCH, key: str = "admin", headers: str = "") -> tuple[bytes, dict]:
+    """A watch expected to be refused: (its head, its Status); `headers`: more lines, each ending CRLF."""
     state, _, _, gateway = stack
     context = ssl.create_default_context(cafile=str(state / "gateway-tls" / "ca.crt"))
     with context.wrap_socket(socket.create_connection(("127.0.0.1", gateway.port), timeout=10),
                              server_hostname="localhost") as sock:
-        token = (state / "admin.key").read_text().strip()
-        sock.sendall(f"GET {WATCH} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
+        token = (state / f"{key}.key").read_text().strip()
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n{headers}"
                      "Accept: application/json\r\nConnection: close\r\n\r\n".encode())
         answer = b""
         while chunk := sock.recv(65536):
