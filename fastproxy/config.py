@@ -68,7 +68,7 @@ class ClusterConfig:
     max_idle_connections: int = 128
     idle_connection_timeout: float = 90.0
     # Watches of different identities share streams opened as the gateway, each joiner admitted
-    # by a SubjectAccessReview (watchshare.sharing_identity); needs [server] share_watches.
+    # by a SubjectAccessReview (watchshare.stream_identity); needs [server] share_watches.
     share_watches_across_identities: bool = False
 
     @property
