@@ -101,7 +101,8 @@ class WatchStreams:
             subscriber.end()
             return
         for stream in self.streams.get(request.key, ()):
-            if stream.state is not StreamState.ENDED and stream.add(subscriber):
+            # A cluster reloaded since has a new handle: its joiners need a stream to it as it is now.
+            if stream.state is not StreamState.ENDED and stream.target is upstream and stream.add(subscriber):
                 return
         stream = SharedStream(self, request, upstream, identity_lines)
         self.streams.setdefault(request.key, []).append(stream)
@@ -198,7 +199,7 @@ class SharedStream:
         except ValueError:
             log.warning("cluster %s: a watch line that is not an event; the shared stream ends",
                         self.target.cluster.name)
-            self.close()
+            self.close(cut=True)
             return
         self.memory.record(event)
         if self.memory.gone is not None:
@@ -248,25 +249,27 @@ class SharedStream:
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:
         self.conn = None
-        self._end(self.error_status or 502, self.error_body or b"the cluster closed the watch")
+        # Lost mid-body: cut off, as a watch of its own would be; a body delimited by the close has ended.
+        self._end(self.error_status or 502, self.error_body or b"the cluster closed the watch", cut=conn.framed)
 
     def upstream_broken(self, conn: UpstreamConnection, why: str) -> None:
         log.warning("cluster %s: %s", self.target.cluster.name, why)
-        self.close()
+        self.close(cut=True)
 
     # --- endings -------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Nobody wants the stream any more (or it broke): let go of the upstream connection."""
+    def close(self, cut: bool = False) -> None:
+        """Nobody wants the stream any more (or it broke: `cut` its subscribers off): let go of the
+        upstream connection."""
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.exchange = None
             conn.close()
         elif self.state is StreamState.OPENING:
             self.target.pool.cancel(self)
-        self._end(502, b"the watch ended")
+        self._end(502, b"the watch ended", cut=cut)
 
-    def _end(self, status: int, body: bytes) -> None:
+    def _end(self, status: int, body: bytes, cut: bool = False) -> None:
         if self.state is StreamState.ENDED:
             return
         was_live = self.state is StreamState.LIVE
@@ -276,10 +279,12 @@ class SharedStream:
             self.linger.cancel()
         self.streams.forget(self)
         for subscriber in tuple(self.subscribers):
-            if was_live:
-                subscriber.end()
-            else:
+            if not was_live:
                 subscriber.answer(status, body)
+            elif cut:
+                subscriber.cut()
+            else:
+                subscriber.end()
         self.subscribers.clear()
 
 
@@ -345,6 +350,15 @@ class WatchSubscriber(Responder):
         self.client.transport.write(_TERMINATOR)
         if not self.keep_alive:
             self.client.transport.close()
+        self.finish()
+
+    def cut(self) -> None:
+        """The upstream stream broke: a truncated response, never a clean end the client would trust."""
+        if self.finished:
+            return
+        self._leave()
+        self.keep_alive = False
+        self.client.transport.abort()
         self.finish()
 
     def answer(self, status: int, body: bytes) -> None:
