@@ -43,7 +43,7 @@ class ServerConfig:
     watch_termination_period: float = 10.0
     log_level: str = "info"
     pid_file: str | None = None  # where `fastproxy reload` finds the running gateway
-    share_watches: bool = False  # same watches of one identity share one upstream stream
+    share_watches: bool = True  # same watches of one identity share one upstream stream
 
     @property
     def tls(self) -> bool:
@@ -328,7 +328,7 @@ def _server(data: object) -> ServerConfig:
         watch_termination_period=t.positive("watch_termination_period", float, 10.0, allow_zero=True),
         log_level=log_level,
         pid_file=_writable_path(t, "pid_file"),
-        share_watches=t.bool("share_watches"),
+        share_watches=t.bool("share_watches", True),
     )
     t.finish()
     return server

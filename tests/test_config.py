@@ -80,8 +80,6 @@ def test_good_config(files):
     (('user = "admin"', 'user = " system:masters"'), "access_keys[0].user: must not be empty or contain CR, LF"),
     (('user = "admin"', 'user = ""'), "access_keys[0].user: must not be empty"),
     (('name = "ci"', 'name = "admin"'), "access_keys[1].name: duplicate access key name 'admin'"),
-    (('token_file = "token"', 'token_file = "token"\nshare_watches_across_identities = true'),
-     "clusters[0].share_watches_across_identities: needs [server] share_watches = true"),
 ])
 def test_bad_values_name_the_key(files, change, message):
     tmp, tls = files
@@ -110,11 +108,13 @@ VIRTUAL = """
 
 def test_sharing_watches_across_identities_is_per_cluster_and_off_by_default(files):
     tmp, tls = files
-    assert not load_config(write(tmp, good(tls))).clusters[0].share_watches_across_identities
-    text = good(tls).replace("workers = 2", "workers = 2\nshare_watches = true").replace(
-        'token_file = "token"', 'token_file = "token"\nshare_watches_across_identities = true')
-    config = load_config(write(tmp, text))
-    assert config.server.share_watches and config.clusters[0].share_watches_across_identities
+    config = load_config(write(tmp, good(tls)))
+    assert config.server.share_watches and not config.clusters[0].share_watches_across_identities
+    across = good(tls).replace('token_file = "token"', 'token_file = "token"\nshare_watches_across_identities = true')
+    assert load_config(write(tmp, across)).clusters[0].share_watches_across_identities
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp, across.replace("workers = 2", "workers = 2\nshare_watches = false")))
+    assert str(err.value) == "clusters[0].share_watches_across_identities: needs [server] share_watches = true"
 
 
 def test_virtual_clusters(files):

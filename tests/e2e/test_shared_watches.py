@@ -31,7 +31,7 @@ def stack(tmp_path_factory):
     try:
         listen = f"127.0.0.1:{free_port()}"
         config = prepare(state, cluster.url, cluster.ca_file, cluster.gateway_token_file, listen)
-        text = config.read_text().replace("[server]\n", "[server]\nshare_watches = true\n", 1) + (
+        text = config.read_text() + (  # shared watches are on by default
             f"\n[limits]\nwatches_per_identity = {WATCH_LIMIT}\nretry_after = 2\n")
         gateway = start_gateway(text, state)
         env = {**os.environ, "KUBECONFIG": str(state / "kubeconfig"), "HOME": str(state)}

@@ -39,8 +39,7 @@ def stack(tmp_path_factory):
     try:
         listen = f"127.0.0.1:{free_port()}"
         config = prepare(state, cluster.url, cluster.ca_file, cluster.gateway_token_file, listen)
-        text = config.read_text().replace("[server]\n", "[server]\nshare_watches = true\n", 1)
-        text = text.replace(f'name = "{CLUSTER}"\n', f'name = "{CLUSTER}"\nshare_watches_across_identities = true\n', 1)
+        text = config.read_text().replace(f'name = "{CLUSTER}"\n', f'name = "{CLUSTER}"\nshare_watches_across_identities = true\n', 1)
         text += (f'\n[[clusters]]\nname = "{OWN}"\nserver = "{cluster.url}"\nca_file = "{cluster.ca_file}"\n'
                  f'token_file = "{cluster.gateway_token_file}"\n')
         for name, groups in KEYS.items():
