@@ -182,3 +182,27 @@ def test_a_review_without_an_answer_refuses_the_joiner():
     assert unreachable.message == "whether user 'viewer' may watch configmaps cannot be checked on cluster 'demo': refused"
     garbled = joiner_refusal("viewer", (WATCH, LIST), [(True, ""), ValueError("no status")], "demo")
     assert garbled is not None and garbled.code == 403 and garbled.message.endswith(": no status")
+
+
+class Clock:
+    """The one part of an event loop WatchStreams.remember_gone reads."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_the_versions_answered_gone_are_kept_briefly_and_boundedly(monkeypatch):
+    from fastproxy import watchstream
+    monkeypatch.setattr(watchstream, "GONE_KEPT", 3)
+    clock = Clock()
+    streams = watchstream.WatchStreams(clock)  # type: ignore[arg-type]
+    key = ("c", AS_GATEWAY, "/api/v1/configmaps", "watch=1")
+    for version in ("1", "2", "3", "4"):
+        streams.remember_gone(key, version, b"error " + version.encode())
+    assert [version for (_, version) in streams.gone] == ["2", "3", "4"]  # the oldest went
+    clock.now += watchstream.GONE_SECONDS
+    streams.remember_gone(key, "5", b"error 5")
+    assert [version for (_, version) in streams.gone] == ["5"]  # the others had expired
