@@ -128,10 +128,9 @@ class ClusterProxy:
             done(refusal)
         review.add_done_callback(reviewed)
 
-
     def review_joiner(self, plan: ProxyPlan, checks: tuple[Check, ...],
                       done: Callable[[StatusError | None], None]) -> None:
-        """Ask the cluster whether the identity plan's watch runs as (the nested one, if any) holds
+        """Ask the cluster whether the watch's effective identity (the nested one with `--as`) holds
         every permission `checks` name; `done` gets the refusal or None, at once when cached."""
         who = plan.identity if plan.nested is None else plan.nested
         answers = [self.joiners.answer(plan.upstream, who, check) for check in checks]
