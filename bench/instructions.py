@@ -43,7 +43,7 @@ def count(setup, name: str, extra: str, source: Path | None, requests: int, path
     port = free_port()
     out = setup.workdir / f"callgrind-{name}.out"
     argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
-            *fastproxy_argv(fastproxy_config(setup, port, False, extra))]
+            *fastproxy_argv(fastproxy_config(setup, port, False, extra, source))]
     env = {**os.environ, "PYTHONPATH": str(source)} if source else None
     process = Process(name, argv, PROXY_CPU, setup.workdir, env=env)
     try:

@@ -91,12 +91,20 @@ VARIANTS = {
     "fastproxy+access": '[access_log]\npath = "{workdir}/access-{port}.log"\nsample = 1.0\n',  # every request logged
     "fastproxy+share": "share_watches = true\n",  # identical watches share one upstream stream
 }
+# Every other fastproxy target gives each watch its own upstream stream, the gateway's default
+# aside: the `watch` workload's clients all watch one path, to measure what relaying each
+# watch costs, and the same watches shared would be another workload (watch-same's).
+_UNSHARED = "share_watches = false\n"
 
 
-def fastproxy_config(setup: Setup, port: int, client_tls: bool, extra: str = "") -> Path:
+def fastproxy_config(setup: Setup, port: int, client_tls: bool, extra: str = "", source: Path | None = None) -> Path:
     """The gateway's configuration for one start (`extra`: [server] keys, then more tables; {workdir} and
-    {port} filled in)."""
+    {port} filled in; `source`: a baseline build's, as in start_fastproxy)."""
     server_keys, table_start, tables = extra.format(workdir=setup.workdir, port=port).partition("[")
+    # A build older than the key shared no watch by default and would refuse it as unknown.
+    if "share_watches" not in server_keys and (source is None or "share_watches" in (
+            source / "fastproxy" / "config.py").read_text()):
+        server_keys = _UNSHARED + server_keys
     client_tls_settings = (
         f'tls_cert_file = "{setup.tls.cert}"\ntls_key_file = "{setup.tls.key}"\n' if client_tls else ""
     )
@@ -121,7 +129,7 @@ def start_fastproxy(setup: Setup, client_tls: bool, source: Path | None = None, 
     """The gateway as installed, or the `fastproxy` package found in `source` (a baseline build)."""
     port = free_port()
     scheme = "https" if client_tls else "http"
-    config = fastproxy_config(setup, port, client_tls, extra)
+    config = fastproxy_config(setup, port, client_tls, extra, source)
     argv = fastproxy_argv(config)
     env = {**os.environ, "PYTHONPATH": str(source)} if source else None
     process = Process("fastproxy", argv, PROXY_CPU, setup.workdir, env=env)

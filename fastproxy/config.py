@@ -43,7 +43,7 @@ class ServerConfig:
     watch_termination_period: float = 10.0
     log_level: str = "info"
     pid_file: str | None = None  # where `fastproxy reload` finds the running gateway
-    share_watches: bool = False  # same watches of one identity share one upstream stream
+    share_watches: bool = True  # same watches of one identity share one upstream stream
 
     @property
     def tls(self) -> bool:
@@ -67,6 +67,9 @@ class ClusterConfig:
     max_connections: int = 20000
     max_idle_connections: int = 128
     idle_connection_timeout: float = 90.0
+    # Watches of different identities share streams opened as the gateway, each joiner admitted
+    # by a SubjectAccessReview (watchshare.stream_identity); needs [server] share_watches.
+    share_watches_across_identities: bool = False
 
     @property
     def authority(self) -> str:
@@ -325,7 +328,7 @@ def _server(data: object) -> ServerConfig:
         watch_termination_period=t.positive("watch_termination_period", float, 10.0, allow_zero=True),
         log_level=log_level,
         pid_file=_writable_path(t, "pid_file"),
-        share_watches=t.bool("share_watches"),
+        share_watches=t.bool("share_watches", True),
     )
     t.finish()
     return server
@@ -381,6 +384,7 @@ def _cluster(data: object, where: str) -> ClusterConfig:
         max_connections=t.positive("max_connections", int, 20000),
         max_idle_connections=t.positive("max_idle_connections", int, 128, allow_zero=True),
         idle_connection_timeout=t.positive("idle_connection_timeout", float, 90.0),
+        share_watches_across_identities=t.bool("share_watches_across_identities"),
     )
     t.finish()
     return cluster
@@ -398,6 +402,8 @@ def _virtual_cluster(data: object, where: str, clusters: tuple[ClusterConfig, ..
     if cluster not in [c.name for c in clusters]:
         raise ConfigError(f"{t.key('cluster')}: no cluster is named {cluster!r}")
     endpoint_keys = set(t.data) - t.used
+    if "share_watches_across_identities" in endpoint_keys:  # a virtual cluster's watches are never shared
+        raise ConfigError(f"{t.key('share_watches_across_identities')}: only for [[clusters]]")
     server = None
     if "server" in endpoint_keys:
         # The same keys as a [[clusters]] entry; named after the virtual cluster in logs and messages.
@@ -611,6 +617,8 @@ def parse_config(data: dict, path: str = "") -> Config:
     for i, name in enumerate(names):
         if name in names[:i]:
             raise ConfigError(f"clusters[{i}].name: duplicate cluster name {name!r}")
+        if clusters[i].share_watches_across_identities and not server.share_watches:
+            raise ConfigError(f"clusters[{i}].share_watches_across_identities: needs [server] share_watches = true")
     keys = [v.key for v in virtual_clusters]
     for i, key in enumerate(keys):
         if key in keys[:i]:

@@ -137,8 +137,7 @@ class Admission:
         if kind is Kind.REQUEST:
             self.clusters[cluster] = cluster_holds + 1
         elif kind is Kind.WATCH and proxy.watches is not None:
-            shared = watch_subscriber(client, ctx, observers, keep_alive, proxy.watches, plan,
-                                      proxy.review_impersonation, LimitedSubscriber)
+            shared = watch_subscriber(client, ctx, observers, keep_alive, proxy, plan, LimitedSubscriber)
             if shared is not None:
                 assert isinstance(shared, LimitedSubscriber)
                 shared.admission, shared.plan = self, plan

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 from . import headers as hdrs
 from .auth.credentials import Authenticator
 from .auth.identity import Identity
-from .auth.impersonation import ImpersonationReviewer, NestedIdentity, parse_impersonation
+from .auth.impersonation import AccessReviewer, Check, ImpersonationReviewer, NestedIdentity, parse_impersonation
 from .auth.requestinfo import is_discovery
 from .auth.scopes import check_scope, reaches_cluster
 from .clusters import ClusterRegistry, Upstream
@@ -27,6 +27,7 @@ from .context import Observers, RequestContext, RequestHead
 from .exchange import AWAITING_RESPONSE, Connection, Responder
 from .flow import AWAITING_PEER, PEER_FULL, PENDING_LIMIT
 from .status import StatusError
+from .watchshare import joiner_refusal
 from .watchstream import WatchStreams, watch_subscriber
 
 if TYPE_CHECKING:
@@ -36,6 +37,10 @@ log = logging.getLogger("fastproxy.proxy")
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 RETAIN_LIMIT = 1024 * 1024  # request bytes kept for one retry on a stale pooled connection
+# How long a cluster's answer on whether a watcher may join a stream run as the gateway is reused:
+# long enough that a fleet of joiners asks once, short enough that a revoked role soon tells.
+JOINER_ALLOWED_TTL = 5.0
+JOINER_DENIED_TTL = 2.0
 _LONG_RUNNING_PARAMS = frozenset(("watch", "follow"))
 
 
@@ -65,12 +70,13 @@ class ClusterProxy:
         self.reviewer = ImpersonationReviewer()
         self.reviews: set[asyncio.Task] = set()  # running impersonation reviews, kept from collection
         self.watches = WatchStreams(loop) if server.share_watches else None
+        self.joiners = AccessReviewer(JOINER_ALLOWED_TTL, denied_ttl=JOINER_DENIED_TTL)
 
     def responder(self, client: Connection, ctx: RequestContext, observers: Observers,
                  keep_alive: bool) -> Responder:
         plan = self.plan(ctx)
         if plan.long_running and self.watches is not None:
-            shared = watch_subscriber(client, ctx, observers, keep_alive, self.watches, plan, self.review_impersonation)
+            shared = watch_subscriber(client, ctx, observers, keep_alive, self, plan)
             if shared is not None:
                 return shared
         return ProxyExchange(client, ctx, observers, keep_alive, self, plan)
@@ -121,6 +127,31 @@ class ClusterProxy:
                 refusal = StatusError(500, "impersonation could not be checked")
             done(refusal)
         review.add_done_callback(reviewed)
+
+    def review_joiner(self, plan: ProxyPlan, checks: tuple[Check, ...],
+                      done: Callable[[StatusError | None], None]) -> None:
+        """Ask the cluster whether the watch's effective identity (the nested one with `--as`) holds
+        every permission `checks` name; `done` gets the refusal or None, at once when cached."""
+        who = plan.identity if plan.nested is None else plan.nested
+        answers = [self.joiners.answer(plan.upstream, who, check) for check in checks]
+
+        def settle(outcomes: list) -> None:
+            if any(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes):
+                return  # shutting down
+            done(joiner_refusal(who.user, checks, outcomes, plan.upstream.cluster.name))
+        if all(answer.done() for answer in answers):  # cached: no loop turn for the fleet's later joiners
+            settle([_outcome(answer) for answer in answers])
+            return
+        # Gathered, not awaited one by one: an answer is shared, and gather never cancels it uncalled.
+        asyncio.gather(*answers, return_exceptions=True).add_done_callback(
+            lambda gathered: None if gathered.cancelled() else settle(gathered.result()))
+
+
+def _outcome(answer: asyncio.Future) -> object:
+    """A settled future as gather(return_exceptions=True) reports it."""
+    if answer.cancelled():
+        return asyncio.CancelledError()
+    return answer.exception() or answer.result()
 
 
 def requested_upgrade(head: RequestHead, found: hdrs.ClientHeaders) -> bytes | None:

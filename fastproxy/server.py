@@ -33,6 +33,7 @@ from .sdnotify import Notifier, reloading_message, watchdog_interval
 from .sdnotify import message as sdnotify_message
 from .status import status_response
 from .tlssocket import TLSListener
+from .watchstream import WatchSubscriber
 
 log = logging.getLogger("fastproxy")
 
@@ -214,7 +215,11 @@ class Worker:
 
 def _proxied_cluster(conn: ClientConnection) -> str | None:
     responder = conn.active
-    return responder.plan.upstream.cluster.name if isinstance(responder, ProxyExchange) else None
+    if isinstance(responder, ProxyExchange):
+        return responder.plan.upstream.cluster.name
+    if isinstance(responder, WatchSubscriber):  # a shared watch's subscriber
+        return responder.upstream.cluster.name
+    return None
 
 
 def inherited_socket(environ: dict[str, str], pid: int) -> socket.socket | None:

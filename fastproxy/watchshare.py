@@ -2,10 +2,12 @@
 
 Watches of one cluster, by one identity, on one path and query (apart from the per-client
 `resourceVersion`, `timeoutSeconds` and `allowWatchBookmarks`) are served from one upstream
-stream. `WatchMemory` keeps what a joiner needs so that it sees neither a gap nor a duplicate:
-the current objects, when the stream began with the full set (no resourceVersion, or "0": the
-API server then sends every object as ADDED first), and a bounded window of recent events after
-a point the stream is known to be complete up to. A joiner the memory cannot serve exactly gets
+stream. Where a cluster shares across identities, the stream runs as the gateway itself and
+every joiner needs the cluster's word (a SubjectAccessReview) that it may watch and list there.
+`WatchMemory` keeps what a joiner needs so that it sees neither a gap nor a duplicate: the
+current objects, when the stream began with the full set (no resourceVersion, or "0": the API
+server then sends every object as ADDED first), and a bounded window of recent events after a
+point the stream is known to be complete up to. A joiner the memory cannot serve exactly gets
 an upstream stream of its own. Resource versions are ordered only when they are decimal (the
 API server's are etcd revisions); any other version is served by a stream of its own.
 The sockets are in watchstream.py.
@@ -15,14 +17,26 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
+from .auth.impersonation import Check
+from .status import StatusError
+from .upstream_client import UpstreamRequestError
+
+if TYPE_CHECKING:
+    from .auth.requestinfo import RequestInfo
+
 PER_CLIENT_PARAMS = frozenset(("resourceVersion", "timeoutSeconds", "allowWatchBookmarks"))
 WINDOW_EVENTS = 1000  # recent events kept for joiners that resume from a resourceVersion
 _TRUE = ("1", "true")
+# The identity part of the key of a stream sent with no Impersonate-* lines: as the gateway itself.
+AS_GATEWAY = b""
+# What a joiner of a stream run as the gateway must be allowed: the stream's first events are
+# the list's objects, then the watch's.
+JOINER_VERBS = ("watch", "list")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +78,50 @@ def shareable_watch(cluster: str, identity_lines: bytes, target: str, accept: by
         return None
     shared_query = urlencode(sorted(shared))
     return WatchRequest((cluster, identity_lines, path, shared_query), path, shared_query, rv, timeout, bookmarks)
+
+
+def stream_identity(across_identities: bool, identity_lines: bytes,
+                    info: RequestInfo | None) -> tuple[bytes, tuple[Check, ...]]:
+    """Whom the shared stream of a watch runs as (the identity part of its key, the Impersonate-*
+    lines sent) and what each joiner must be allowed first. Across identities the stream runs as
+    the gateway, for a resource watch whose permission a review can name; any other watch keeps
+    its own identity and needs no review."""
+    if not across_identities or info is None or not info.is_resource_request or info.verb != "watch" \
+            or not info.resource or info.subresource:
+        return identity_lines, ()
+    return AS_GATEWAY, tuple(Check(info.api_group, info.resource, "", info.namespace, info.name, verb=verb)
+                             for verb in JOINER_VERBS)
+
+
+def joiner_refusal(user: str, checks: tuple[Check, ...], outcomes: list[tuple[bool, str] | BaseException],
+                   cluster: str) -> StatusError | None:
+    """None when every review allowed `user` what `checks` name; else the Status to refuse the
+    joiner with, worded as the API server words it. A review that got no answer refuses too."""
+    for check, outcome in zip(checks, outcomes):
+        if isinstance(outcome, BaseException):
+            code = outcome.code if isinstance(outcome, UpstreamRequestError) else 403
+            message = outcome.message if isinstance(outcome, UpstreamRequestError) else str(outcome)
+            return StatusError(code, f"whether user {user!r} may {check.verb} {check.resource} cannot be checked "
+                                     f"on cluster {cluster!r}: {message}")
+        allowed, reason = outcome
+        if not allowed:
+            return forbidden(user, check, reason)
+    return None
+
+
+def forbidden(user: str, check: Check, reason: str = "") -> StatusError:
+    """The API server's 403 for `user` lacking `check`."""
+    qualified = f"{check.resource}.{check.group}" if check.group else check.resource
+    subject = f'{qualified} "{check.name}"' if check.name else qualified
+    scope = f'in the namespace "{check.namespace}"' if check.namespace else "at the cluster scope"
+    details: dict[str, Any] = {"kind": check.resource}
+    if check.group:
+        details["group"] = check.group
+    if check.name:
+        details["name"] = check.name
+    return StatusError(403, f'{subject} is forbidden: User "{user}" cannot {check.verb} resource "{check.resource}" '
+                            f'in API group "{check.group}" {scope}' + (f": {reason}" if reason else ""),
+                       details=details)
 
 
 def upstream_target(request: WatchRequest) -> str:
@@ -130,11 +188,16 @@ class WatchMemory:
         self.window: deque[Event] = deque()
         self.window_limit = window
         self.failed = False           # an ERROR came: the stream ends, nobody may join
+        # The ERROR chunk when the cluster's first answer to the start version was 410 Gone: that
+        # version stays too old, so a joiner asking for it later gets the same answer.
+        self.gone: bytes | None = None
 
     def record(self, event: Event) -> None:
         kind = event.type
         if kind is EventType.ERROR:
             self.failed = True
+            if self.objects is None and not self.window and event.obj.get("code") == 410:
+                self.gone = event.chunk
             return
         if self.objects is not None:
             if kind is EventType.DELETED:

@@ -17,21 +17,34 @@ from typing import TYPE_CHECKING
 import httptools
 
 from .exchange import Connection, Responder
-from .watchshare import EventType, WatchMemory, WatchRequest, parse_event, shareable_watch, upstream_target
+from .watchshare import (
+    EventType,
+    WatchMemory,
+    WatchRequest,
+    parse_event,
+    shareable_watch,
+    stream_identity,
+    upstream_target,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .clusters import Upstream
     from .context import Observers, RequestContext
-    from .proxy import ProxyPlan
+    from .proxy import ClusterProxy, ProxyPlan
     from .status import StatusError
     from .upstream import Sink, UpstreamConnection
+
+    # Asks the cluster something about a joiner, then calls back with the refusal or None.
+    Review = Callable[[Callable[[StatusError | None], None]], None]
 
 
 log = logging.getLogger("fastproxy.watchstream")
 
 LINGER_SECONDS = 2.0      # an unsubscribed stream stays open this long for the next joiner
+GONE_SECONDS = 5.0        # a version the cluster called too old (410) is answered so this long
+GONE_KEPT = 1024          # ...for at most this many (key, version) pairs
 ERROR_BODY_LIMIT = 64 * 1024
 _CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 _STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-cache, private\r\n"
@@ -40,22 +53,28 @@ _TERMINATOR = b"0\r\n\r\n"
 
 
 def watch_subscriber(client: Connection, ctx: RequestContext, observers: Observers, keep_alive: bool,
-                     streams: WatchStreams, plan: ProxyPlan,
-                     review: Callable[[ProxyPlan, Callable[[StatusError | None], None]], None],
+                     proxy: ClusterProxy, plan: ProxyPlan,
                      subscriber: type[WatchSubscriber] | None = None) -> WatchSubscriber | None:
     """The shared-stream responder for a planned watch, or None when it keeps a stream of its own."""
     head = ctx.head
-    if head.method != b"GET" or plan.upgrade:
+    if head.method != b"GET" or plan.upgrade or proxy.watches is None:
         return None
     accept = next((value for name, value in head.headers if name.lower() == b"accept"), None)
     target = plan.head[4:plan.head.index(b" HTTP/1.")].decode("latin-1")
-    identity_lines = plan.identity.impersonation if plan.nested is None else plan.nested.headers()
+    own_lines = plan.identity.impersonation if plan.nested is None else plan.nested.headers()
+    identity_lines, checks = stream_identity(plan.upstream.cluster.share_watches_across_identities, own_lines,
+                                             ctx.info)
     request = shareable_watch(plan.upstream.cluster.name, identity_lines, target, accept, head.version)
     if request is None:
         return None
-    nested_review = None if plan.nested is None else partial(review, plan)
-    return (subscriber or WatchSubscriber)(client, ctx, observers, keep_alive, streams, request, plan.upstream,
-                                           identity_lines, nested_review)
+    # Run in order before the joiner joins: may the caller act as whom it asked to, may that one watch.
+    reviews: list[Review] = []
+    if plan.nested is not None:
+        reviews.append(partial(proxy.review_impersonation, plan))
+    if checks:
+        reviews.append(partial(proxy.review_joiner, plan, checks))
+    return (subscriber or WatchSubscriber)(client, ctx, observers, keep_alive, proxy.watches, request, plan.upstream,
+                                           identity_lines, reviews)
 
 
 class StreamState(enum.Enum):
@@ -71,11 +90,19 @@ class WatchStreams:
         self.loop = loop
         self.streams: dict[tuple[str, bytes, str, str], list[SharedStream]] = {}
         self.opened = 0  # upstream streams opened, for tests and metrics
+        # (key, version) -> (until when, the cluster's ERROR event) for versions it called too old
+        self.gone: dict[tuple[tuple[str, bytes, str, str], str], tuple[float, bytes]] = {}
 
     def join(self, subscriber: WatchSubscriber, upstream: Upstream, identity_lines: bytes) -> None:
         request = subscriber.request
+        gone = self.gone.get((request.key, request.resource_version))
+        if gone is not None and self.loop.time() < gone[0]:
+            subscriber.begin([gone[1]])  # what the cluster answered this version, then the end it gave
+            subscriber.end()
+            return
         for stream in self.streams.get(request.key, ()):
-            if stream.state is not StreamState.ENDED and stream.add(subscriber):
+            # A cluster reloaded since has a new handle: its joiners need a stream to it as it is now.
+            if stream.state is not StreamState.ENDED and stream.target is upstream and stream.add(subscriber):
                 return
         stream = SharedStream(self, request, upstream, identity_lines)
         self.streams.setdefault(request.key, []).append(stream)
@@ -90,6 +117,13 @@ class WatchStreams:
         if not streams:
             self.streams.pop(stream.key, None)
 
+    def remember_gone(self, key: tuple[str, bytes, str, str], version: str, error: bytes) -> None:
+        now = self.loop.time()
+        self.gone = {entry: value for entry, value in self.gone.items() if now < value[0]}
+        while len(self.gone) >= GONE_KEPT:
+            del self.gone[next(iter(self.gone))]  # the oldest
+        self.gone[(key, version)] = (now + GONE_SECONDS, error)
+
 
 class SharedStream:
     """One upstream watch and its subscribers; implements upstream.UpstreamExchange."""
@@ -97,6 +131,7 @@ class SharedStream:
     def __init__(self, streams: WatchStreams, request: WatchRequest, upstream: Upstream, identity_lines: bytes):
         self.streams = streams
         self.key = request.key
+        self.version = request.resource_version
         self.target = upstream
         self.memory = WatchMemory(request.resource_version)
         self.subscribers: list[WatchSubscriber] = []
@@ -164,9 +199,11 @@ class SharedStream:
         except ValueError:
             log.warning("cluster %s: a watch line that is not an event; the shared stream ends",
                         self.target.cluster.name)
-            self.close()
+            self.close(cut=True)
             return
         self.memory.record(event)
+        if self.memory.gone is not None:
+            self.streams.remember_gone(self.key, self.version, self.memory.gone)
         chunk, size = event.chunk, len(event.chunk)
         bookmark = event.type is EventType.BOOKMARK
         for subscriber in tuple(self.subscribers):  # a slow one may leave while written to
@@ -212,25 +249,27 @@ class SharedStream:
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:
         self.conn = None
-        self._end(self.error_status or 502, self.error_body or b"the cluster closed the watch")
+        # Lost mid-body: cut off, as a watch of its own would be; a body delimited by the close has ended.
+        self._end(self.error_status or 502, self.error_body or b"the cluster closed the watch", cut=conn.framed)
 
     def upstream_broken(self, conn: UpstreamConnection, why: str) -> None:
         log.warning("cluster %s: %s", self.target.cluster.name, why)
-        self.close()
+        self.close(cut=True)
 
     # --- endings -------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Nobody wants the stream any more (or it broke): let go of the upstream connection."""
+    def close(self, cut: bool = False) -> None:
+        """Nobody wants the stream any more (or it broke: `cut` its subscribers off): let go of the
+        upstream connection."""
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.exchange = None
             conn.close()
         elif self.state is StreamState.OPENING:
             self.target.pool.cancel(self)
-        self._end(502, b"the watch ended")
+        self._end(502, b"the watch ended", cut=cut)
 
-    def _end(self, status: int, body: bytes) -> None:
+    def _end(self, status: int, body: bytes, cut: bool = False) -> None:
         if self.state is StreamState.ENDED:
             return
         was_live = self.state is StreamState.LIVE
@@ -240,42 +279,44 @@ class SharedStream:
             self.linger.cancel()
         self.streams.forget(self)
         for subscriber in tuple(self.subscribers):
-            if was_live:
-                subscriber.end()
-            else:
+            if not was_live:
                 subscriber.answer(status, body)
+            elif cut:
+                subscriber.cut()
+            else:
+                subscriber.end()
         self.subscribers.clear()
 
 
 class WatchSubscriber(Responder):
     """One client's watch, served from a shared stream."""
 
-    __slots__ = ("streams", "request", "upstream", "identity_lines", "review", "stream", "timer", "began")
+    __slots__ = ("streams", "request", "upstream", "identity_lines", "reviews", "stream", "timer", "began")
 
     def __init__(self, client: Connection, ctx: RequestContext, observers: Observers, keep_alive: bool,
                  streams: WatchStreams, request: WatchRequest, upstream: Upstream, identity_lines: bytes,
-                 review: Callable[[Callable[[StatusError | None], None]], None] | None = None):
+                 reviews: list[Review] | None = None):
         super().__init__(client, ctx, observers, keep_alive)
         self.streams = streams
         self.request = request
         self.upstream = upstream
         self.identity_lines = identity_lines
-        self.review = review  # asks the cluster about nested impersonation, then calls `reviewed`
+        self.reviews = reviews or []  # the cluster's checks still to pass, each calling `reviewed`
         self.stream: SharedStream | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.began = False
 
     def serve(self) -> None:
-        if self.review is not None:
-            self.review(self.reviewed)
-        else:
-            self.reviewed(None)
+        self.reviewed(None)
 
     def reviewed(self, refusal: StatusError | None) -> None:
         if self.finished:
             return
         if refusal is not None:
             self.refuse(refusal)
+            return
+        if self.reviews:
+            self.reviews.pop(0)(self.reviewed)
             return
         if self.request.timeout:
             self.timer = self.streams.loop.call_later(self.request.timeout, self.end)
@@ -309,6 +350,15 @@ class WatchSubscriber(Responder):
         self.client.transport.write(_TERMINATOR)
         if not self.keep_alive:
             self.client.transport.close()
+        self.finish()
+
+    def cut(self) -> None:
+        """The upstream stream broke: a truncated response, never a clean end the client would trust."""
+        if self.finished:
+            return
+        self._leave()
+        self.keep_alive = False
+        self.client.transport.abort()
         self.finish()
 
     def answer(self, status: int, body: bytes) -> None:

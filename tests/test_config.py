@@ -106,6 +106,17 @@ VIRTUAL = """
 """
 
 
+def test_sharing_watches_across_identities_is_per_cluster_and_off_by_default(files):
+    tmp, tls = files
+    config = load_config(write(tmp, good(tls)))
+    assert config.server.share_watches and not config.clusters[0].share_watches_across_identities
+    across = good(tls).replace('token_file = "token"', 'token_file = "token"\nshare_watches_across_identities = true')
+    assert load_config(write(tmp, across)).clusters[0].share_watches_across_identities
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp, across.replace("workers = 2", "workers = 2\nshare_watches = false")))
+    assert str(err.value) == "clusters[0].share_watches_across_identities: needs [server] share_watches = true"
+
+
 def test_virtual_clusters(files):
     tmp, tls = files
     via_host, direct = load_config(write(tmp, good(tls) + VIRTUAL.format(ca=tls["ca"]))).virtual_clusters
@@ -124,6 +135,8 @@ def test_virtual_clusters(files):
     (('server = "https://vc2.team-a:8443"', 'server = "vc2"'), "virtual_clusters[1].server: must be an https://"),
     (('token_file = "token"', ''), "virtual_clusters[1].token_file: a cluster needs token_file"),
     (('name = "vc2"', 'name = "vc2"\nport = 1'), "virtual_clusters[1].port: unknown key"),
+    (('name = "vc2"', 'name = "vc2"\nshare_watches_across_identities = true'),
+     "virtual_clusters[1].share_watches_across_identities: only for [[clusters]]"),
 ])
 def test_bad_virtual_clusters_name_the_key(files, change, message):
     tmp, tls = files

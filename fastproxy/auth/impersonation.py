@@ -123,16 +123,38 @@ def _extra_key(name: bytes) -> str:
         raise StatusError(400, f"header {name.decode('latin-1')} does not decode to UTF-8") from None
 
 
-def review_body(identity: Identity, check: Check) -> bytes:
-    """The SubjectAccessReview asking whether `identity` may do what `check` names."""
+class Subject(NamedTuple):
+    """Whom a SubjectAccessReview asks about, as the cluster sees it when the gateway impersonates it."""
+
+    user: str
+    groups: tuple[str, ...]
+    uid: str = ""
+    extra: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+def subject_of(who: Identity | NestedIdentity) -> Subject:
+    """A gateway identity (user and groups) or a nested one (uid and extra too) as a Subject."""
+    if isinstance(who, NestedIdentity):
+        return Subject(who.user, who.groups, who.uid, who.extra)
+    return Subject(who.user, who.groups)
+
+
+def review_body(who: Identity | NestedIdentity, check: Check) -> bytes:
+    """The SubjectAccessReview asking whether `who` may do what `check` names."""
     attributes = {"verb": check.verb, "group": check.group, "resource": check.resource}
     for key in ("subresource", "namespace", "name"):
         if getattr(check, key):
             attributes[key] = getattr(check, key)
+    subject = subject_of(who)
     # The groups the cluster gives this identity when the gateway impersonates it.
-    groups = identity.groups if AUTHENTICATED in identity.groups else (*identity.groups, AUTHENTICATED)
-    return orjson.dumps({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
-                         "spec": {"user": identity.user, "groups": list(groups), "resourceAttributes": attributes}})
+    groups = subject.groups if AUTHENTICATED in subject.groups else (*subject.groups, AUTHENTICATED)
+    spec: dict[str, object] = {"user": subject.user, "groups": list(groups)}
+    if subject.uid:
+        spec["uid"] = subject.uid
+    if subject.extra:
+        spec["extra"] = {key: list(values) for key, values in subject.extra}
+    spec["resourceAttributes"] = attributes
+    return orjson.dumps({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec})
 
 
 def review_answer(status: int, body: bytes) -> tuple[bool, str]:
@@ -163,26 +185,26 @@ class AccessReviewer:
         self.ttl = ttl
         self.denied_ttl = ttl if denied_ttl is None else denied_ttl
         self.max_entries = max_entries
-        # (cluster, user, groups, check) -> (expires, the answer being or already fetched)
+        # (cluster, subject, check) -> (expires, the answer being or already fetched)
         self._answers: dict[tuple, tuple[float, asyncio.Future]] = {}
 
-    def answer(self, upstream: Upstream, identity: Identity, check: Check) -> asyncio.Future:
+    def answer(self, upstream: Upstream, who: Identity | NestedIdentity, check: Check) -> asyncio.Future:
         """(allowed, reason) from `upstream`'s cluster, or the cached answer; the future raises
         UpstreamRequestError or ValueError when the cluster gave no answer."""
-        key = (upstream.cluster.name, identity.user, identity.groups, check)
+        key = (upstream.cluster.name, subject_of(who), check)
         now = time.monotonic()
         cached = self._answers.get(key)
         if cached is not None and now < cached[0]:
             return cached[1]
         if len(self._answers) >= self.max_entries:
             self._prune(now)
-        answer = asyncio.ensure_future(self._ask(upstream, identity, check))
+        answer = asyncio.ensure_future(self._ask(upstream, who, check))
         answer.add_done_callback(lambda done: self._settle(key, done))
         self._answers[key] = (now + self.ttl, answer)
         return answer
 
-    async def _ask(self, upstream: Upstream, identity: Identity, check: Check) -> tuple[bool, str]:
-        status, body = await request(upstream, "POST", SUBJECT_ACCESS_REVIEWS, review_body(identity, check),
+    async def _ask(self, upstream: Upstream, who: Identity | NestedIdentity, check: Check) -> tuple[bool, str]:
+        status, body = await request(upstream, "POST", SUBJECT_ACCESS_REVIEWS, review_body(who, check),
                                      [("Content-Type", "application/json"), ("Accept", "application/json")],
                                      limit=1024 * 1024)
         return review_answer(status, body)

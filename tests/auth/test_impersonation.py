@@ -99,6 +99,15 @@ def test_review_body_asks_for_the_identity_as_the_cluster_will_see_it():
         "system:authenticated", "x"]
 
 
+def test_review_body_asks_for_a_nested_identity_whole():
+    nested = NestedIdentity("bob", ("a",), "u-1", (("scopes", ("read", "write")),))
+    spec = orjson.loads(review_body(nested, Check("", "configmaps", "", "team-a", "", "watch")))["spec"]
+    assert spec == {"user": "bob", "groups": ["a", "system:authenticated"], "uid": "u-1",
+                    "extra": {"scopes": ["read", "write"]},
+                    "resourceAttributes": {"verb": "watch", "group": "", "resource": "configmaps",
+                                           "namespace": "team-a"}}
+
+
 @pytest.mark.parametrize("status,answer,result", [
     (201, {"status": {"allowed": True}}, (True, "")),
     (200, {"status": {"allowed": False, "reason": "no"}}, (False, "no")),

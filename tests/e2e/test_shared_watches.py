@@ -31,7 +31,7 @@ def stack(tmp_path_factory):
     try:
         listen = f"127.0.0.1:{free_port()}"
         config = prepare(state, cluster.url, cluster.ca_file, cluster.gateway_token_file, listen)
-        text = config.read_text().replace("[server]\n", "[server]\nshare_watches = true\n", 1) + (
+        text = config.read_text() + (  # shared watches are on by default
             f"\n[limits]\nwatches_per_identity = {WATCH_LIMIT}\nretry_after = 2\n")
         gateway = start_gateway(text, state)
         env = {**os.environ, "KUBECONFIG": str(state / "kubeconfig"), "HOME": str(state)}
@@ -65,15 +65,20 @@ def delete_configmap(cluster, name: str) -> None:
 class Watch:
     """One client's watch over its own TLS connection, read event by event."""
 
-    def __init__(self, stack, query: str = ""):
+    def __init__(self, stack, query: str = "", *, path: str = WATCH, key: str = "admin", wait: bool = True):
+        """`wait`: read the response head now; else the caller calls `began` when it wants to."""
         state, _, _, gateway = stack
         context = ssl.create_default_context(cafile=str(state / "gateway-tls" / "ca.crt"))
         self.sock = context.wrap_socket(socket.create_connection(("127.0.0.1", gateway.port), timeout=10),
                                         server_hostname="localhost")
-        token = (state / "admin.key").read_text().strip()
-        self.sock.sendall(f"GET {WATCH}{query} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
+        token = (state / f"{key}.key").read_text().strip()
+        self.sock.sendall(f"GET {path}{query} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
                           "Accept: application/json\r\n\r\n".encode())
         self.buffer = bytearray()  # appended to in place: a slow reader gets many small pieces
+        if wait:
+            self.began()
+
+    def began(self) -> None:
         head = self._until(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head
         assert b"chunked" in head.lower()
@@ -112,10 +117,11 @@ class Watch:
         self.sock.close()
 
 
-def upstream_watches(cluster) -> int:
-    """Configmap watches the simulated cluster has served (its access log records each at its end)."""
+def upstream_watches(cluster, query: str = "watch=") -> int:
+    """Configmap watches the simulated cluster has served (its access log records each at its end),
+    those whose query holds `query`."""
     log = (cluster.directory / "devcluster.log").read_text()
-    return sum(1 for line in log.splitlines() if "/configmaps?" in line and "watch=" in line)
+    return sum(1 for line in log.splitlines() if "/configmaps?" in line and "watch=" in line and query in line)
 
 
 def settle(count_of, expected: int, timeout: float = 8) -> int:
@@ -176,14 +182,14 @@ def test_a_joiner_from_an_old_version_gets_its_own_stream(stack):
     assert settle(lambda: upstream_watches(cluster), before + 2) == before + 2
 
 
-def refused_watch(stack) -> tuple[bytes, dict]:
-    """A watch expected to be refused: (its head, its Status)."""
+def refused_watch(stack, *, path: str = WATCH, key: str = "admin", headers: str = "") -> tuple[bytes, dict]:
+    """A watch expected to be refused: (its head, its Status); `headers`: more lines, each ending CRLF."""
     state, _, _, gateway = stack
     context = ssl.create_default_context(cafile=str(state / "gateway-tls" / "ca.crt"))
     with context.wrap_socket(socket.create_connection(("127.0.0.1", gateway.port), timeout=10),
                              server_hostname="localhost") as sock:
-        token = (state / "admin.key").read_text().strip()
-        sock.sendall(f"GET {WATCH} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
+        token = (state / f"{key}.key").read_text().strip()
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n{headers}"
                      "Accept: application/json\r\nConnection: close\r\n\r\n".encode())
         answer = b""
         while chunk := sock.recv(65536):
@@ -294,17 +300,31 @@ def test_a_slow_client_is_ended_alone(stack):
             delete_configmap(cluster, name)
 
 
-def test_an_expired_version_reaches_every_subscriber_and_ends_their_streams(stack):
+def test_an_expired_version_reaches_every_subscriber_from_one_upstream_stream(stack):
     _, _, cluster, _ = stack
     for i in range(HISTORY + 1):  # push the oldest versions out of the cluster's history
         create_configmap(cluster, f"churn-{i}")
         delete_configmap(cluster, f"churn-{i}")
-    watches = [Watch(stack, "&resourceVersion=2") for _ in range(3)]
+    version = "resourceVersion=2"  # asked by no other test, so its upstream watches are these
+    assert upstream_watches(cluster, version + " ") == 0
+
+    def expired(watch: Watch) -> None:
+        watch.began()
+        event = watch.next()
+        assert event is not None and event["type"] == "ERROR" and event["object"]["code"] == 410
+        assert watch.next() is None  # the upstream ended: every stream ends cleanly
+
+    # Opened together: they join the stream while it opens, or get what it learned.
+    together = [Watch(stack, "&" + version, wait=False) for _ in range(3)]
+    late = None
     try:
-        for watch in watches:
-            event = watch.next()
-            assert event is not None and event["type"] == "ERROR" and event["object"]["code"] == 410
-            assert watch.next() is None  # the upstream ended: every stream ends cleanly
+        for watch in together:
+            expired(watch)
+        # Once the stream has ended, a joiner at that version gets the cluster's answer too.
+        late = Watch(stack, "&" + version, wait=False)
+        expired(late)
     finally:
-        for watch in watches:
+        for watch in [*together, *([late] if late else [])]:
             watch.close()
+    # The cluster logs a watch once it has ended; a second one, were there one, shows within the second.
+    assert settle(lambda: upstream_watches(cluster, version + " "), 2, timeout=1) == 1
