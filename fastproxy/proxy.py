@@ -308,14 +308,15 @@ class ProxyExchange(Responder):
         conn.exchange = self
         if self.client.write_paused:
             conn.pause_reading()
-        if self.plan.upgrade:
-            conn.send(self.plan.head)  # early tunnel bytes wait for the 101
-        else:
-            conn.send(self.plan.head, *self.pending)
+        head = self.plan.head
+        if self.pending and not self.plan.upgrade:  # an upgrade's early tunnel bytes wait for the 101
+            conn.send(head, *self.pending)
             self.pending, self.pending_size = [], 0
-            self.client.gate.open(AWAITING_PEER)
+            self.client.gate.open(AWAITING_PEER)  # only bytes held here close it
+        else:
+            conn.transport.write(head)
         if self.sent is not None:
-            self.sent.insert(0, self.plan.head)
+            self.sent.insert(0, head)
 
     def upstream_unreachable(self, message: str) -> None:
         if not self.finished:
