@@ -74,6 +74,9 @@ class Route(NamedTuple):
     virtual_cluster: str = ""  # virtual clusters: the name
 
 
+_new_tuple = tuple.__new__
+
+
 def split_target(target: str) -> tuple[str, str]:
     path, sep, query = target.partition("?")
     if "#" in path:
@@ -112,7 +115,8 @@ def route(target: str) -> Route:
         # The table's first row, without the loop: nearly every request is for a cluster.
         name, slash, rest = path[len(_CLUSTER_PREFIX):].partition("/")
         if name and DNS_SUBDOMAIN.match(name):
-            return Route(CLUSTER, name, slash + rest if slash else "/", query)
+            # tuple.__new__ itself: the named tuple's own __new__ is a Python frame more.
+            return _new_tuple(Route, (CLUSTER, name, slash + rest if slash else "/", query, "", ""))
     for prefix in ROUTES:
         text = prefix.text
         if not path.startswith(text):
