@@ -373,7 +373,10 @@ class ProxyExchange(Responder):
 
     def upstream_complete(self, conn: UpstreamConnection, reusable: bool) -> None:
         self.upstream = None
-        self.plan.upstream.pool.give_back(conn, reusable)
+        if reusable:  # Pool.give_back, inlined: it runs for every response
+            self.plan.upstream.pool.release(conn)
+        else:
+            conn.close()
         self.finish()
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:

@@ -77,13 +77,6 @@ class Route(NamedTuple):
 _new_tuple = tuple.__new__
 
 
-def split_target(target: str) -> tuple[str, str]:
-    path, sep, query = target.partition("?")
-    if "#" in path:
-        raise StatusError(400, "request target must not contain a fragment")
-    return path, query
-
-
 def normalise_path(path: str) -> str:
     if not path.startswith("/"):
         raise StatusError(400, "request target must be an absolute path")
@@ -109,7 +102,9 @@ def normalise_path(path: str) -> str:
 
 def route(target: str) -> Route:
     """Map a raw request target to a Route, or raise StatusError (400 for hostile paths, 404)."""
-    raw_path, query = split_target(target)
+    raw_path, _, query = target.partition("?")
+    if "#" in raw_path:
+        raise StatusError(400, "request target must not contain a fragment")
     path = normalise_path(raw_path)
     if path.startswith(_CLUSTER_PREFIX):
         # The table's first row, without the loop: nearly every request is for a cluster.
