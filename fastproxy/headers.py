@@ -158,9 +158,11 @@ _RESPONSE_HOP_BY_HOP = frozenset((
 # Hop-by-hop header lines as they stand in a raw head (the parser refused obs-fold, so every
 # field is one CRLF-led line), a Connection line's value captured: relaying a head is one regex
 # split, not a Python call per header (bench/micro: half the time of a search, a findall and a sub).
+# The lookahead on the names' first letters passes most lines over without trying each name.
 _RESPONSE_HOP_BY_HOP_LINE = re.compile(
-    b"\r\n(?:(connection)|" + b"|".join(re.escape(name) for name in _RESPONSE_HOP_BY_HOP - {b"connection"})
-    + b"):([^\r\n]*)", re.IGNORECASE)
+    b"\r\n(?=[" + b"".join(sorted({name[:1] for name in _RESPONSE_HOP_BY_HOP})) + b"])(?:(connection)|"
+    + b"|".join(re.escape(name) for name in _RESPONSE_HOP_BY_HOP - {b"connection"}) + b"):([^\r\n]*)",
+    re.IGNORECASE)
 _FRAMING_LINE = re.compile(b"\r\n(?:content-length|transfer-encoding):", re.IGNORECASE)
 _CONNECTION_OPTIONS = frozenset((b"keep-alive", b"close"))
 
