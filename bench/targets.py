@@ -254,9 +254,12 @@ def baseline_source(revision: str, workdir: Path) -> Path:
     return source
 
 
-def baseline_target(revision: str, workdir: Path) -> Target:
-    """fastproxy as of a git revision, from the same environment: compares builds in one run."""
-    return Target(f"fastproxy@{revision}", functools.partial(start_fastproxy, source=baseline_source(revision, workdir)))
+def baseline_targets(revision: str, workdir: Path, names: list[str]) -> list[Target]:
+    """fastproxy as of a git revision, from the same environment: compares builds in one run; and
+    so each variant among `names` (`fastproxy-bare@REVISION`, ...)."""
+    source = baseline_source(revision, workdir)
+    return [Target(f"{name}@{revision}", functools.partial(start_fastproxy, source=source, extra=VARIANTS.get(name, "")))
+            for name in ("fastproxy", *(name for name in names if name in VARIANTS))]
 
 
 def build_go_proxy(workdir: Path) -> Path:
