@@ -13,7 +13,7 @@ import pytest
 
 from bench import report, stream_server, watch_client
 from bench.measure import cpu_seconds, process_tree, rss_bytes
-from bench.targets import VARIANTS, Setup, start_bare_forwarder, start_direct, start_fastproxy, start_nginx_proxy
+from bench.targets import VARIANTS, Setup, baseline_targets, start_bare_forwarder, start_direct, start_fastproxy, start_nginx_proxy
 from bench.upstream import Upstream, make_tls_files
 from bench.workloads import Plan, chunked_list, parse_wrk, small_get, watch_fanout, watch_same
 
@@ -80,6 +80,14 @@ def test_report_takes_medians_and_ratios_and_draws(tmp_path: Path):
     pytest.importorskip("matplotlib")
     report.chart(run, summary, tmp_path / "ratios.png")
     assert (tmp_path / "ratios.png").stat().st_size > 0
+
+
+def test_a_baseline_runs_fastproxy_and_each_variant_asked_for_as_of_the_revision(tmp_path: Path):
+    targets = baseline_targets("HEAD", tmp_path, ["fastproxy-bare", "bare-forwarder", "nginx", "fastproxy+audit"])
+    assert [target.name for target in targets] == ["fastproxy@HEAD", "fastproxy-bare@HEAD", "fastproxy+audit@HEAD"]
+    assert [target.start.keywords["extra"] for target in targets] == ["", VARIANTS["fastproxy-bare"],
+                                                                        VARIANTS["fastproxy+audit"]]
+    assert (tmp_path / "baseline" / "fastproxy" / "proxy.py").is_file()
 
 
 NEEDS_TOOLS = pytest.mark.skipif(not all(map(shutil.which, ("nginx", "wrk", "curl", "taskset"))),
