@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import report
 from .processes import LOAD_CPU, PROXY_CPU, Unavailable
-from .targets import MANAGEMENT_USERS, OPT_IN_TARGETS, TARGETS, Setup, baseline_target, build_go_proxy, make_state_file
+from .targets import MANAGEMENT_USERS, OPT_IN_TARGETS, TARGETS, Setup, baseline_targets, build_go_proxy, make_state_file
 from .upstream import Upstream, make_tls_files
 from .workloads import (
     FULL_PLAN,
@@ -57,7 +57,8 @@ def parse_args() -> argparse.Namespace:
                              + ", ".join(target.name for target in OPT_IN_TARGETS) + ", fastproxy with its observers set "
                              "otherwise, see bench/targets.py VARIANTS)")
     parser.add_argument("--baseline", metavar="REVISION",
-                        help="also measure fastproxy as of this git revision (e.g. HEAD~1), interleaved with the rest")
+                        help="also measure fastproxy as of this git revision (e.g. HEAD~1), and so each fastproxy "
+                             "variant in --targets, interleaved with the rest")
     parser.add_argument("--list-mb", type=float, default=50, help="size of the chunked LIST answer")
     parser.add_argument("--watch-events-per-second", type=float, default=10_000,
                         help="total event rate the upstream offers, split over however many watches are open")
@@ -232,7 +233,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fastproxy-bench-") as workdir:
         setup = prepare(Path(workdir), args, max_open_files)
         if args.baseline:
-            args.targets.insert(1, baseline_target(args.baseline, Path(workdir)))
+            args.targets[1:1] = baseline_targets(args.baseline, Path(workdir), [target.name for target in args.targets])
         try:
             cells = run_matrix(setup, args, plan, cases, unavailable)
         finally:

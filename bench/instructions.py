@@ -6,7 +6,7 @@
 Time on a shared machine moves by several percent between runs; the instructions a process
 executes for the same requests do not (callgrind counts them, whatever else the machine does),
 so a 3% budget can be checked at all. Each target (`fastproxy` and the opt-in variants of
-bench/targets.py, or `fastproxy@REVISION`) runs one worker under `valgrind --tool=callgrind`
+bench/targets.py, each also as of `--baseline REVISION`) runs one worker under `valgrind --tool=callgrind`
 in front of the bench's nginx upstream (TLS to it, plain HTTP from the client, an access key and
 impersonation, as in `scripts/bench`); after a warm-up the counters are zeroed, N keep-alive GETs
 are made one after another, and the counters dumped: every thread of the gateway counted (the
@@ -92,7 +92,8 @@ def main() -> int:
     parser.add_argument("--targets", default="fastproxy-bare,fastproxy-metrics,fastproxy",
                         help=f"comma list of fastproxy, {', '.join(VARIANTS)} (default: the bare gateway, "
                              "metrics alone, the defaults); the first is the one the others are compared with")
-    parser.add_argument("--baseline", metavar="REVISION", help="also count fastproxy as of this git revision (first)")
+    parser.add_argument("--baseline", metavar="REVISION",
+                        help="also count each target as of this git revision (first, and compared with)")
     parser.add_argument("--path", default=SMALL_PATH, help=f"the cluster path asked for (default {SMALL_PATH})")
     args = parser.parse_args()
     names = args.targets.split(",")
@@ -108,8 +109,9 @@ def main() -> int:
         setup = prepare(Path(workdir), argparse.Namespace(targets=[], list_mb=1, watch_events_per_second=100,
                                                           workloads=["get"]), 4096)
         try:
-            runs = [(f"fastproxy@{args.baseline}", "", baseline_source(args.baseline, Path(workdir)))] \
-                if args.baseline else []
+            # Each target as of the baseline first, then as it is here.
+            source = baseline_source(args.baseline, Path(workdir)) if args.baseline else None
+            runs = [(f"{name}@{args.baseline}", VARIANTS.get(name, ""), source) for name in names] if source else []
             runs += [(name, VARIANTS.get(name, ""), None) for name in names]
             for name, extra, source in runs:
                 print(f"{name}: counting {args.requests} GETs under callgrind ...", file=sys.stderr, flush=True)
@@ -120,9 +122,14 @@ def main() -> int:
             setup.upstream.stop()
     first = rows[0][1]
     command = shlex.join(["python", "-m", "bench.instructions", *sys.argv[1:]])
+    counted = dict(rows)
+    against = f" × {args.baseline} |" if args.baseline else ""
     lines = [f"# Instructions per small GET ({started:%Y-%m-%d %H:%M} UTC)", "", f"`{command}`", "",
-             f"| target | instructions / request | × {rows[0][0]} |", "|---|---:|---:|"]
-    lines += [f"| {name} | {per:,.0f} | {per / first:.3f} |" for name, per in rows]
+             f"| target | instructions / request | × {rows[0][0]} |{against}", "|---|---:|---:|" + ("---:|" if against else "")]
+    for name, per in rows:
+        before = counted.get(f"{name}@{args.baseline}")
+        versus = (f" {per / before:.3f} |" if before else " |") if against else ""
+        lines.append(f"| {name} | {per:,.0f} | {per / first:.3f} |{versus}")
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{started:%Y%m%dT%H%M%SZ}-instructions.md"

@@ -18,6 +18,7 @@ from .processes import PROXY_CPU, Process, Unavailable, free_port, wait_until_re
 from .upstream import SMALL_PATH, TLS_NAME, TlsFiles, Upstream, nginx_preamble, start_nginx
 
 GO_PROXY_SOURCE = Path(__file__).with_name("goproxy") / "main.go"
+BARE_FORWARDER = Path(__file__).with_name("bare_forwarder.py")
 REPO = Path(__file__).resolve().parent.parent
 MANAGEMENT_USERS = 10_000
 MANAGEMENT_USER = "user-04242"  # the one the management GET asks for
@@ -215,6 +216,19 @@ def start_go_proxy(setup: Setup, client_tls: bool) -> Endpoint:
     return _ready(Endpoint(f"{scheme}://127.0.0.1:{port}", {}, process), setup)
 
 
+def start_bare_forwarder(setup: Setup, client_tls: bool) -> Endpoint:
+    """The least a uvloop + httptools proxy does per request (issue #17's yardstick): bench/bare_forwarder.py."""
+    port = free_port()
+    argv = [sys.executable, "-P", str(BARE_FORWARDER), f"--listen=127.0.0.1:{port}",
+            f"--upstream={setup.upstream.url(tls=True)}", f"--ca={setup.tls.ca}",
+            f"--token-file={setup.upstream_token_file}"]
+    if client_tls:
+        argv += [f"--tls-cert={setup.tls.cert}", f"--tls-key={setup.tls.key}"]
+    process = Process("bare-forwarder", argv, PROXY_CPU, setup.workdir)
+    scheme = "https" if client_tls else "http"
+    return _ready(Endpoint(f"{scheme}://127.0.0.1:{port}", {}, process), setup)
+
+
 def start_direct(setup: Setup, client_tls: bool) -> Endpoint:
     return Endpoint(setup.upstream.url(client_tls), {}, None)
 
@@ -233,7 +247,8 @@ TARGETS = [
     Target("go-proxy", start_go_proxy),
     Target("direct", start_direct),
 ]
-OPT_IN_TARGETS = [Target(name, functools.partial(start_fastproxy, extra=extra)) for name, extra in VARIANTS.items()]
+OPT_IN_TARGETS = [*(Target(name, functools.partial(start_fastproxy, extra=extra)) for name, extra in VARIANTS.items()),
+                  Target("bare-forwarder", start_bare_forwarder)]
 
 
 def baseline_source(revision: str, workdir: Path) -> Path:
@@ -247,9 +262,12 @@ def baseline_source(revision: str, workdir: Path) -> Path:
     return source
 
 
-def baseline_target(revision: str, workdir: Path) -> Target:
-    """fastproxy as of a git revision, from the same environment: compares builds in one run."""
-    return Target(f"fastproxy@{revision}", functools.partial(start_fastproxy, source=baseline_source(revision, workdir)))
+def baseline_targets(revision: str, workdir: Path, names: list[str]) -> list[Target]:
+    """fastproxy as of a git revision, from the same environment: compares builds in one run; and
+    so each variant among `names` (`fastproxy-bare@REVISION`, ...)."""
+    source = baseline_source(revision, workdir)
+    return [Target(f"{name}@{revision}", functools.partial(start_fastproxy, source=source, extra=VARIANTS.get(name, "")))
+            for name in ("fastproxy", *(name for name in names if name in VARIANTS))]
 
 
 def build_go_proxy(workdir: Path) -> Path:

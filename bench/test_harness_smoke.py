@@ -13,7 +13,7 @@ import pytest
 
 from bench import report, stream_server, watch_client
 from bench.measure import cpu_seconds, process_tree, rss_bytes
-from bench.targets import VARIANTS, Setup, start_direct, start_fastproxy, start_nginx_proxy
+from bench.targets import VARIANTS, Setup, baseline_targets, start_bare_forwarder, start_direct, start_fastproxy, start_nginx_proxy
 from bench.upstream import Upstream, make_tls_files
 from bench.workloads import Plan, chunked_list, parse_wrk, small_get, watch_fanout, watch_same
 
@@ -82,6 +82,14 @@ def test_report_takes_medians_and_ratios_and_draws(tmp_path: Path):
     assert (tmp_path / "ratios.png").stat().st_size > 0
 
 
+def test_a_baseline_runs_fastproxy_and_each_variant_asked_for_as_of_the_revision(tmp_path: Path):
+    targets = baseline_targets("HEAD", tmp_path, ["fastproxy-bare", "bare-forwarder", "nginx", "fastproxy+audit"])
+    assert [target.name for target in targets] == ["fastproxy@HEAD", "fastproxy-bare@HEAD", "fastproxy+audit@HEAD"]
+    assert [target.start.keywords["extra"] for target in targets] == ["", VARIANTS["fastproxy-bare"],
+                                                                        VARIANTS["fastproxy+audit"]]
+    assert (tmp_path / "baseline" / "fastproxy" / "proxy.py").is_file()
+
+
 NEEDS_TOOLS = pytest.mark.skipif(not all(map(shutil.which, ("nginx", "wrk", "curl", "taskset"))),
                                  reason="needs nginx, wrk, curl and taskset (scripts/bench installs them)")
 
@@ -124,13 +132,14 @@ def test_watch_same_counts_upstream_streams_and_every_client_gets_every_event(
 
 
 @NEEDS_TOOLS
-def test_every_workload_runs_through_fastproxy_nginx_and_direct(tmp_path: Path):
+def test_every_workload_runs_through_fastproxy_nginx_the_bare_forwarder_and_direct(tmp_path: Path):
     setup = _setup(tmp_path, watch_events_per_second=500)
     upstream = setup.upstream
     plan = Plan(get_warmup_s=1, get_duration_s=1, list_fetches=1, watch_streams=(20,), watch_warmup_s=0.2,
                 watch_window_s=0.5)
     try:
-        for start, client_tls in ((start_direct, True), (start_nginx_proxy, False), (start_fastproxy, True)):
+        for start, client_tls in ((start_direct, True), (start_nginx_proxy, False), (start_fastproxy, True),
+                                  (start_bare_forwarder, False), (start_bare_forwarder, True)):
             endpoint = start(setup, client_tls)
             try:
                 get = small_get(endpoint, plan, setup)

@@ -22,6 +22,8 @@ from .status import StatusError, status_response
 
 log = logging.getLogger("fastproxy.client")
 
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}  # the parser's version strings as the heads carry them
+
 
 class Router(Protocol):
     """What a connection needs of the gateway: a responder for each request head."""
@@ -153,8 +155,7 @@ class ClientConnection(asyncio.Protocol):
         self.parsing_head = True
         self.began_in_feed = True
         self.head_size = 0
-        self.url = b""
-        self.headers = []
+        self.url = b""  # self.headers is a fresh list since the last head (or the connection) began
         if self.active is None:
             self.set_deadline(AWAITING_HEAD, self.limits.header_timeout)
 
@@ -176,9 +177,10 @@ class ClientConnection(asyncio.Protocol):
         self.parsing_head = False
         self.clear_deadline(AWAITING_HEAD)
         parser = self.parser
-        head = RequestHead(parser.get_method(), self.url, parser.get_http_version().encode(),
+        version = parser.get_http_version()
+        head = RequestHead(parser.get_method(), self.url, _VERSIONS.get(version) or version.encode(),
                            self.headers, self.client_ip, parser.should_upgrade())
-        self.headers = []
+        self.headers = []  # the next head's; nothing else is appended (trailers are dropped)
         # After an upgrade request the parser takes no further requests on this connection.
         keep_alive = parser.should_keep_alive() and not head.upgrade
         exchange = self.gateway.responder(self, head, keep_alive)

@@ -156,10 +156,13 @@ _RESPONSE_HOP_BY_HOP = frozenset((
     b"proxy-authorization", b"te", b"trailer", b"upgrade",
 ))
 # Hop-by-hop header lines as they stand in a raw head (the parser refused obs-fold, so every
-# field is one CRLF-led line): relaying a head is one regex pass, not a Python call per header.
+# field is one CRLF-led line), a Connection line's value captured: relaying a head is one regex
+# split, not a Python call per header (bench/micro: half the time of a search, a findall and a sub).
+# The lookahead on the names' first letters passes most lines over without trying each name.
 _RESPONSE_HOP_BY_HOP_LINE = re.compile(
-    b"\r\n(?:" + b"|".join(re.escape(name) for name in _RESPONSE_HOP_BY_HOP) + b"):[^\r\n]*", re.IGNORECASE)
-_CONNECTION_VALUE = re.compile(b"\r\nconnection:([^\r\n]*)", re.IGNORECASE)
+    b"\r\n(?=[" + b"".join(sorted({name[:1] for name in _RESPONSE_HOP_BY_HOP})) + b"])(?:(connection)|"
+    + b"|".join(re.escape(name) for name in _RESPONSE_HOP_BY_HOP - {b"connection"}) + b"):([^\r\n]*)",
+    re.IGNORECASE)
 _FRAMING_LINE = re.compile(b"\r\n(?:content-length|transfer-encoding):", re.IGNORECASE)
 _CONNECTION_OPTIONS = frozenset((b"keep-alive", b"close"))
 
@@ -179,14 +182,25 @@ def relay_response_head(raw: bytes, *, keep_alive: bool) -> bytes:
     """The upstream's response head as the client gets it: usually the same bytes, or the same
     bytes less their hop-by-hop lines; rebuilt only when Connection names other headers."""
     if raw.startswith(b"HTTP/1.1 "):
+        # [kept text, "connection" or None, value, kept text, ...]
+        pieces = _RESPONSE_HOP_BY_HOP_LINE.split(raw)
         relayed: bytes | None = raw
-        if _RESPONSE_HOP_BY_HOP_LINE.search(raw) is not None:
-            named = [t for value in _CONNECTION_VALUE.findall(raw) for t in _tokens(value)]
-            relayed = _RESPONSE_HOP_BY_HOP_LINE.sub(b"", raw) if _CONNECTION_OPTIONS.issuperset(named) else None
+        if len(pieces) > 1:
+            relayed = b"".join(pieces[::3])
+            for at in range(1, len(pieces), 3):
+                if pieces[at] is not None and _names_headers(pieces[at + 1]):
+                    relayed = None
+                    break
         if relayed is not None:
             return relayed if keep_alive else relayed[:-2] + b"Connection: close\r\n\r\n"
     status = int(raw[9:12])
     return client_response_head(status, response_headers(raw), keep_alive=keep_alive)
+
+
+def _names_headers(connection: bytes) -> bool:
+    """Whether a Connection value names a header (anything but keep-alive and close)."""
+    return connection.strip().lower() not in _CONNECTION_OPTIONS and not _CONNECTION_OPTIONS.issuperset(
+        _tokens(connection))
 
 
 def client_response_head(status: int, headers: Headers, *, keep_alive: bool, upgrade: bool = False) -> bytes:

@@ -85,7 +85,7 @@ class ClusterProxy:
         """Decide what goes to the cluster, or raise StatusError. No I/O; fills in ctx.identity."""
         head, where = ctx.head, ctx.route
         found = hdrs.scan_client_headers(head.headers)
-        upgrade = requested_upgrade(head, found)
+        upgrade = requested_upgrade(head, found) if head.upgrade else None
         identity = ctx.identity = self.authenticator.authenticate(hdrs.bearer_credential(found, upgrade), where.cluster)
         if identity.scope is not None:
             info = ctx.info
@@ -188,18 +188,19 @@ def forwarding_plan(ctx: RequestContext, found: hdrs.ClientHeaders, kept: hdrs.H
     upstream_target = path + "?" + where.query if where.query else path
     version = b"1.0" if head.version == b"1.0" else b"1.1"
     forwarded_for = head.client_ip if found.forwarded_for is None else found.forwarded_for + b", " + head.client_ip
+    # Positional: keywords to a class call cost a dict per request.
     return ProxyPlan(
         identity, upstream,
-        head=hdrs.upstream_request_head(
+        hdrs.upstream_request_head(
             method, upstream_target.encode("latin-1"), version, kept,
             host=upstream.host_line, credential=upstream.credential,
             impersonation=identity_lines, forwarded_for=forwarded_for,
             framing=framing, upgrade=upgrade),
-        chunked=found.chunked,
-        upgrade=upgrade is not None,
-        long_running=is_long_running(where.query),
-        expect_continue=found.expect_continue and version == b"1.1",
-        nested=nested,
+        found.chunked,                                   # chunked
+        upgrade is not None,                             # upgrade
+        is_long_running(where.query),                    # long_running
+        found.expect_continue and version == b"1.1",     # expect_continue
+        nested,
     )
 
 
@@ -339,14 +340,15 @@ class ProxyExchange(Responder):
         conn.exchange = self
         if self.client.write_paused:
             conn.pause_reading()
-        if self.plan.upgrade:
-            conn.send(self.plan.head)  # early tunnel bytes wait for the 101
-        else:
-            conn.send(self.plan.head, *self.pending)
+        head = self.plan.head
+        if self.pending and not self.plan.upgrade:  # an upgrade's early tunnel bytes wait for the 101
+            conn.send(head, *self.pending)
             self.pending, self.pending_size = [], 0
-            self.client.gate.open(AWAITING_PEER)
+            self.client.gate.open(AWAITING_PEER)  # only bytes held here close it
+        else:
+            conn.transport.write(head)
         if self.sent is not None:
-            self.sent.insert(0, self.plan.head)
+            self.sent.insert(0, head)
 
     def upstream_unreachable(self, message: str) -> None:
         if not self.finished:
@@ -402,7 +404,10 @@ class ProxyExchange(Responder):
 
     def upstream_complete(self, conn: UpstreamConnection, reusable: bool) -> None:
         self.upstream = None
-        self.plan.upstream.pool.give_back(conn, reusable)
+        if reusable:  # Pool.give_back, inlined: it runs for every response
+            self.plan.upstream.pool.release(conn)
+        else:
+            conn.close()
         self.finish()
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:

@@ -74,11 +74,7 @@ class Route(NamedTuple):
     virtual_cluster: str = ""  # virtual clusters: the name
 
 
-def split_target(target: str) -> tuple[str, str]:
-    path, sep, query = target.partition("?")
-    if "#" in path:
-        raise StatusError(400, "request target must not contain a fragment")
-    return path, query
+_new_tuple = tuple.__new__
 
 
 def normalise_path(path: str) -> str:
@@ -106,13 +102,16 @@ def normalise_path(path: str) -> str:
 
 def route(target: str) -> Route:
     """Map a raw request target to a Route, or raise StatusError (400 for hostile paths, 404)."""
-    raw_path, query = split_target(target)
+    raw_path, _, query = target.partition("?")
+    if "#" in raw_path:
+        raise StatusError(400, "request target must not contain a fragment")
     path = normalise_path(raw_path)
     if path.startswith(_CLUSTER_PREFIX):
         # The table's first row, without the loop: nearly every request is for a cluster.
         name, slash, rest = path[len(_CLUSTER_PREFIX):].partition("/")
         if name and DNS_SUBDOMAIN.match(name):
-            return Route(CLUSTER, name, slash + rest if slash else "/", query)
+            # tuple.__new__ itself: the named tuple's own __new__ is a Python frame more.
+            return _new_tuple(Route, (CLUSTER, name, slash + rest if slash else "/", query, "", ""))
     for prefix in ROUTES:
         text = prefix.text
         if not path.startswith(text):

@@ -91,7 +91,11 @@ class TLSSocketTransport(asyncio.Transport):
             self._deliver(chunks)
             self._fatal(exc)
             return
-        self._deliver(chunks)
+        if chunks and not self._closed:  # _deliver, inlined: it runs for every read
+            try:
+                self._protocol.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            except Exception as exc:
+                self._protocol_failed(exc, "data_received")
         if self._closing:
             return
         if eof:

@@ -168,16 +168,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self.head_buffer = bytes(buffer)
             return
         self.head_buffer = b""
-        # Informational (1xx) heads the parser skipped come first; the final head ends after them.
-        start, end = 0, -len(_HEAD_END)
-        for _ in range(self.heads_skipped + 1):
-            start = end + len(_HEAD_END)
-            while buffer[start:start + 1] in _LINE_ENDS:
-                start += 1  # empty lines before a head, which the parser skips too
-            end = buffer.find(_HEAD_END, start)
-            if end < 0:
-                exchange.upstream_broken(self, "response head not terminated by CRLF CRLF")
-                return
+        if self.heads_skipped or buffer.startswith(_LINE_ENDS):
+            start, end = _final_head_bounds(buffer, self.heads_skipped)
+        else:  # nearly every response: the buffer begins with the final head
+            start, end = 0, buffer.find(_HEAD_END)
+        if end < 0:
+            exchange.upstream_broken(self, "response head not terminated by CRLF CRLF")
+            return
         body_start = end + len(_HEAD_END)
         self.head = buffer[start:body_start]
         # The parser keeps a connection alive only when the body is delimited; otherwise look.
@@ -249,6 +246,20 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.transport.abort()
+
+
+def _final_head_bounds(buffer: bytes, heads_skipped: int) -> tuple[int, int]:
+    """Where the final response head starts and where its CRLF CRLF is (-1: not found): after
+    the informational (1xx) heads the parser skipped, and the empty lines it skips before a head."""
+    start, end = 0, -len(_HEAD_END)
+    for _ in range(heads_skipped + 1):
+        start = end + len(_HEAD_END)
+        while buffer[start:start + 1] in _LINE_ENDS:
+            start += 1
+        end = buffer.find(_HEAD_END, start)
+        if end < 0:
+            break
+    return start, end
 
 
 def _parse_failure(exc: httptools.HttpParserError, what: str) -> str:
@@ -334,7 +345,8 @@ class Pool:
         if not conn.reused and self.ssl_context is not None:
             # A TLS 1.3 session ticket arrives after the handshake: by now it has.
             self.ssl_context.learn_session(conn.transport)
-        conn.resume_reading()
+        if conn.reading_paused:
+            conn.resume_reading()
         while self.waiting:
             exchange = self.waiting.popleft()
             if not exchange.finished:

@@ -154,6 +154,17 @@ def test_relay_strips_hop_by_hop_lines():
         b"HTTP/1.1 200 OK\r\nX-Keepalive-Info: kept\r\nTransfer-Encoding: chunked\r\n\r\n")
 
 
+def test_relay_strips_repeated_hop_by_hop_lines_in_any_case_and_keeps_the_rest_byte_for_byte():
+    raw = (b"HTTP/1.1 200 OK\r\nCONNECTION: Keep-Alive\r\nX-Te: 1\r\nupgrade: h2c\r\ncOnNeCtIoN: close\r\n"
+           b"Trailer: x\r\nContent-Length: 0\r\n\r\n")
+    assert relay_response_head(raw, keep_alive=True) == b"HTTP/1.1 200 OK\r\nX-Te: 1\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_relay_rebuilds_when_a_later_connection_line_names_a_header():
+    raw = b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nX-Secret: 1\r\nConnection: x-secret\r\nContent-Length: 0\r\n\r\n"
+    assert relay_response_head(raw, keep_alive=True) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
 def test_relay_removes_headers_named_by_connection():
     raw = b"HTTP/1.1 200 OK\r\nConnection: X-Secret\r\nX-Secret: 1\r\nX-Public: 2\r\nContent-Length: 0\r\n\r\n"
     assert relay_response_head(raw, keep_alive=False) == (

@@ -8,7 +8,7 @@ import pytest
 
 from bench.micro.support import gateway_config, parse_head, plan
 from fastproxy.gateway import Gateway
-from fastproxy.headers import client_response_head, scan_client_headers
+from fastproxy.headers import client_response_head, relay_response_head, scan_client_headers
 from fastproxy.routing import route
 
 KEY = "bench-access-key-0123456789abcdef"
@@ -65,3 +65,14 @@ def test_plan_request(benchmark, gateway):
 def test_client_response_head(benchmark):
     head = benchmark(client_response_head, 200, RESPONSE_HEADERS, keep_alive=True)
     assert head.startswith(b"HTTP/1.1 200 OK\r\nAudit-Id:")
+
+
+# nginx's answer to the small GET of scripts/bench: one hop-by-hop line, Connection: keep-alive.
+UPSTREAM_HEAD = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 04 Dec 2026 02:00:00 GMT\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 1043\r\nLast-Modified: Fri, 04 Dec 2026 01:00:00 GMT\r\n"
+                 b"Connection: keep-alive\r\nETag: \"6750a1b0-413\"\r\nAccept-Ranges: bytes\r\n\r\n")
+
+
+def test_relay_response_head(benchmark):
+    head = benchmark(relay_response_head, UPSTREAM_HEAD, keep_alive=True)
+    assert head == UPSTREAM_HEAD.replace(b"Connection: keep-alive\r\n", b"")
