@@ -32,9 +32,9 @@ def request(audit: AuditObserver, n: int = 0) -> float:
     ctx = RequestContext(head, time.monotonic())
     ctx.route, ctx.identity = route(target), ALICE
     began = time.perf_counter()
-    audit.start(ctx)
+    audit.start_batch([ctx])
     ctx.status, ctx.ended = 200, time.monotonic()
-    audit.finish(ctx)
+    audit.finish_batch([ctx])
     return time.perf_counter() - began
 
 
