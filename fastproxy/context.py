@@ -66,7 +66,7 @@ class RequestContext:
     @property
     def request_id(self) -> str:
         """The id the client is told (X-Request-Id), the access log's and the audit log's; "" without one."""
-        return self.id_line[_ID_AT:-2].decode("ascii")
+        return self.id_line[ID_AT:-2].decode("ascii")
 
     @property
     def info(self) -> RequestInfo | None:
@@ -77,7 +77,7 @@ class RequestContext:
 
 
 REQUEST_ID_HEADER = b"X-Request-Id"
-_ID_AT = len(REQUEST_ID_HEADER) + 2  # where the id begins in its header line
+ID_AT = len(REQUEST_ID_HEADER) + 2  # where the id begins in its header line
 _LINE = re.compile(rb"[^\n]*\n")
 
 
@@ -98,11 +98,11 @@ class RequestIds:
     def __call__(self) -> bytes:
         if not self.lines:
             n = self.BATCH
-            size = _ID_AT + 38  # "X-Request-Id: " + 36 characters + CRLF
+            size = ID_AT + 38  # "X-Request-Id: " + 36 characters + CRLF
             text = bytearray(os.urandom(size * n)).translate(self._DIGITS)
             for at, byte in enumerate(REQUEST_ID_HEADER + b": "):
                 text[at::size] = bytes((byte,)) * n
-            uuid = _ID_AT  # where each line's UUID begins
+            uuid = ID_AT  # where each line's UUID begins
             for at in (8, 13, 18, 23):
                 text[uuid + at::size] = b"-" * n
             text[uuid + 14::size] = b"4" * n
@@ -115,9 +115,9 @@ class RequestIds:
     def assign(self, ctx: RequestContext) -> None:
         ctx.id_line = self.lines.pop() if self.lines else self()
 
-    def new_id(self) -> str:
-        """An id for a request that has none (the audit log's, without an access log)."""
-        return self()[_ID_AT:-2].decode("ascii")
+    def new_id(self) -> bytes:
+        """An id (ASCII) for a request that has none (the audit log's, without an access log)."""
+        return self()[ID_AT:-2]
 
 
 class Observer(Protocol):

@@ -99,9 +99,8 @@ class AccessLog:
         if not chosen:
             return
         wall = time.time() - time.monotonic()  # + a monotonic time: that time on the wall clock
-        put = self.writer.put
-        for ctx in chosen:
-            put(orjson.dumps(access_line(ctx, wall + ctx.ended), option=orjson.OPT_APPEND_NEWLINE))
+        self.writer.put_run([orjson.dumps(access_line(ctx, wall + ctx.ended), option=orjson.OPT_APPEND_NEWLINE)
+                             for ctx in chosen], len(chosen))
 
     def gap(self, rate: float) -> int:
         """How many requests to pass over before the next one logged, for a share `rate` logged."""

@@ -7,15 +7,17 @@ RequestResponse), and a request no rule matches is not logged. Besides the API s
 the gateway's `requestTargets` (Management, Cluster, VirtualCluster…) and `clusters` (names, or
 `*` for any). Without a policy file every request is logged at Metadata.
 
-The level is decided once, at the request's start, against the authenticated identity (the
-handlers resolve it before observers are told). Stages:
+The observer is batched (context.BatchObserver): the connection only appends each request to a
+list at its start and finish, and every FLUSH_INTERVAL (0.1 s) the observer makes the events of
+the requests begun and finished since, stamped with the times the request context recorded, and
+queues them as one write. The level is decided once, at the request's start, against the
+authenticated identity (the handlers resolve it before observers are told). Stages:
 - RequestReceived at the start;
 - ResponseStarted for long-running requests only (watch and proxy verbs; exec, attach,
   portforward, proxy and log subresources; upgrades), as the API server: emitted by `tick()`
-  (the gateway's once-a-second tick) once the response has begun, with the time of the
-  upstream's first byte when it is known, or by `response_started(ctx)` at once when a handler
-  calls it; a request that ends before either is written gets it at its finish when its first
-  byte's time is known, just before its last stage;
+  (the gateway's once-a-second tick, after the batches) once the response has begun, with the
+  time of the upstream's first byte when it is known; a request that ends before then gets
+  it at its finish when its first byte's time is known, just before its last stage;
 - ResponseComplete at the finish, or Panic in its place for a 500 the gateway raised itself
   (a handler's uncaught exception: status 500 with the message `INTERNAL_ERROR`).
 
@@ -43,6 +45,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 from urllib.parse import unquote
 
@@ -52,10 +55,10 @@ import yaml
 from ..auth.identity import Identity
 from ..auth.requestinfo import RequestInfo, RequestTarget
 from ..config import ConfigError, _Table
-from ..context import RequestContext, RequestIds
+from ..context import ID_AT, RequestContext, RequestIds
 from ..management.body import decode_object
 from ..names import DNS_SUBDOMAIN
-from ..routing import CLUSTER, MANAGEMENT, VIRTUAL_CLUSTER, Route
+from ..routing import CLUSTER, MANAGEMENT, VIRTUAL_CLUSTER
 from ..status import REASONS, StatusError
 from .rotating import BackgroundWriter, LogFile, Sink, log_file_fields, open_sink
 
@@ -395,46 +398,60 @@ def redact(node: Any, omit_managed_fields: bool = False) -> Any:
 class _Request:
     """What the observer keeps of one logged request between its start and its finish."""
 
-    __slots__ = ("ctx", "rule", "audit_id", "head", "received", "prefix", "long_running", "started_sent",
-                 "request_object", "response_object", "annotations")
+    __slots__ = ("ctx", "rule", "received", "prefix", "long_running", "started_sent", "request_object",
+                 "response_object")
 
-    def __init__(self, ctx: RequestContext, rule: PolicyRule, audit_id: str, head: dict[str, Any], received: bytes,
-                 long_running: bool, annotations: dict[str, str]):
+    def __init__(self, ctx: RequestContext, rule: PolicyRule, received: bytes, prefix: bytes, long_running: bool):
         self.ctx = ctx
-        self.audit_id = audit_id
         self.rule = rule
-        self.head: dict[str, Any] | None = head  # the fields every stage repeats (None once in prefix)
         self.received = received    # requestReceivedTimestamp
-        self.prefix = b""           # head encoded, without its closing brace (b"": to be encoded again)
+        self.prefix = prefix        # the fields every stage repeats, up to and with requestReceivedTimestamp
         self.long_running = long_running
         self.started_sent = False
         self.request_object = b""   # ',"requestObject":{…}' once given
         self.response_object = b""
-        self.annotations = annotations  # what head holds encoded (shared: replaced, never changed)
 
     def annotate(self, key: str, value: str) -> None:
-        head = self.head
-        if head is None:  # decoded again from the prefix (rare: kept encoded, a watch holds less)
-            head = self.head = orjson.loads(self.prefix[:self.prefix.rindex(_RECEIVED_KEY)] + b"}")
-        self.annotations = head["annotations"] = {**self.annotations, key: value}
-        self.prefix = b""
+        """One more annotation (rare: the prefix is decoded and encoded again)."""
+        head = orjson.loads(self.prefix[:self.prefix.rindex(_RECEIVED_KEY)] + b"}")
+        head["annotations"] = {**head.get("annotations", {}), key: value}
+        self.prefix = b'%s%s%s"' % (orjson.dumps(head)[:-1], _RECEIVED_KEY, self.received)
 
 
-# The event's user and annotations encoded, and the annotations as a dict.
-_Who = tuple[orjson.Fragment, orjson.Fragment | None, dict[str, str]]
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What the events of every request alike share (same identity, method, target, peer and the
+    headers the events read): the rule, and the request's fields encoded around its auditID."""
+
+    identity: Identity | None  # held: the cache key has its id, which is not another's while held
+    rule: PolicyRule | None    # None: not logged
+    before_id: bytes = b""     # '{"kind":"Event",…,"auditID":"'
+    after_id: bytes = b""      # '","requestURI":…,"requestReceivedTimestamp":"'
+    long_running: bool = False
+
+
+SHAPES_KEPT = 4096  # request shapes cached; the cache starts over when full
 
 
 _second = (-1, b"")  # (a whole second, its RFC 3339 date and time): formatted once a second
 
 
-def _stamp(wall: float) -> bytes:
-    """An RFC 3339 UTC timestamp with microseconds."""
+def _new_second(whole: int) -> tuple[int, bytes]:
     global _second
+    _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)).encode())
+    return _second
+
+
+_MILLIS = [b".%03d" % n for n in range(1000)]
+_MICROS = [b"%03dZ" % n for n in range(1000)]
+
+
+def _stamp(wall: float) -> bytes:
+    """An RFC 3339 UTC timestamp with microseconds (truncated: never 1000000)."""
     whole = int(wall)
-    second = _second
-    if second[0] != whole:
-        second = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)).encode())
-    return b"%s.%06dZ" % (second[1], (wall - whole) * 1e6)  # %d truncates: never 1000000
+    micros = int((wall - whole) * 1e6)
+    second = _second if _second[0] == whole else _new_second(whole)
+    return b"".join((second[1], _MILLIS[micros // 1000], _MICROS[micros % 1000]))
 
 
 # First bytes of the request header names the observer reads: User-Agent, X-Forwarded-For,
@@ -443,8 +460,8 @@ _HEADER_INITIALS = frozenset(b"UuXxIi")
 
 
 class AuditObserver:
-    """The audit log as a request observer (context.Observer): `start`, `finish`, and for the gateway
-    `tick` (once a second), `response_started`, `record_bodies` and `close`.
+    """The audit log as a batched request observer (context.BatchObserver): `start_batch`,
+    `finish_batch`, and for the gateway `tick` (once a second), `record_bodies` and `close`.
 
     Called from the event loop's thread only; the file is written by a thread of its own.
     """
@@ -458,12 +475,13 @@ class AuditObserver:
             sink = open_sink(config)
         self.writer = BackgroundWriter(sink, max_lines=max_queued, max_bytes=max_queued_bytes, what="audit log",
                                        name="audit-writer")
-        self._put = self.writer.put
+        self._put_run = self.writer.put_run
+        # The default policy (every request at Metadata) needs no rule matching.
+        self.catch_all = self.policy.rules[0] if self.policy == DEFAULT_POLICY else None
         self.requests: dict[int, _Request] = {}     # id(ctx) -> logged requests in flight
         self.long_running: dict[int, _Request] = {}  # those of them still owed a ResponseStarted
         self._ids = RequestIds()  # for requests without a request id (no access log)
-        self._who_cache: dict[tuple[int, str | None, str], tuple[Identity | None, _Who]] = {}
-        self._peers: dict[bytes, orjson.Fragment] = {}
+        self._shapes: dict[tuple, _Shape] = {}
         self.failures = 0            # events that could not be made (a bug: logged once a minute)
         self._failure_logged_at = 0.0
 
@@ -476,96 +494,101 @@ class AuditObserver:
     def written(self) -> int:
         return self.writer.written
 
-    # --- the Observer protocol ---------------------------------------------------------------------
+    # --- the BatchObserver protocol ----------------------------------------------------------------
 
-    def start(self, ctx: RequestContext) -> None:
-        """The request's level, decided once; its RequestReceived event."""
+    batched = True
+
+    def start_batch(self, begun: list[RequestContext]) -> None:
+        """Each request's level, decided once, and its RequestReceived event; a request already
+        finished (its `ended` is set just before the observers' finish) gets its last events too,
+        and leaves no state. Queued as one write.
+
+        One loop, with no Python call per request on its usual path: in this interpreter a call
+        costs about as much as making both events of a request seen before (whose fields are
+        cached as its _Shape), so the header scan and the timestamps are written out here."""
+        pieces: list[bytes] = []  # of lines, joined once for the whole batch
+        extend = pieces.extend
+        count = 0
+        wall = time.time() - time.monotonic()  # + a monotonic time: that time on the wall clock
+        requests, shapes = self.requests, self._shapes
+        for ctx in begun:
+            try:
+                if id(ctx) in requests:  # begun already, for record_bodies
+                    continue
+                head = ctx.head
+                user_agent = forwarded = real_ip = None
+                impersonation: tuple[tuple[bytes, bytes], ...] = ()
+                for field_name, value in head.headers:
+                    if field_name and field_name[0] in _HEADER_INITIALS:
+                        lowered = field_name.lower()
+                        if lowered == b"user-agent":
+                            user_agent = value
+                        elif lowered == b"x-forwarded-for":
+                            forwarded = value if forwarded is None else forwarded + b"," + value
+                        elif lowered == b"x-real-ip":
+                            real_ip = value
+                        elif lowered.startswith(b"impersonate-"):
+                            impersonation += ((lowered, value),)
+                # All the events depend on (the shape holds the identity, whose id is in the key).
+                key = (id(ctx.identity), head.method, head.target, head.client_ip, head.upgrade, user_agent,
+                       forwarded, real_ip, impersonation)
+                shape = shapes.get(key) or self._shape(ctx, key)
+                rule = shape.rule
+                if rule is None:
+                    continue
+                audit_id = ctx.id_line[ID_AT:-2] or self._ids.new_id()
+                at = wall + ctx.started  # requestReceivedTimestamp, as _stamp makes it
+                whole = int(at)
+                micros = int((at - whole) * 1e6)
+                second = _second if _second[0] == whole else _new_second(whole)
+                received = (second[1], _MILLIS[micros // 1000], _MICROS[micros % 1000])
+                if ctx.ended and not rule.omit_stages and not shape.long_running and ctx.status in _COMPLETE:
+                    # Finished as usual already: both events now, as pieces, and no state.
+                    at = wall + ctx.ended
+                    whole = int(at)
+                    micros = int((at - whole) * 1e6)
+                    second = _second if _second[0] == whole else _new_second(whole)
+                    extend((shape.before_id, audit_id, shape.after_id, *received, b'"', _RECEIVED, *received, b'"}\n',
+                            shape.before_id, audit_id, shape.after_id, *received, b'"', _COMPLETE[ctx.status],
+                            second[1], _MILLIS[micros // 1000], _MICROS[micros % 1000], b'"}\n'))
+                    count += 2
+                    continue
+                state = _Request(ctx, rule, b"".join(received),
+                                 b"".join((shape.before_id, audit_id, shape.after_id, *received, b'"')), shape.long_running)
+                if "RequestReceived" not in rule.omit_stages:
+                    extend((state.prefix, _RECEIVED, state.received, b'"}\n'))
+                    count += 1
+                if ctx.ended:
+                    count += self._end(state, wall, pieces)
+                    continue
+                requests[id(ctx)] = state
+                if shape.long_running:
+                    self.long_running[id(ctx)] = state
+            except Exception:  # noqa: BLE001 - the audit log must never break a request
+                self._failed("start")
+        self._put_run(pieces, count)
+
+    def finish_batch(self, done: list[RequestContext]) -> None:
+        """The last events of the requests begun in an earlier batch (and a ResponseStarted still
+        owed, when the first byte's time is known)."""
+        lines: list[bytes] = []
+        wall = time.time() - time.monotonic()
+        end = self._end
+        count = 0
+        for state in filter(None, map(self.requests.pop, map(id, done), repeat(None))):
+            count += end(state, wall, lines)
+        self._put_run(lines, count)
+
+    def _end(self, state: _Request, wall: float, lines: list[bytes]) -> int:
+        """Append a request's last event (and a ResponseStarted still owed) to `lines`; how many."""
+        ctx = state.ctx
+        count = 0
         try:
-            where = ctx.route
-            info = ctx.info
-            target = REQUEST_TARGETS.get(where.kind) if where is not None else None
-            if where is not None and target is not None and info is not None:
-                uri = f"{where.path}?{where.query}" if where.query else where.path
-            else:
-                # No API server behind it (health, /auth/…, refused before routing): its whole path.
-                uri = ctx.head.target.decode("latin-1")
-                path = uri.partition("?")[0]
-                info = RequestInfo(False, path, ctx.method.lower()) if info is None else info._replace(path=path)
-            identity = ctx.identity
-            cluster = where.cluster if where is not None else ""
-            if identity is not None:
-                rule = self.policy.rule_for(identity.user, identity.groups, info, target, cluster)
-            else:
-                rule = self.policy.rule_for(None, (), info, target, cluster)
-            if rule is None or rule.level == NONE:
-                return
-
-            resource_request, _, verb, _, group, version, namespace, resource, subresource, name, _ = info
-            who = self._who_cache.get((id(identity), target, cluster))
-            user, annotations, annotation_values = who[1] if who is not None else self._who(identity, where, target)
-            audit_id = ctx.request_id or self._ids.new_id()
-            head: dict[str, Any] = {"kind": "Event", "apiVersion": "audit.k8s.io/v1", "level": LEVELS[rule.level],
-                                    "auditID": audit_id, "requestURI": uri, "verb": verb, "user": user}
-            request_head = ctx.head
-            user_agent = forwarded = real_ip = impersonated = None
-            for field_name, value in request_head.headers:
-                if field_name and field_name[0] in _HEADER_INITIALS:
-                    lowered = field_name.lower()
-                    if lowered == b"user-agent":
-                        user_agent = value
-                    elif lowered == b"x-forwarded-for":
-                        forwarded = value if forwarded is None else forwarded + b"," + value
-                    elif lowered == b"x-real-ip":
-                        real_ip = value
-                    elif lowered.startswith(b"impersonate-"):
-                        impersonated = _impersonation(impersonated, lowered, value)
-            if impersonated is not None and "username" in impersonated:
-                head["impersonatedUser"] = impersonated
-            if forwarded or real_ip:
-                head["sourceIPs"] = _source_ips(request_head.client_ip, forwarded, real_ip)
-            else:
-                head["sourceIPs"] = self._peers.get(request_head.client_ip) or self._peer(request_head.client_ip)
-            if user_agent:
-                head["userAgent"] = user_agent.decode("utf-8", "replace")
-            if resource_request:
-                ref = {"resource": resource}
-                if namespace:
-                    ref["namespace"] = namespace
-                if name:
-                    ref["name"] = name
-                if group:
-                    ref["apiGroup"] = group
-                if version:
-                    ref["apiVersion"] = version
-                if subresource:
-                    ref["subresource"] = subresource
-                head["objectRef"] = ref
-            if annotations:
-                head["annotations"] = annotations
-
-            received = _stamp(time.time())  # the head was parsed just now: ctx.started
-            omit = rule.omit_stages
-            long_running = (request_head.upgrade or verb in LONG_RUNNING_VERBS or subresource in LONG_RUNNING_SUBRESOURCES) \
-                and "ResponseStarted" not in omit
-            state = _Request(ctx, rule, audit_id, head, received, long_running, annotation_values)
-            self.requests[id(ctx)] = state
-            if long_running:
-                self.long_running[id(ctx)] = state
-            if "RequestReceived" not in omit:
-                self._emit(state, _RECEIVED, received)
-        except Exception:  # noqa: BLE001 - the audit log must never break a request
-            self._failed("start")
-
-    def finish(self, ctx: RequestContext) -> None:
-        """Its last event (and a ResponseStarted still owed, when its first byte's time is known)."""
-        try:
-            state = self.requests.pop(id(ctx), None)
-            if state is None:
-                return
             if state.long_running:
                 self.long_running.pop(id(ctx), None)
                 if not state.started_sent and ctx.first_byte:
-                    self._emit_started(state, _wall(ctx.first_byte))
+                    lines.append(self._started(state, wall + ctx.first_byte))
+                    count += 1
             code = ctx.status
             middle = _COMPLETE.get(code)  # the usual answers' stage fields, made once
             if middle is None:
@@ -574,32 +597,99 @@ class AuditObserver:
                     state.annotate("fastproxy/response", "none: the client left first")
             omit = state.rule.omit_stages
             if omit and ("Panic" if middle.startswith(_PANIC) else "ResponseComplete") in omit:
-                return
-            self._emit(state, middle, _stamp(time.time()),  # ctx.ended was taken just now
-                       state.request_object + state.response_object)
+                return count
+            lines.append(b"".join((state.prefix, state.request_object, state.response_object, middle,
+                                   _stamp(wall + ctx.ended), b'"}\n')))
+            return count + 1
         except Exception:  # noqa: BLE001 - the audit log must never break a request
-            self.requests.pop(id(ctx), None)
             self.long_running.pop(id(ctx), None)
             self._failed("finish")
+            return count
+
+    def _shape(self, ctx: RequestContext, key: tuple) -> _Shape:
+        """The level and encoded fields of a request not seen before (nor any like it), kept."""
+        shape = self._new_shape(ctx, *key[5:])
+        if len(self._shapes) >= SHAPES_KEPT:
+            self._shapes.clear()
+        self._shapes[key] = shape
+        return shape
+
+    def _new_shape(self, ctx: RequestContext, user_agent: bytes | None, forwarded: bytes | None,
+                   real_ip: bytes | None, impersonation: tuple[tuple[bytes, bytes], ...]) -> _Shape:
+        where = ctx.route
+        info = ctx.info
+        identity = ctx.identity
+        target = REQUEST_TARGETS.get(where.kind) if where is not None else None
+        if where is not None and target is not None and info is not None:
+            uri = f"{where.path}?{where.query}" if where.query else where.path
+        else:
+            # No API server behind it (health, /auth/…, refused before routing): its whole path.
+            uri = ctx.head.target.decode("latin-1")
+            path = uri.partition("?")[0]
+            info = RequestInfo(False, path, ctx.method.lower()) if info is None else info._replace(path=path)
+        cluster = where.cluster if where is not None else ""
+        rule = self.catch_all or self.policy.rule_for(identity.user if identity is not None else None,
+                                                      identity.groups if identity is not None else (),
+                                                      info, target, cluster)
+        if rule is None or rule.level == NONE:
+            return _Shape(identity, None)
+        resource_request, _, verb, _, group, version, namespace, resource, subresource, name, _ = info
+        fields: dict[str, Any] = {"requestURI": uri, "verb": verb,
+                                  "user": {"username": identity.user, "groups": identity.groups}
+                                  if identity is not None else {}}
+        impersonated = None
+        for lowered, value in impersonation:
+            impersonated = _impersonation(impersonated, lowered, value)
+        if impersonated is not None and "username" in impersonated:
+            fields["impersonatedUser"] = impersonated
+        fields["sourceIPs"] = _source_ips(ctx.head.client_ip, forwarded, real_ip)
+        if user_agent:
+            fields["userAgent"] = user_agent.decode("utf-8", "replace")
+        if resource_request:
+            ref = {"resource": resource}
+            if namespace:
+                ref["namespace"] = namespace
+            if name:
+                ref["name"] = name
+            if group:
+                ref["apiGroup"] = group
+            if version:
+                ref["apiVersion"] = version
+            if subresource:
+                ref["subresource"] = subresource
+            fields["objectRef"] = ref
+        annotations = {}
+        if target is not None:
+            annotations["fastproxy/requestTarget"] = target
+        if cluster:
+            annotations["fastproxy/cluster"] = cluster
+        if where is not None and where.virtual_cluster:
+            annotations["fastproxy/virtualCluster"] = f"{where.namespace}/{where.virtual_cluster}"
+        if identity is not None:
+            annotations["fastproxy/accessKey"] = identity.source
+        if annotations:
+            fields["annotations"] = annotations
+        long_running = (ctx.head.upgrade or verb in LONG_RUNNING_VERBS or subresource in LONG_RUNNING_SUBRESOURCES) \
+            and "ResponseStarted" not in rule.omit_stages
+        before = b'{"kind":"Event","apiVersion":"audit.k8s.io/v1","level":"%s","auditID":"' % LEVELS[rule.level].encode()
+        after = b'",%s%s' % (orjson.dumps(fields)[1:-1], _RECEIVED_KEY)
+        return _Shape(identity, rule, before, after, long_running)
 
     # --- what the gateway and its handlers call -----------------------------------------------------
 
     def tick(self) -> None:
-        """Once a second: ResponseStarted for the long-running requests whose response has begun."""
+        """Once a second, after the batches: ResponseStarted for the long-running requests whose response has begun."""
         if not self.long_running:
             return
         now = time.time()
+        wall = now - time.monotonic()
+        lines = []
         for key, state in list(self.long_running.items()):
             ctx = state.ctx
             if ctx.status:
                 del self.long_running[key]
-                self._emit_started(state, _wall(ctx.first_byte) if ctx.first_byte else now)
-
-    def response_started(self, ctx: RequestContext) -> None:
-        """The response head of `ctx` has just been sent: its ResponseStarted now, if it is owed one."""
-        state = self.long_running.pop(id(ctx), None)
-        if state is not None:
-            self._emit_started(state, _wall(ctx.first_byte) if ctx.first_byte else time.time())
+                lines.append(self._started(state, wall + ctx.first_byte if ctx.first_byte else now))
+        self._put_run(lines, len(lines))
 
     def record_bodies(self, ctx: RequestContext, request: bytes | Mapping[str, Any] | None = None,
                       response: bytes | Mapping[str, Any] | None = None) -> None:
@@ -607,6 +697,9 @@ class AuditObserver:
         event, before the response is finished: kept at levels Request (the request's) and
         RequestResponse (both), redacted, and left out with an annotation beyond max_object_bytes."""
         state = self.requests.get(id(ctx))
+        if state is None and not ctx.ended:  # its start not handed over yet: taken now
+            self.start_batch([ctx])
+            state = self.requests.get(id(ctx))
         if state is None or state.rule.level < REQUEST:
             return
         try:
@@ -634,49 +727,11 @@ class AuditObserver:
             self._failure_logged_at = now + 60.0
             log.exception("audit log: an event could not be made at the request's %s (%d so far)", where, self.failures)
 
-    def _peer(self, client_ip: bytes) -> orjson.Fragment:
-        if len(self._peers) >= 4096:
-            self._peers.clear()
-        found = self._peers[client_ip] = orjson.Fragment(orjson.dumps([client_ip.decode("latin-1")]))
-        return found
-
-    def _who(self, identity: Identity | None, where: Route | None, target: str | None) -> _Who:
-        """The event's user and the annotations of the identity and route, encoded once for every
-        request of one identity to one cluster (start looks them up in _who_cache; 4,096 kept)."""
-        # The entry holds the identity: its id is not another's while it is there.
-        key = (id(identity), target, where.cluster if where is not None else "")
-        annotations = {}
-        if target is not None:
-            annotations["fastproxy/requestTarget"] = target
-        if key[2]:
-            annotations["fastproxy/cluster"] = key[2]
-        if where is not None and where.virtual_cluster:
-            annotations["fastproxy/virtualCluster"] = f"{where.namespace}/{where.virtual_cluster}"
-        if identity is not None:
-            annotations["fastproxy/accessKey"] = identity.source
-        user = orjson.Fragment(orjson.dumps({"username": identity.user, "groups": identity.groups}
-                                            if identity is not None else {}))
-        who = (user, orjson.Fragment(orjson.dumps(annotations)) if annotations else None, annotations)
-        if not (where is not None and where.virtual_cluster):  # the same identity and cluster, other names
-            if len(self._who_cache) >= 4096:
-                self._who_cache.clear()
-            self._who_cache[key] = (identity, who)
-        return who
-
-    def _emit_started(self, state: _Request, wall: float) -> None:
+    def _started(self, state: _Request, wall: float) -> bytes:
         """ResponseStarted, for a request start marked long-running (it does so only when the rule keeps that stage)."""
         state.started_sent = True
-        self._emit(state, _stage_fields(b"ResponseStarted", b'{"metadata":{},"code":%d}' % state.ctx.status),
-                   _stamp(wall))
-
-    def _emit(self, state: _Request, middle: bytes, stamp: bytes, objects: bytes = b"") -> None:
-        """One event: the request's fields, encoded at its first event, then the stage's own
-        (`middle`: stage and responseStatus, from _stage_fields), objects and stageTimestamp."""
-        prefix = state.prefix
-        if not prefix:
-            prefix = state.prefix = b'%s%s%s"' % (orjson.dumps(state.head)[:-1], _RECEIVED_KEY, state.received)
-            state.head = None
-        self._put(b"".join((prefix, objects, middle, stamp, b'"}\n')))
+        return b"%s%s%s\"}\n" % (state.prefix, _stage_fields(b"ResponseStarted", b'{"metadata":{},"code":%d}'
+                                                               % state.ctx.status), _stamp(wall))
 
     def _object(self, state: _Request, which: str, value: bytes | Mapping[str, Any]) -> bytes:
         """',"requestObject":{…}' (or responseObject), redacted; b"" and an annotation when it is left out."""
@@ -694,11 +749,6 @@ class AuditObserver:
             why = f"{len(encoded)} bytes, more than max_object_bytes {limit}"
         state.annotate(f"fastproxy/{which}", f"left out: {why}")
         return b""
-
-
-def _wall(monotonic: float) -> float:
-    """A time.monotonic() time on the wall clock."""
-    return time.time() - (time.monotonic() - monotonic)
 
 
 def _decode(raw: bytes) -> Any:

@@ -1,10 +1,12 @@
 """Log lines written off the event loop: a bounded queue, one writer thread, rotated files.
 
 `BackgroundWriter.put` is all the event loop does per line: an append to a deque and two
-comparisons. When the queue is full (the disk is slower than the requests, full, or the file
-cannot be opened) the line is dropped and counted, never waited for; the writer thread reports
-drops at most once a minute. The thread wakes the moment a line arrives after it has been idle,
-and otherwise collects what arrived over `BATCH_INTERVAL` into one write.
+comparisons; `put_run` queues the lines of a whole batch of requests as one entry. When the
+queue is full (the disk is slower than the requests, full, or the file cannot be opened) lines
+are dropped and counted, never waited for; the writer thread reports drops at most once a
+minute. The thread sleeps until a line arrives, then writes everything queued at once: the
+observers queue their lines in batches (context.FLUSH_INTERVAL), so the thread takes the GIL a
+few times a second, not once per request.
 
 `RotatingFile` rotates the way the API server's audit log does (lumberjack): when a write would
 take the file past `max_bytes` it is renamed `NAME-2026-12-03T07-20-00.123.EXT` (UTC, the time
@@ -32,13 +34,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastproxy.observe")
 
 BACKUP_TIME_FORMAT = "%Y-%m-%dT%H-%M-%S"
-BATCH_INTERVAL = 0.02      # seconds the writer lets lines gather while they keep coming
-IDLE_AFTER = 0.5           # seconds without a line before the writer sleeps until woken
 RETRY_OPEN = 1.0           # seconds between attempts to open a file that could not be opened
 MAINTAIN_EVERY = 3600.0    # seconds between age prunings when nothing rotates
 DROP_REPORT_EVERY = 60.0   # seconds between warnings about dropped lines
 MAX_WRITE = 1 << 20        # bytes handed to one write call at most
-MAX_BATCH = 8192           # lines taken from the queue at once
+MAX_BATCH = 8192           # queue entries taken at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +331,7 @@ class BackgroundWriter:
         self.what = what
         self.max_lines = max_lines
         self.max_bytes = max_bytes
-        self.queue: collections.deque[bytes] = collections.deque()
+        self.queue: collections.deque[tuple[bytes, int]] = collections.deque()  # (lines, how many)
         self.queued_bytes = 0         # written by the producer only
         self.done_bytes = 0           # written by the writer thread only: written or dropped
         self.overflowed = 0           # producer: lines that did not fit in the queue
@@ -355,12 +355,27 @@ class BackgroundWriter:
         if len(queue) >= self.max_lines or self.queued_bytes - self.done_bytes >= self.max_bytes:
             self.overflowed += 1
             return False
-        queue.append(line)
+        queue.append((line, 1))
         self.queued_bytes += len(line)
         if self._sleeping:
             self._sleeping = False
             self._wake.set()
         return True
+
+    def put_run(self, pieces: list[bytes], lines: int) -> None:
+        """Queue the concatenation of `pieces`, `lines` whole lines, as one entry, written together;
+        past the bounds they are all dropped."""
+        if not pieces:
+            return
+        run = b"".join(pieces)
+        if len(self.queue) >= self.max_lines or self.queued_bytes - self.done_bytes >= self.max_bytes:
+            self.overflowed += lines
+            return
+        self.queue.append((run, lines))
+        self.queued_bytes += len(run)
+        if self._sleeping:
+            self._sleeping = False
+            self._wake.set()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every line queued so far is written or dropped (False: timed out)."""
@@ -385,23 +400,21 @@ class BackgroundWriter:
     def _run(self) -> None:
         retry_at = 0.0
         maintain_at = time.monotonic() + MAINTAIN_EVERY
-        last_line = time.monotonic()
         reported, report_at = 0, 0.0
         while True:
-            batch, size = self._take()
+            batch, lines, size = self._take()
             now = time.monotonic()
             if batch:
-                last_line = now
                 if now < retry_at:
-                    self._fail(batch, size)
+                    self._fail(lines, size)
                 else:
                     try:
                         self.sink.write(batch)
-                        self.written += len(batch)
+                        self.written += lines
                         self.done_bytes += size
                     except Exception as error:  # noqa: BLE001 - the writer must outlive any failure
                         self.last_error = f"{type(error).__name__}: {error}"
-                        self._fail(batch, size)
+                        self._fail(lines, size)
                         retry_at = now + RETRY_OPEN
             if self.dropped > reported and now >= report_at:
                 log.warning("%s: %d lines dropped (%d with the queue full, %d not written; last error: %s)",
@@ -416,24 +429,22 @@ class BackgroundWriter:
             if self._closing:
                 self._quietly(self.sink.close)
                 return
-            if now - last_line < IDLE_AFTER:
-                # Let lines gather: one write per interval, not one (and a GIL hand-over) per line.
-                self._wake.wait(BATCH_INTERVAL)
-            else:
-                self._sleeping = True
-                if not self.queue:  # a line that came before the flag was set is taken now
-                    self._wake.wait(1.0)
-                self._sleeping = False
+            self._sleeping = True
+            if not self.queue:  # a line that came before the flag was set is taken now
+                self._wake.wait(1.0)
+            self._sleeping = False
             self._wake.clear()
 
-    def _take(self) -> tuple[list[bytes], int]:
-        """What is queued, at most MAX_BATCH lines (the producer may append meanwhile)."""
+    def _take(self) -> tuple[list[bytes], int, int]:
+        """What is queued, at most MAX_BATCH entries (the producer may append meanwhile): the
+        entries, their lines and their bytes."""
         pop = self.queue.popleft
-        batch = [pop() for _ in range(min(len(self.queue), MAX_BATCH))]
-        return batch, sum(map(len, batch))
+        entries = [pop() for _ in range(min(len(self.queue), MAX_BATCH))]
+        batch = [data for data, _ in entries]
+        return batch, sum(lines for _, lines in entries), sum(map(len, batch))
 
-    def _fail(self, batch: list[bytes], size: int) -> None:
-        self.failed += len(batch)
+    def _fail(self, lines: int, size: int) -> None:
+        self.failed += lines
         self.done_bytes += size
 
     def _quietly(self, action: Callable[[], None]) -> None:

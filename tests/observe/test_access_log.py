@@ -38,8 +38,8 @@ class Lines:
     def __init__(self):
         self.lines: list[bytes] = []
 
-    def write(self, lines):
-        self.lines += lines
+    def write(self, lines):  # a batch's lines come as one run
+        self.lines += b"".join(lines).splitlines(keepends=True)
 
     def maintain(self):
         pass

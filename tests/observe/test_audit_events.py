@@ -58,9 +58,9 @@ class Log:
         self.observer = AuditObserver(AuditConfig(path=str(self.path), **config))
 
     def request(self, ctx: RequestContext, status: int = 200, message: str = "") -> list[dict]:
-        self.observer.start(ctx)
+        self.observer.start_batch([ctx])
         answer(ctx, status, message)
-        self.observer.finish(ctx)
+        self.observer.finish_batch([ctx])
         return self.events()
 
     def events(self) -> list[dict]:
@@ -110,9 +110,9 @@ def test_the_request_id_is_the_audit_id(log):
     ctx = context(f"{CLUSTER}/api/v1/pods")
     RequestIds().assign(ctx)
     assert uuid.UUID(ctx.request_id).version == 4 and ctx.id_line == f"X-Request-Id: {ctx.request_id}\r\n".encode()
-    log.observer.start(ctx)
+    log.observer.start_batch([ctx])
     answer(ctx, 200)
-    log.observer.finish(ctx)
+    log.observer.finish_batch([ctx])
     assert [e["auditID"] for e in log.events()] == [ctx.request_id, ctx.request_id]
 
 
@@ -208,6 +208,33 @@ def test_a_virtual_cluster_is_annotated(log):
 
 # --- stages -----------------------------------------------------------------------------------------
 
+def test_a_request_finished_before_its_batch_gets_the_same_events(log):
+    """The observer's fast path (a request begun and finished between two batches) writes what the
+    path over two batches writes, a shape seen before or not."""
+    audit = log.observer
+    target = f"{CLUSTER}/api/v1/namespaces/dev/configmaps/web?resourceVersion=0"
+    for _ in range(2):  # the second time from the cached shape
+        two_batches, one_batch = context(target), context(target)
+        audit.start_batch([two_batches])
+        answer(two_batches, 200)
+        audit.finish_batch([two_batches])
+        answer(one_batch, 200)
+        audit.start_batch([one_batch])
+        audit.finish_batch([one_batch])
+        events = log.events()[-4:]
+        assert [e["stage"] for e in events] == ["RequestReceived", "ResponseComplete"] * 2
+        assert events[0]["auditID"] == events[1]["auditID"] != events[2]["auditID"] == events[3]["auditID"]
+        for event, ctx in zip(events, (two_batches, two_batches, one_batch, one_batch)):
+            assert abs(wall(event["requestReceivedTimestamp"]) - (time.time() - time.monotonic() + ctx.started)) < 0.01
+            assert STAMP.match(event["stageTimestamp"])
+        assert abs(wall(events[3]["stageTimestamp"]) - (time.time() - time.monotonic() + one_batch.ended)) < 0.01
+        for first, second in ((events[0], events[2]), (events[1], events[3])):
+            ignored = ("auditID", "requestReceivedTimestamp", "stageTimestamp")
+            assert {k: v for k, v in first.items() if k not in ignored} == \
+                {k: v for k, v in second.items() if k not in ignored}
+    assert not audit.requests
+
+
 def test_a_plain_request_has_no_response_started(log):
     assert [e["stage"] for e in log.request(context(f"{CLUSTER}/api/v1/pods"))] == ["RequestReceived", "ResponseComplete"]
 
@@ -215,7 +242,7 @@ def test_a_plain_request_has_no_response_started(log):
 def test_a_watch_gets_response_started_on_the_tick_after_its_first_byte(log):
     audit = log.observer
     ctx = context(f"{CLUSTER}/api/v1/namespaces/dev/pods?watch=1&resourceVersion=10")
-    audit.start(ctx)
+    audit.start_batch([ctx])
     audit.tick()                           # no response yet: nothing owed
     assert [e["stage"] for e in log.events()] == ["RequestReceived"]
     first_byte_wall = time.time()
@@ -229,7 +256,7 @@ def test_a_watch_gets_response_started_on_the_tick_after_its_first_byte(log):
     assert abs(wall(started[0]["stageTimestamp"]) - first_byte_wall) < 0.02  # the first byte's time, not the tick's
     time.sleep(0.05)
     ctx.ended = time.monotonic()
-    audit.finish(ctx)
+    audit.finish_batch([ctx])
     events = log.events()
     assert [e["stage"] for e in events] == ["RequestReceived", "ResponseStarted", "ResponseComplete"]
     assert len({e["auditID"] for e in events}) == 1 and events[0]["verb"] == "watch"
@@ -248,17 +275,16 @@ def test_follow_logs_and_upgrades_are_long_running(log):
     logs = context(f"{CLUSTER}/api/v1/namespaces/dev/pods/web/log?follow=true")
     upgrade = context(f"{CLUSTER}/api/v1/namespaces/dev/pods/web/exec?command=sh", "POST",
                       headers=[*KUBECTL, ("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1")], upgrade=True)
-    for ctx in (logs, upgrade):
-        audit.start(ctx)
+    audit.start_batch([logs, upgrade])
     upgrade.status, upgrade.first_byte = 101, time.monotonic()
-    audit.response_started(upgrade)        # a handler telling the observer at once
+    audit.tick()
     assert [(e["stage"], e["objectRef"].get("subresource")) for e in log.events()] == \
         [("RequestReceived", "log"), ("RequestReceived", "exec"), ("ResponseStarted", "exec")]
     assert log.events()[-1]["responseStatus"]["code"] == 101
     answer(logs, 200)
     answer(upgrade, 101)
-    audit.finish(upgrade)
-    audit.finish(logs)
+    audit.finish_batch([upgrade])
+    audit.finish_batch([logs])
     assert [e["stage"] for e in log.events()[3:]] == ["ResponseComplete", "ResponseStarted", "ResponseComplete"]
 
 
@@ -274,9 +300,9 @@ def test_a_panic_replaces_response_complete(log):
 def test_a_client_that_left_before_any_response(log):
     audit = log.observer
     ctx = context(f"{CLUSTER}/api/v1/pods")
-    audit.start(ctx)
+    audit.start_batch([ctx])
     ctx.ended = time.monotonic()
-    audit.finish(ctx)
+    audit.finish_batch([ctx])
     last = log.events()[-1]
     assert last["stage"] == "ResponseComplete" and "responseStatus" not in last
     assert last["annotations"]["fastproxy/response"] == "none: the client left first"
@@ -314,9 +340,9 @@ def test_the_policy_sees_the_request_target_and_cluster(tmp_path):
 def test_a_broken_context_never_breaks_the_request(log, caplog):
     odd = Identity("mallory", (object(),), "key", b"")  # a group orjson cannot encode
     ctx = context(f"{CLUSTER}/api/v1/pods", identity=odd)
-    log.observer.start(ctx)
+    log.observer.start_batch([ctx])
     answer(ctx, 200)
-    log.observer.finish(ctx)
+    log.observer.finish_batch([ctx])
     assert log.observer.failures == 1 and not log.observer.requests
     assert "audit log: an event could not be made" in caplog.text
     assert len(log.request(context(f"{CLUSTER}/api/v1/pods"))) == 2  # and the next request is logged
@@ -358,11 +384,11 @@ def test_record_bodies_at_request_response(tmp_path):
     log = Log(tmp_path, {"rules": [{"level": "RequestResponse"}]})
     audit = log.observer
     ctx = context("/kubernetes/management/apis/management.loft.sh/v1/ownedaccesskeys", "POST")
-    audit.start(ctx)
+    audit.start_batch([ctx])
     created = {**OWNED_KEY, "metadata": {"name": "laptop", "uid": "u1"}}
     audit.record_bodies(ctx, json.dumps({**OWNED_KEY, "spec": {"displayName": "laptop"}}).encode(), created)
     answer(ctx, 201)
-    audit.finish(ctx)
+    audit.finish_batch([ctx])
     received, complete = log.events()
     assert "requestObject" not in received and "responseObject" not in received
     assert complete["requestObject"]["spec"] == {"displayName": "laptop"}
@@ -379,12 +405,12 @@ def test_record_bodies_by_level_and_in_yaml(tmp_path):
     create = context("/kubernetes/management/apis/management.loft.sh/v1/users", "POST")
     get = context("/kubernetes/management/apis/management.loft.sh/v1/users/bob")
     for ctx in (create, get):
-        audit.start(ctx)
+        audit.start_batch([ctx])
     audit.record_bodies(create, b"kind: User\nspec:\n  username: bob\n  password: hunter2\n", b'{"kind":"User"}')
     audit.record_bodies(get, None, json.dumps(USER).encode())
     for ctx in (create, get):
         answer(ctx, 200)
-        audit.finish(ctx)
+        audit.finish_batch([ctx])
     create_event, get_event = log.events()[2:]
     assert create_event["requestObject"] == {"kind": "User", "spec": {"username": "bob", "password": REDACTED}}
     assert "responseObject" not in create_event  # level Request: the request's object only
@@ -397,20 +423,20 @@ def test_objects_beyond_max_object_bytes_are_left_out_and_said_so(tmp_path):
     log = Log(tmp_path, {"rules": [{"level": "RequestResponse"}]}, max_object_bytes=200)
     audit = log.observer
     ctx = context("/kubernetes/management/apis/management.loft.sh/v1/users", "POST")
-    audit.start(ctx)
+    audit.start_batch([ctx])
     big = json.dumps({"kind": "User", "spec": {"description": "x" * 300}}).encode()
     audit.record_bodies(ctx, big, {"kind": "UserList", "items": [{"description": "y" * 300}]})
     answer(ctx, 201)
-    audit.finish(ctx)
+    audit.finish_batch([ctx])
     last = log.events()[-1]
     assert "requestObject" not in last and "responseObject" not in last
     assert last["annotations"]["fastproxy/requestObject"] == f"left out: {len(big)} bytes, more than max_object_bytes 200"
     assert last["annotations"]["fastproxy/responseObject"].startswith("left out: ")
     assert last["annotations"]["fastproxy/requestTarget"] == "Management"
     ctx = context("/kubernetes/management/apis/management.loft.sh/v1/users", "POST")
-    audit.start(ctx)
+    audit.start_batch([ctx])
     audit.record_bodies(ctx, b"\x00\xff not a document: [", None)
     answer(ctx, 400)
-    audit.finish(ctx)
+    audit.finish_batch([ctx])
     assert log.events()[-1]["annotations"]["fastproxy/requestObject"] == "left out: neither JSON nor YAML"
     audit.close()

@@ -39,19 +39,20 @@ def events(audited, auditID=None):
     """The events written so far (the lines complete: the writer thread may be writing more)."""
     _, audit, log = audited
     assert audit.flush()
-    lines = log.read_bytes().split(b"\n")[:-1]
+    lines = log.read_bytes().split(b"\n")[:-1] if log.exists() else []
     found = [json.loads(line) for line in lines]
     return [e for e in found if auditID is None or e["auditID"] == auditID]
 
 
-def last_request(audited):
-    """The events of the newest request, once its last one is written: the client may have its
-    response before the gateway has finished the request."""
+def last_request(audited, response):
+    """The events of the request `response` answered (its X-Request-Id is their auditID), once its
+    last one is written: the client may have its response before the gateway has finished the
+    request, and the events are made every 0.1 s."""
+    audit_id = response.header("X-Request-Id")
     deadline = time.monotonic() + 5
     while True:
-        newest = events(audited)[-1]["auditID"]
-        found = events(audited, newest)
-        if found[-1]["stage"] in ("ResponseComplete", "Panic"):
+        found = events(audited, audit_id)
+        if found and found[-1]["stage"] in ("ResponseComplete", "Panic"):
             return found
         assert time.monotonic() < deadline, found
         time.sleep(0.01)
@@ -59,8 +60,9 @@ def last_request(audited):
 
 def test_a_proxied_get(audited, client):
     client.request("GET", f"{BASE}/api/v1/namespaces/dev/pods/web", AUTH)
-    assert client.response().status == 200
-    received, complete = last_request(audited)
+    response = client.response()
+    assert response.status == 200
+    received, complete = last_request(audited, response)
     assert (received["stage"], complete["stage"]) == ("RequestReceived", "ResponseComplete")
     assert complete["user"] == {"username": "alice", "groups": ["dev", "ops"]} and complete["verb"] == "get"
     assert complete["objectRef"] == {"resource": "pods", "namespace": "dev", "name": "web", "apiVersion": "v1"}
@@ -73,8 +75,9 @@ def test_a_proxied_get(audited, client):
 
 def test_an_unknown_key(audited, client):
     client.request("GET", f"{BASE}/api/v1/pods", {"Authorization": "Bearer not-a-key"})
-    assert client.response().status == 401
-    complete = last_request(audited)[-1]
+    response = client.response()
+    assert response.status == 401
+    complete = last_request(audited, response)[-1]
     assert complete["user"] == {} and complete["responseStatus"]["reason"] == "Unauthorized"
     assert "invalid access key" in complete["responseStatus"]["message"]
     assert "not-a-key" not in audited[2].read_text()
@@ -86,8 +89,9 @@ def test_a_watch_logs_response_started_while_it_streams(audited, tls_files):
     watcher.request("GET", f"{BASE}/api/v1/namespaces/dev/pods?watch=1&interval=0.05&serve=watch", AUTH)
     response = watcher.head()
     watcher.feed_until(lambda: len(response.chunks) >= 2, "two events")
-    server.call(audit.tick)  # the gateway's once-a-second tick
-    streaming = events(audited, events(audited)[-1]["auditID"])
+    server.call(server.worker.gateway.observers.flush)  # as the gateway's once-a-second tick: the batches first,
+    server.call(audit.tick)                              # then ResponseStarted
+    streaming = events(audited, response.header("X-Request-Id"))
     assert [e["stage"] for e in streaming] == ["RequestReceived", "ResponseStarted"]
     assert streaming[1]["responseStatus"] == {"metadata": {}, "code": 200} and streaming[1]["verb"] == "watch"
     watcher.close()  # the client leaves: the watch finishes
@@ -102,7 +106,8 @@ def test_a_watch_logs_response_started_while_it_streams(audited, tls_files):
 
 def test_the_management_api(audited, client):
     client.request("GET", "/kubernetes/management/version", AUTH)
-    assert client.response().status == 200
-    complete = last_request(audited)[-1]
+    response = client.response()
+    assert response.status == 200
+    complete = last_request(audited, response)[-1]
     assert complete["requestURI"] == "/version" and complete["verb"] == "get" and "objectRef" not in complete
     assert complete["annotations"] == {"fastproxy/requestTarget": "Management", "fastproxy/accessKey": "alice-key"}

@@ -32,9 +32,9 @@ def request(audit: AuditObserver, n: int = 0) -> float:
     ctx = RequestContext(head, time.monotonic())
     ctx.route, ctx.identity = route(target), ALICE
     began = time.perf_counter()
-    audit.start(ctx)
+    audit.start_batch([ctx])
     ctx.status, ctx.ended = 200, time.monotonic()
-    audit.finish(ctx)
+    audit.finish_batch([ctx])
     return time.perf_counter() - began
 
 
@@ -244,11 +244,23 @@ def test_close_writes_everything_queued(tmp_path):
 def test_an_idle_writer_wakes_for_the_next_line(tmp_path):
     path = tmp_path / "audit.log"
     writer = BackgroundWriter(RotatingFile(str(path), 1 << 20))
-    time.sleep(0.7)  # past IDLE_AFTER: the thread sleeps until woken
+    time.sleep(0.2)  # the thread is asleep: woken by the line, or else after 1 s
     began = time.monotonic()
     writer.put(b'{"n":1}\n')
     wait_for(lambda: path.exists() and path.read_bytes() == b'{"n":1}\n', "the line written")
     assert time.monotonic() - began < 0.5
+    writer.close()
+
+
+def test_a_run_is_written_and_counted_as_its_lines(tmp_path):
+    path = tmp_path / "audit.log"
+    writer = BackgroundWriter(RotatingFile(str(path), 1 << 20))
+    writer.put_run([b'{"n":1}\n', b'{"n":2}', b'\n'], 2)
+    writer.put_run([], 0)  # nothing queued
+    assert writer.flush() and writer.written == 2 and path.read_bytes() == b'{"n":1}\n{"n":2}\n'
+    writer.max_lines = 0  # the queue counts as full
+    writer.put_run([b'{"n":3}\n', b'{"n":4}\n', b'{"n":5}\n'], 3)
+    assert writer.overflowed == 3 and writer.dropped == 3
     writer.close()
 
 
