@@ -38,11 +38,12 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+import immutables
+
 from ..auth.identity import HeaderValueError, Identity, check_header_value, identity_header_lines, key_digest
 from ..auth.passwords import HASH_PREFIX
 from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX, AccessKeyScope, CompiledScope, ScopeError, load_scope, parse_scope
 from ..names import DNS_SUBDOMAIN
-from .shared import SharedMap
 
 ACCESS_KEY_TYPES = ("Login", "User", "Other")
 BASE_GROUPS = ("system:authenticated", "loft:authenticated")
@@ -586,8 +587,8 @@ def with_keys_changed(snapshot: Snapshot, version: int, changed: Iterable[Access
     changes = KeyChanges(weakref.ref(snapshot), frozenset([*removed, *(key.name for key in changed)]))
     if not changes.names:  # activity of keys it does not bear on: a new version, nothing to copy
         return replace(snapshot, version=version, key_changes=changes)
-    # What changes, by digest and by name (None: gone), applied in order; then copied onto SharedMaps, which
-    # copy the few buckets touched rather than every key (a full build's dicts become SharedMaps once).
+    # What changes, by digest and by name (None: gone), applied in order; then applied to immutable maps,
+    # which copy the few nodes touched rather than every key (a full build's dicts become such maps once).
     digests: dict[bytes, ResolvedKey | None] = {}
     names: dict[str, AccessKey | None] = {}
     refresh_at = snapshot.refresh_at
@@ -611,10 +612,17 @@ def with_keys_changed(snapshot: Snapshot, version: int, changed: Iterable[Access
                    access_keys=_changed(snapshot.access_keys, names), refresh_at=refresh_at, key_changes=changes)
 
 
-def _changed(entries: Mapping[Any, Any], changes: Mapping[Any, Any]) -> SharedMap[Any, Any]:
-    shared = entries if isinstance(entries, SharedMap) else SharedMap(entries)
-    return shared.changed({key: value for key, value in changes.items() if value is not None},
-                          [key for key, value in changes.items() if value is None])
+def _changed(entries: Mapping[Any, Any], changes: Mapping[Any, Any]) -> immutables.Map[Any, Any]:
+    """`entries` with `changes` applied (None: the key removed), as an immutable map that shares
+    what did not change with `entries` (a hash array mapped trie: a change copies a few nodes)."""
+    shared = entries if isinstance(entries, immutables.Map) else immutables.Map(entries)
+    with shared.mutate() as mutation:
+        for key, value in changes.items():
+            if value is None:
+                mutation.pop(key, None)
+            else:
+                mutation[key] = value
+        return mutation.finish()
 
 
 class StateAdmin(ABC):

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
+import immutables
 import orjson
 
 from ..auth.scopes import DEFAULT_PROJECT_NAMESPACE_PREFIX
@@ -62,7 +63,6 @@ from .base import (
     with_keys_changed,
 )
 from .etcd_client import CompactedError, EtcdClient, KeyValue, WatchEvent, b64, prefix_end, unb64
-from .shared import SharedMap
 
 log = logging.getLogger("fastproxy.store")
 
@@ -183,8 +183,8 @@ class FleetState:
     def snapshot(self, now: float, project_namespace_prefix: str) -> Snapshot:
         snapshot = build_snapshot(self.revision, self.objects[USERS.folder].values(), self.objects[TEAMS.folder].values(),
                                   self.access_keys(), (), now, project_namespace_prefix=project_namespace_prefix)
-        # Shared maps from the start: each change the watch brings then copies a few buckets, not every key.
-        snapshot = replace(snapshot, keys=SharedMap(snapshot.keys), access_keys=SharedMap(snapshot.access_keys))
+        # Immutable maps from the start: each change the watch brings then copies a few nodes, not every key.
+        snapshot = replace(snapshot, keys=immutables.Map(snapshot.keys), access_keys=immutables.Map(snapshot.access_keys))
         return self.with_lists(snapshot, now)
 
     def with_lists(self, snapshot: Snapshot, now: float) -> Snapshot:
