@@ -24,6 +24,7 @@ DROPS = 10_000
 ROUNDS = 5
 POOL_IDLE = 8  # idle connections the cluster's pool may keep (max_idle_connections, set so here)
 CONCURRENCY = 50
+RSS_ROUNDS_BOUND = 16 * 2**20  # RSS growth after the first round (see the test)
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))
 RESPONSE_HEADER_TIMEOUT = 2
 SOAK_CLIENTS = 7  # at once in the soak: as many idle upstream connections may stay in the pool
@@ -117,25 +118,29 @@ def settle(pid: int, fd_bound: int, seconds: float = RESPONSE_HEADER_TIMEOUT + 1
 
 def test_10000_clients_dropped_abruptly_leave_no_descriptors_or_memory_behind(gateway, tls_files):
     pid, context = gateway.popen.pid, client_context(tls_files)
-    start_fds = fds(pid)
+    start_fds, start_rss = fds(pid), rss(pid)
     figures = []  # (descriptors, RSS) once each round's connections have gone
     began = time.monotonic()
     for _ in range(ROUNDS):
         asyncio.run(drop_many(gateway.port, context, DROPS // ROUNDS))
         figures.append((settle(pid, start_fds + POOL_IDLE), rss(pid)))
     took = time.monotonic() - began
+    rss_figures = [round(r / 2**20, 1) for _, r in figures]
     print(f"{DROPS} dropped in {ROUNDS} rounds, {took:.1f}s: descriptors {start_fds} at start, then "
-          f"{[f for f, _ in figures]}; RSS MiB {[round(r / 2**20, 1) for _, r in figures]}")
+          f"{[f for f, _ in figures]}; RSS MiB {start_rss / 2**20:.1f} at start, then {rss_figures}")
     # What may stay: the pool's idle connections, dialled for clients that then left.
     assert all(count <= start_fds + POOL_IDLE for count, _ in figures)
     assert "Traceback" not in gateway.log.read_text()
-    # Memory: a leak of 3 KiB per connection would show as 12 MiB over the last two rounds. The
-    # allocator also keeps the high water of the connections piled up (each round holds a few
-    # hundred at once until their deadlines): runs of 21,000 levelled off near 127 MiB, but within
-    # 10,000 the growth is not always over, and a leak is not ruled out (see the soak below).
-    growth = figures[-1][1] - figures[-3][1]
-    if growth >= 12 * 2**20:
-        pytest.xfail(f"RSS grew by {growth / 2**20:.1f} MiB over the last {2 * DROPS // ROUNDS} connections")
+    # Memory: each round piles up a few hundred connections at once (those whose reset is not
+    # seen, until their deadlines) and the allocator keeps the high water. The first round sets
+    # it (+7 to +11 MiB); later rounds stay within 0.2 MiB of it but for one step of up to
+    # 8.6 MiB in some runs: the free heap top that glibc keeps below the trim threshold
+    # (8 MiB, server.tune_malloc). The bound is that plus 1 KiB per connection. Before closed
+    # connections were freed by reference count, RSS rose by 29 MiB in the first round and by
+    # 35 MiB after it.
+    growth = figures[-1][1] - figures[0][1]
+    assert growth < RSS_ROUNDS_BOUND, (
+        f"RSS grew by {growth / 2**20:.1f} MiB over the last {DROPS - DROPS // ROUNDS} connections: {rss_figures} MiB")
 
 
 # --- the soak ------------------------------------------------------------------------------
