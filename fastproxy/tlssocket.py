@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -138,6 +139,16 @@ class TLSSocketTransport(asyncio.Transport):
 
     def is_reading(self) -> bool:
         return self._reading
+
+    def check_reset(self) -> None:
+        """Fail if the socket holds an error that no read reported: a reset that came while
+        reading was paused, or one the poll lost (uvloop drops a reader's poll on an error
+        after one call; resets right after a client's first bytes go unseen that way)."""
+        if self._closed:
+            return
+        error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._fatal(OSError(error, os.strerror(error)))
 
     # --- writing -----------------------------------------------------------------------------
 
