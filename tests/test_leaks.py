@@ -1,11 +1,10 @@
 """Leak checks on the real gateway process: file descriptors and resident memory after 10,000
 client connections dropped abruptly, and through a mixed soak (SOAK_SECONDS, default 30).
 
-A client's reset is seen by the gateway at its next write or deadline, not at once: uvloop
-drops a reader's poll handle on POLLERR without calling it. So a dropped connection may hold
-its descriptors until header_timeout (the head or the handshake unfinished) or
-response_header_timeout (a request the cluster has not answered); these tests set the latter
-to 2 s and wait for the count to come back down."""
+A client's reset is not always reported by a read: uvloop drops a reader's poll on an error
+after one call, and a paused reader has no poll. The worker's once-a-second sweep finds the
+reset of a client waiting on a deadline (SO_ERROR); a handshake left unfinished waits for
+header_timeout. These tests wait for the count to come back down."""
 from __future__ import annotations
 
 import asyncio
