@@ -87,6 +87,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.gateway.connections.discard(self)
         self.deadline = 0.0
+        # The parser holds this connection's callbacks: a cycle that would leave the connection
+        # and its transport to the cycle collector. Nothing is parsed from here on.
+        del self.parser
         for exchange in (self.active, self.receiving, *self.queue):
             if exchange is not None:
                 exchange.abandon()

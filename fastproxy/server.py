@@ -32,7 +32,7 @@ from .reload import reload_refusal, remove_pid_file, write_pid_file
 from .sdnotify import Notifier, reloading_message, watchdog_interval
 from .sdnotify import message as sdnotify_message
 from .status import status_response
-from .tlssocket import TLSListener
+from .tlssocket import TLSListener, TLSSocketTransport
 from .watchstream import WatchSubscriber
 
 log = logging.getLogger("fastproxy")
@@ -154,8 +154,12 @@ class Worker:
 
     def _sweep(self) -> None:
         now = self.loop.time()
-        for conn in [c for c in self.gateway.connections if c.deadline and c.deadline <= now]:
-            conn.deadline_passed()
+        for conn in [c for c in self.gateway.connections if c.deadline]:
+            if conn.deadline <= now:
+                conn.deadline_passed()
+            elif isinstance(conn.transport, TLSSocketTransport):
+                # A connection waiting on something: its reset may not have been reported.
+                conn.transport.check_reset()
         self.gateway.tick()
         # From the loop itself: a loop that stops running stops these (and the watchdog pings).
         self.reporter.alive(census(self.gateway.connections) if self.reporter.wants_census else None)

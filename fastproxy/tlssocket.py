@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -25,6 +26,8 @@ RECORD = 16384            # the largest TLS record payload: a full one suggests 
 READ_BUDGET = 256 * 1024  # bytes read per readiness callback before the loop gets a turn
 DRAIN_TIMEOUT = 10.0      # how long a closing connection waits for the peer to close its side
 _WAIT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# Stands in for a protocol once it has been told the connection is lost: its callbacks do nothing.
+_DONE = asyncio.Protocol()
 
 log = logging.getLogger("fastproxy")
 
@@ -140,6 +143,16 @@ class TLSSocketTransport(asyncio.Transport):
 
     def is_reading(self) -> bool:
         return self._reading
+
+    def check_reset(self) -> None:
+        """Fail if the socket holds an error that no read reported: a reset that came while
+        reading was paused, or one the poll lost (uvloop drops a reader's poll on an error
+        after one call; resets right after a client's first bytes go unseen that way)."""
+        if self._closed:
+            return
+        error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._fatal(OSError(error, os.strerror(error)))
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -291,7 +304,14 @@ class TLSSocketTransport(asyncio.Transport):
         self._stop_writer()
         self._buffer.clear()
         self._buffer_size = 0
-        self._loop.call_soon(self._protocol.connection_lost, exc)
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        # The protocol refers to this transport too; letting go of it (as asyncio's transports do)
+        # leaves no cycle, so both, and the TLS state under the socket, go at once by reference
+        # count instead of waiting for a full collection.
+        protocol, self._protocol = self._protocol, _DONE
+        protocol.connection_lost(exc)
 
     def get_extra_info(self, name: str, default=None):
         sock = self._sock

@@ -112,6 +112,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        del self.parser  # it holds this connection's callbacks: a cycle left to the cycle collector
         self.pool.forget(self)
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
@@ -274,13 +275,20 @@ class ResumingContext(ssl.SSLContext):
     Each watch holds its own upstream connection, so clients opening many watches cost the
     gateway a TLS handshake each; resuming a session skips the certificate exchange and its
     verification. The session comes from a connection that verified this same cluster.
+
+    A session is learnt only from a full handshake: one that resumed still has the session it
+    offered, which the cluster has just accepted again. That also keeps reads of
+    `SSLSocket.session` rare: in CPython 3.11 (gh-116810) each read leaks a copy of the session,
+    certificate chain included (6.5 KiB here), and one per dial grew the worker without end.
     """
 
     latest_session: ssl.SSLSession | None = None
 
     def learn_session(self, transport: asyncio.Transport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
-        session = ssl_object.session if ssl_object is not None else None
+        if ssl_object is None or (ssl_object.session_reused and self.latest_session is not None):
+            return
+        session = ssl_object.session
         if session is not None:
             self.latest_session = session
 

@@ -1,11 +1,10 @@
 """Leak checks on the real gateway process: file descriptors and resident memory after 10,000
 client connections dropped abruptly, and through a mixed soak (SOAK_SECONDS, default 30).
 
-A client's reset is seen by the gateway at its next write or deadline, not at once: uvloop
-drops a reader's poll handle on POLLERR without calling it. So a dropped connection may hold
-its descriptors until header_timeout (the head or the handshake unfinished) or
-response_header_timeout (a request the cluster has not answered); these tests set the latter
-to 2 s and wait for the count to come back down."""
+A client's reset is not always reported by a read: uvloop drops a reader's poll on an error
+after one call, and a paused reader has no poll. The worker's once-a-second sweep finds the
+reset of a client waiting on a deadline (SO_ERROR); a handshake left unfinished waits for
+header_timeout. These tests wait for the count to come back down."""
 from __future__ import annotations
 
 import asyncio
@@ -24,9 +23,17 @@ DROPS = 10_000
 ROUNDS = 5
 POOL_IDLE = 8  # idle connections the cluster's pool may keep (max_idle_connections, set so here)
 CONCURRENCY = 50
+RESET_UPLOADS = 200
+RSS_ROUNDS_BOUND = 16 * 2**20  # RSS growth after the first round (see the test)
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))
 RESPONSE_HEADER_TIMEOUT = 2
 SOAK_CLIENTS = 7  # at once in the soak: as many idle upstream connections may stay in the pool
+# The bound on the soak's RSS slope (least squares, after the warm-up third). Measured in 30 s
+# soaks: 300-670 KiB/s with the leaks this mix found (a TLS session copied per upstream dial;
+# closed connections left to the cycle collector: 110 KiB/s alone); 2-5 KiB/s without them, on
+# a machine at load 4-5. A lone step of the allocator of up to 0.4 MiB in the middle of the
+# 20 s window still passes (a step h there slopes 3h / 2T).
+RSS_SLOPE_BOUND = 32 * 1024
 RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST, as a client that vanished
 AUTH_LINE = f"Authorization: Bearer {ACCESS_KEY}\r\n"
 
@@ -111,25 +118,57 @@ def settle(pid: int, fd_bound: int, seconds: float = RESPONSE_HEADER_TIMEOUT + 1
 
 def test_10000_clients_dropped_abruptly_leave_no_descriptors_or_memory_behind(gateway, tls_files):
     pid, context = gateway.popen.pid, client_context(tls_files)
-    start_fds = fds(pid)
+    start_fds, start_rss = fds(pid), rss(pid)
     figures = []  # (descriptors, RSS) once each round's connections have gone
     began = time.monotonic()
     for _ in range(ROUNDS):
         asyncio.run(drop_many(gateway.port, context, DROPS // ROUNDS))
         figures.append((settle(pid, start_fds + POOL_IDLE), rss(pid)))
     took = time.monotonic() - began
+    rss_figures = [round(r / 2**20, 1) for _, r in figures]
     print(f"{DROPS} dropped in {ROUNDS} rounds, {took:.1f}s: descriptors {start_fds} at start, then "
-          f"{[f for f, _ in figures]}; RSS MiB {[round(r / 2**20, 1) for _, r in figures]}")
+          f"{[f for f, _ in figures]}; RSS MiB {start_rss / 2**20:.1f} at start, then {rss_figures}")
     # What may stay: the pool's idle connections, dialled for clients that then left.
     assert all(count <= start_fds + POOL_IDLE for count, _ in figures)
     assert "Traceback" not in gateway.log.read_text()
-    # Memory: a leak of 3 KiB per connection would show as 12 MiB over the last two rounds. The
-    # allocator also keeps the high water of the connections piled up (each round holds a few
-    # hundred at once until their deadlines): runs of 21,000 levelled off near 127 MiB, but within
-    # 10,000 the growth is not always over, and a leak is not ruled out (see the soak below).
-    growth = figures[-1][1] - figures[-3][1]
-    if growth >= 12 * 2**20:
-        pytest.xfail(f"RSS grew by {growth / 2**20:.1f} MiB over the last {2 * DROPS // ROUNDS} connections")
+    # Memory: each round piles up a few hundred connections at once (those whose reset is not
+    # seen, until their deadlines) and the allocator keeps the high water. The first round sets
+    # it (+7 to +12 MiB); later rounds stay within 0.2 MiB of it but for one step of up to
+    # 8.6 MiB in some runs, about the free heap top glibc may keep below its trim threshold
+    # (8 MiB, server.tune_malloc). The bound is that plus 1 KiB per connection. Before closed
+    # connections were freed by reference count, RSS rose by 29 MiB in the first round and by
+    # 35 MiB after it.
+    growth = figures[-1][1] - figures[0][1]
+    assert growth < RSS_ROUNDS_BOUND, (
+        f"RSS grew by {growth / 2**20:.1f} MiB over the last {DROPS - DROPS // ROUNDS} connections: {rss_figures} MiB")
+
+
+@pytest.fixture
+def patient_gateway(gateway_config, tmp_path):
+    """A gateway that would wait long for the cluster's answer: a reset must be noticed by itself."""
+    source, text = gateway_config
+    for name in ("token", "key"):
+        (tmp_path / name).write_text((source / name).read_text())
+    process = start_gateway(text.replace("response_header_timeout = 3\n", "response_header_timeout = 30\n"
+                                         f"        max_idle_connections = {POOL_IDLE}\n"), tmp_path)
+    yield process
+    process.stop()
+
+
+def test_a_client_reset_mid_upload_releases_its_descriptors_within_two_seconds(patient_gateway, tls_files):
+    pid, context = patient_gateway.popen.pid, client_context(tls_files)
+    start_fds = fds(pid)
+
+    async def resets() -> None:
+        hello = client_hello(context)
+        # Uploads reset right after their first bytes: some of these resets no poll reports
+        # (without the sweep's check, 11-83 descriptors stayed in 2 of 3 runs, until the 30 s deadline).
+        await asyncio.gather(*(drop(patient_gateway.port, context, hello, 2) for _ in range(RESET_UPLOADS)))
+    asyncio.run(resets())
+    began = time.monotonic()
+    left = settle(pid, start_fds + POOL_IDLE, seconds=2)
+    print(f"{RESET_UPLOADS} uploads reset: descriptors {start_fds} before, {left} after {time.monotonic() - began:.1f}s")
+    assert left <= start_fds + POOL_IDLE, f"{left - start_fds} descriptors still held 2 s after the resets"
 
 
 # --- the soak ------------------------------------------------------------------------------
@@ -226,7 +265,6 @@ def test_a_mixed_soak_shows_no_growth_in_memory_or_descriptors(gateway, tls_file
     steady_seconds = steady[-1][0] - steady[0][0]
     assert fd_slope * steady_seconds < 8, fd_slope  # no descriptor trend while the soak runs...
     assert after_fds <= base_fds + SOAK_CLIENTS  # ...and none left once it is over but the pool's idle ones
-    if rss_slope * steady_seconds >= 4 * 2**20:
-        # Measured: some 250-300 KiB/s for as long as the mix runs (120 s: 47 -> 90 MiB), while
-        # each kind of request alone leaves RSS flat; the cause is not found yet.
-        pytest.xfail(f"RSS grows by {rss_slope / 1024:.0f} KiB/s under the mixed soak")
+    assert rss_slope < RSS_SLOPE_BOUND, (
+        f"RSS grows by {rss_slope / 1024:.0f} KiB/s over the soak's last {steady_seconds:.0f}s "
+        f"(bound {RSS_SLOPE_BOUND // 1024} KiB/s): {[round(r / 2**20, 1) for _, r, _ in steady]} MiB")

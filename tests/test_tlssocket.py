@@ -17,6 +17,7 @@ import uvloop
 
 from fastproxy.accepting import ACCEPT_PAUSE
 from fastproxy.tlssocket import READ_BUDGET, TLSListener, open_tls_connection
+from fastproxy.upstream import ResumingContext
 
 
 class Recorder(asyncio.Protocol):
@@ -240,6 +241,33 @@ def test_a_second_connection_resumes_the_first_ones_session(tls_files):
         assert second.transport.get_extra_info("ssl_object").session_reused
         assert not first.transport.get_extra_info("ssl_object").session_reused
         for client in (first, second):
+            client.transport.abort()
+    run(tls_files, serve, scenario)
+
+
+def test_the_pools_context_learns_sessions_from_full_handshakes_only(tls_files):
+    """A resumed connection leaves the session it offered in place: each read of
+    SSLSocket.session leaks a copy in CPython 3.11 (gh-116810), so reads stay rare."""
+    async def serve(reader, writer):
+        writer.write(b"hello")
+        await writer.drain()
+        await reader.read()
+
+    async def scenario(port):
+        context = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cafile=str(tls_files["ca"]))
+        clients = []
+        for offered in (None, "learnt", None):
+            client = await connect(port, tls_files, context.latest_session if offered else None, context)
+            await client.wait_for_bytes(5)  # the TLS 1.3 ticket has come
+            clients.append(client)
+            resumed = client.transport.get_extra_info("ssl_object").session_reused
+            before = context.latest_session
+            context.learn_session(client.transport)
+            assert resumed == bool(offered)
+            assert (context.latest_session is before) == resumed, offered
+            assert context.latest_session is not None
+        for client in clients:
             client.transport.abort()
     run(tls_files, serve, scenario)
 
