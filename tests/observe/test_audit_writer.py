@@ -18,7 +18,7 @@ import pytest
 from fastproxy.auth.identity import Identity
 from fastproxy.context import RequestContext, RequestHead
 from fastproxy.observe.audit import AuditConfig, AuditObserver
-from fastproxy.observe.rotating import BackgroundWriter, RotatingFile
+from fastproxy.observe.rotating import RUN_PIECES, BackgroundWriter, RotatingFile
 from fastproxy.routing import route
 
 BACKUP = re.compile(r"^audit-(\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d\.\d{3})\.log(\.gz)?$")
@@ -258,6 +258,10 @@ def test_a_run_is_written_and_counted_as_its_lines(tmp_path):
     writer.put_run([b'{"n":1}\n', b'{"n":2}', b'\n'], 2)
     writer.put_run([], 0)  # nothing queued
     assert writer.flush() and writer.written == 2 and path.read_bytes() == b'{"n":1}\n{"n":2}\n'
+    many = [b'{"n":%d}\n' % n for n in range(2 * RUN_PIECES + 1)]  # joined in parts below malloc's mmap threshold
+    writer.put_run(many, len(many))
+    assert writer.flush() and writer.written == 2 + len(many)
+    assert path.read_bytes() == b'{"n":1}\n{"n":2}\n' + b"".join(many)
     writer.max_lines = 0  # the queue counts as full
     writer.put_run([b'{"n":3}\n', b'{"n":4}\n', b'{"n":5}\n'], 3)
     assert writer.overflowed == 3 and writer.dropped == 3
