@@ -70,6 +70,21 @@ class StatusError(Exception):
         self.headers = headers  # more header lines for the response (Retry-After)
 
 
+def forbidden(user: str, verb: str, resource: str, group: str = "", namespace: str = "", name: str = "",
+              reason: str = "") -> StatusError:
+    """The API server's 403 for `user` lacking `verb` on a resource, worded as it words it."""
+    qualified = f"{resource}.{group}" if group else resource
+    subject = f'{qualified} "{name}"' if name else qualified
+    scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+    details: dict[str, Any] = {"kind": resource}
+    if group:
+        details["group"] = group
+    if name:
+        details["name"] = name
+    return StatusError(403, f'{subject} is forbidden: User "{user}" cannot {verb} resource "{resource}" '
+                            f'in API group "{group}" {scope}' + (f": {reason}" if reason else ""), details=details)
+
+
 def status_body(code: int, message: str, reason: str | None = None, details: dict[str, Any] | None = None) -> bytes:
     status: dict[str, Any] = {
         "kind": "Status",

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, urlencode
 import orjson
 
 from .auth.impersonation import Check
-from .status import StatusError
+from .status import StatusError, forbidden
 from .upstream_client import UpstreamRequestError
 
 if TYPE_CHECKING:
@@ -105,23 +105,8 @@ def joiner_refusal(user: str, checks: tuple[Check, ...], outcomes: list[tuple[bo
                                      f"on cluster {cluster!r}: {message}")
         allowed, reason = outcome
         if not allowed:
-            return forbidden(user, check, reason)
+            return forbidden(user, check.verb, check.resource, check.group, check.namespace, check.name, reason)
     return None
-
-
-def forbidden(user: str, check: Check, reason: str = "") -> StatusError:
-    """The API server's 403 for `user` lacking `check`."""
-    qualified = f"{check.resource}.{check.group}" if check.group else check.resource
-    subject = f'{qualified} "{check.name}"' if check.name else qualified
-    scope = f'in the namespace "{check.namespace}"' if check.namespace else "at the cluster scope"
-    details: dict[str, Any] = {"kind": check.resource}
-    if check.group:
-        details["group"] = check.group
-    if check.name:
-        details["name"] = check.name
-    return StatusError(403, f'{subject} is forbidden: User "{user}" cannot {check.verb} resource "{check.resource}" '
-                            f'in API group "{check.group}" {scope}' + (f": {reason}" if reason else ""),
-                       details=details)
 
 
 def upstream_target(request: WatchRequest) -> str:

@@ -40,7 +40,7 @@ from ..exchange import Connection
 from ..kube.patch import apply_patch
 from ..kube.selectors import FieldSelector, LabelSelector, Selection
 from ..local import LocalResponder
-from ..status import StatusError
+from ..status import StatusError, forbidden
 from ..store import (
     AccessKey,
     AlreadyExistsError,
@@ -373,10 +373,7 @@ class ManagementRequest(LocalResponder):
         user = self.caller_user()
         if plural == "users" and verb == "get" and user is not None and name == user.name:
             return
-        target = f'{plural}.{GROUP} "{name}"' if name else f"{plural}.{GROUP}"
-        where = f'in the namespace "{self.info.namespace}"' if self.info.namespace else "at the cluster scope"
-        raise StatusError(403, f'{target} is forbidden: User "{self.identity.user}" cannot {verb} resource '
-                               f'"{plural}" in API group "{GROUP}" {where}')
+        raise forbidden(self.identity.user, verb, plural, GROUP, self.info.namespace, name)
 
     def visible(self, plural: str) -> Callable[[dict[str, Any]], bool] | None:
         """Which objects of a resource the caller may see (None: all of them)."""
