@@ -23,7 +23,8 @@ authenticated identity (the handlers resolve it before observers are told). Stag
 
 The event's `requestURI` is the path and query below the route prefix as the cluster (or the
 management API) receives them, normalised; for routes with no API server behind them (health,
-refusals before routing) the whole request target. `sourceIPs` are as the API server lists them
+/auth/, /oidc/, refusals before routing) the whole path, without its query (OAuth codes and
+state travel there). `sourceIPs` are as the API server lists them
 (X-Forwarded-For, X-Real-Ip, then the peer, the one address a client cannot make up);
 `impersonatedUser` is what the client's Impersonate-* headers asked for, allowed or not.
 Annotations name the request target, the cluster and the access key (`identity.source`, never
@@ -623,10 +624,10 @@ class AuditObserver:
         if where is not None and target is not None and info is not None:
             uri = f"{where.path}?{where.query}" if where.query else where.path
         else:
-            # No API server behind it (health, /auth/…, refused before routing): its whole path.
-            uri = ctx.head.target.decode("latin-1")
-            path = uri.partition("?")[0]
-            info = RequestInfo(False, path, ctx.method.lower()) if info is None else info._replace(path=path)
+            # No API server behind it (health, /auth/…, refused before routing): its whole path, and
+            # no query, which carries OAuth codes and state on /oidc/ and /auth/.
+            uri = ctx.head.target.decode("latin-1").partition("?")[0]
+            info = RequestInfo(False, uri, ctx.method.lower()) if info is None else info._replace(path=uri)
         cluster = where.cluster if where is not None else ""
         rule = self.catch_all or self.policy.rule_for(identity.user if identity is not None else None,
                                                       identity.groups if identity is not None else (),

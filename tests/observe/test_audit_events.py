@@ -190,6 +190,14 @@ def test_a_request_refused_before_routing(log):
     assert last["responseStatus"]["message"] == "request path must not contain '..' segments"
 
 
+def test_no_query_outside_the_kubernetes_apis(log):
+    """An OAuth code in the query of an /oidc/ or /auth/ request is never written."""
+    for target in ("/oidc/callback?code=the-secret-code&state=s1", "/auth/login?token=the-secret-code"):
+        events = log.request(context(target, identity=None))
+        assert events[-1]["requestURI"] == target.partition("?")[0]
+    assert "the-secret-code" not in log.path.read_text()
+
+
 def test_health_and_the_management_api(log):
     events = log.request(context("/healthz", identity=None))
     assert events[-1]["requestURI"] == "/healthz" and "annotations" not in events[-1]
