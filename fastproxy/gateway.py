@@ -80,6 +80,7 @@ class Gateway:
                                  if log is not None}
             self.proxy.reviewer = CountedReviewer(self.metrics.impersonation)
             self.vcluster_proxy.reviewer = self.proxy.reviewer
+            self.proxy.joiner_outcomes = self.metrics.joiner_reviews
         limits = config.limits
         if limits is not None and limits.per_request:  # otherwise the cluster route costs nothing more
             admission = Admission(limits, self.proxy, self.vcluster_proxy)

@@ -27,7 +27,7 @@ from .context import Observers, RequestContext, RequestHead
 from .exchange import AWAITING_RESPONSE, Connection, Responder
 from .flow import AWAITING_PEER, PEER_FULL, PENDING_LIMIT
 from .status import StatusError
-from .watchshare import joiner_refusal
+from .watchshare import joiner_refusal, review_outcome
 from .watchstream import WatchStreams, watch_subscriber
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ class ClusterProxy:
         self.reviews: set[asyncio.Task] = set()  # running impersonation reviews, kept from collection
         self.watches = WatchStreams(loop) if server.share_watches else None
         self.joiners = AccessReviewer(JOINER_ALLOWED_TTL, denied_ttl=JOINER_DENIED_TTL)
+        self.joiner_outcomes: dict[str, int] | None = None  # joiner reviews by outcome, when metrics count them
 
     def responder(self, client: Connection, ctx: RequestContext, observers: Observers,
                  keep_alive: bool) -> Responder:
@@ -138,6 +139,8 @@ class ClusterProxy:
         def settle(outcomes: list) -> None:
             if any(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes):
                 return  # shutting down
+            if self.joiner_outcomes is not None:
+                self.joiner_outcomes[review_outcome(outcomes)] += 1
             done(joiner_refusal(who.user, checks, outcomes, plan.upstream.cluster.name))
         if all(answer.done() for answer in answers):  # cached: no loop turn for the fleet's later joiners
             settle([_outcome(answer) for answer in answers])

@@ -109,6 +109,17 @@ def joiner_refusal(user: str, checks: tuple[Check, ...], outcomes: list[tuple[bo
     return None
 
 
+def review_outcome(outcomes: list[tuple[bool, str] | BaseException]) -> str:
+    """How a joiner's reviews ended, as the metrics count them: allowed, refused, or failed (some
+    review got no answer; the joiner is refused all the same)."""
+    allowed = True
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            return "failed"
+        allowed = allowed and outcome[0]
+    return "allowed" if allowed else "refused"
+
+
 def upstream_target(request: WatchRequest) -> str:
     """What the shared stream asks the cluster: the client's watch from its resourceVersion,
     with bookmarks always (they tell the gateway up to where the stream is complete)."""

@@ -13,6 +13,7 @@ from fastproxy.watchshare import (
     WatchMemory,
     joiner_refusal,
     parse_event,
+    review_outcome,
     shareable_watch,
     stream_identity,
     upstream_target,
@@ -182,6 +183,12 @@ def test_a_review_without_an_answer_refuses_the_joiner():
     assert unreachable.message == "whether user 'viewer' may watch configmaps cannot be checked on cluster 'demo': refused"
     garbled = joiner_refusal("viewer", (WATCH, LIST), [(True, ""), ValueError("no status")], "demo")
     assert garbled is not None and garbled.code == 403 and garbled.message.endswith(": no status")
+
+
+def test_the_metrics_count_a_joiner_once_by_how_its_reviews_ended():
+    assert review_outcome([(True, ""), (True, "")]) == "allowed"
+    assert review_outcome([(True, ""), (False, "no binding")]) == "refused"
+    assert review_outcome([(False, "no binding"), UpstreamRequestError(503, "refused")]) == "failed"
 
 
 class Clock:

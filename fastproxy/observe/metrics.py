@@ -127,6 +127,7 @@ class Metrics:
         self.streams: dict[RequestContext, tuple[dict[str, int], str]] = {}
         self.auth_failures = dict.fromkeys(AUTH_FAILURE_REASONS, 0)
         self.impersonation = dict.fromkeys(IMPERSONATION_OUTCOMES, 0)
+        self.joiner_reviews = dict.fromkeys(IMPERSONATION_OUTCOMES, 0)  # shared watches across identities
         self.limited = dict.fromkeys(LIMITS, 0)  # requests refused with 429, by the limit they met
         self.logs: dict[str, BackgroundWriter] = {}  # the audit and access logs' writers, by LOGS name
 
@@ -268,6 +269,7 @@ class Metrics:
             "tunnels": self._gauge(self.tunnels),
             "auth_failures": self.auth_failures,
             "impersonation": self.impersonation,
+            "joiner_reviews": self.joiner_reviews,
             "limited": self.limited,
             "pools": pools,
             "logs": {name: [writer.written, writer.dropped] for name, writer in self.logs.items()},
@@ -406,12 +408,13 @@ def merge(states: Iterable[dict[str, Any]], *, gauges: bool = True) -> dict[str,
     total: dict[str, Any] = {"in_flight": 0, "watches": {}, "tunnels": {}, "pools": {},
                              "auth_failures": dict.fromkeys(AUTH_FAILURE_REASONS, 0),
                              "impersonation": dict.fromkeys(IMPERSONATION_OUTCOMES, 0),
+                             "joiner_reviews": dict.fromkeys(IMPERSONATION_OUTCOMES, 0),
                              "limited": dict.fromkeys(LIMITS, 0),
                              "logs": {name: [0, 0] for name in LOGS}, "store_failing": 0}
     for state in states:
         _add_rows(short, state.get("short", ()), 4)
         _add_rows(long, state.get("long", ()), 4)
-        for name in ("auth_failures", "impersonation", "limited"):
+        for name in ("auth_failures", "impersonation", "joiner_reviews", "limited"):
             for label, value in state.get(name, {}).items():
                 total[name][label] = total[name].get(label, 0) + value
         for name, figures in state.get("logs", {}).items():
@@ -611,6 +614,9 @@ def render(state: dict[str, Any], processes: list[tuple[float, int, int, int, in
             ("fastproxy_authentication_failures_total", "auth_failures", "reason", "Requests refused with 401, by reason."),
             ("fastproxy_impersonation_reviews_total", "impersonation", "outcome",
              "Impersonation (kubectl --as) checked with the cluster: allowed, refused, or failed to check."),
+            ("fastproxy_shared_watch_reviews_total", "joiner_reviews", "outcome",
+             "Joiners of a watch shared across identities, by their access reviews' outcome: allowed, "
+             "refused, or failed to check (refused all the same)."),
             ("fastproxy_limited_requests_total", "limited", "limit", "Requests refused with 429 by a [limits] limit.")):
         out.samples(name, "counter", help, (label,), (((value_label,), value) for value_label, value in sorted(state[field].items())))
     out.samples("fastproxy_state_store_failing_workers", "gauge",

@@ -3,9 +3,12 @@ real gateway process and the simulated cluster, whose RBAC answers the gateway's
 SubjectAccessReviews. Streams are counted at the cluster, events at each client."""
 from __future__ import annotations
 
+import ssl
 import urllib.error
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from devcluster.auth import GATEWAY_USER
 from devcluster.process import start_devcluster
@@ -75,6 +78,18 @@ def reviewed(cluster, user: str) -> list[tuple[str, str, str]]:
             for spec in cluster_api(cluster, "GET", "/devcluster/subjectaccessreviews") if spec.get("user") == user]
 
 
+def joiner_reviews(stack) -> dict[str, float]:
+    """fastproxy_shared_watch_reviews_total by outcome, scraped from the gateway with the admin key."""
+    state, _, _, gateway = stack
+    request = urllib.request.Request(f"https://localhost:{gateway.port}/metrics", headers={
+        "Authorization": f"Bearer {(state / 'admin.key').read_text().strip()}"})
+    context = ssl.create_default_context(cafile=str(state / "gateway-tls" / "ca.crt"))
+    with urllib.request.urlopen(request, context=context, timeout=10) as answer:
+        text = answer.read().decode()
+    return {sample.labels["outcome"]: sample.value for family in text_string_to_metric_families(text)
+            if family.name == "fastproxy_shared_watch_reviews" for sample in family.samples}
+
+
 def forbidden(user: str, verb: str) -> str:
     return (f'configmaps is forbidden: User "{user}" cannot {verb} resource "configmaps" in API group "" '
             f'in the namespace "{NAMESPACE}"')
@@ -82,7 +97,7 @@ def forbidden(user: str, verb: str) -> str:
 
 def test_identities_the_cluster_allows_share_one_stream_and_others_get_403_and_no_event(stack):
     _, _, cluster, _ = stack
-    before = upstream_watches(cluster)
+    before, counted = upstream_watches(cluster), joiner_reviews(stack)
     admin = Watch(stack, path=watch_path(), key="admin")
     viewer = None
     try:
@@ -103,6 +118,11 @@ def test_identities_the_cluster_allows_share_one_stream_and_others_get_403_and_n
             assert head.startswith(b"HTTP/1.1 403"), head
             assert status["message"] == forbidden(user, verb) and status["reason"] == "Forbidden"
             assert status["details"] == {"kind": "configmaps"}
+
+        # Counted by outcome: the two joiners let in, the three refused; no review went unanswered.
+        now = joiner_reviews(stack)
+        assert {outcome: now[outcome] - counted[outcome] for outcome in now} == {
+            "allowed": 2, "refused": 3, "failed": 0}
 
         create_configmap(cluster, "across-1")
         assert admin.named() == ("ADDED", "across-1")
