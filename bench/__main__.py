@@ -194,6 +194,7 @@ def environment() -> dict[str, str]:
         "python": platform.python_version(),
         "fastproxy commit": first_line(["git", "-C", str(RESULTS.parent.parent), "rev-parse", "--short", "HEAD"]),
         "nginx": first_line(["nginx", "-v"]),
+        "haproxy": first_line(["haproxy", "-v"]),
         "kubectl": first_line(["kubectl", "version", "--client"]),
         "wrk": first_line(["wrk", "-v"]),
         "go": first_line([os.environ.get("BENCH_GO", "go"), "version"]),

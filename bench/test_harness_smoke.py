@@ -5,16 +5,30 @@ curl and taskset, as scripts/bench installs them, and skips without them.
 """
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
+import ssl
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from bench import report, stream_server, watch_client
 from bench.measure import cpu_seconds, process_tree, rss_bytes
-from bench.targets import VARIANTS, Setup, baseline_targets, start_bare_forwarder, start_direct, start_fastproxy, start_nginx_proxy
-from bench.upstream import Upstream, make_tls_files
+from bench.processes import http_get
+from bench.targets import (
+    VARIANTS,
+    Setup,
+    baseline_targets,
+    start_bare_forwarder,
+    start_direct,
+    start_fastproxy,
+    start_haproxy,
+    start_nginx_proxy,
+)
+from bench.upstream import SMALL_PATH, Upstream, make_tls_files, small_configmap
 from bench.workloads import Plan, chunked_list, parse_wrk, small_get, watch_fanout, watch_same
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8080/
@@ -153,3 +167,71 @@ def test_every_workload_runs_through_fastproxy_nginx_the_bare_forwarder_and_dire
         assert watched["cpu_us_per_event"] is not None and watched["kib_per_watch"] is not None
     finally:
         upstream.stop()
+
+
+NEEDS_HAPROXY = pytest.mark.skipif(not all(map(shutil.which, ("haproxy", "taskset"))),
+                                   reason="needs haproxy and taskset (scripts/bench and scripts/test install haproxy)")
+
+
+@NEEDS_HAPROXY
+def test_haproxy_sends_the_upstream_its_own_host_and_token_not_the_clients(tmp_path: Path):
+    """Like nginx's config: the client's Authorization replaced by the upstream token, Host by the upstream's."""
+    tls = make_tls_files(tmp_path)
+    seen: list[dict[str, str]] = []  # header names lowercased: HAProxy sends them so
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            seen.append({name.lower(): value for name, value in self.headers.items()})
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = tmp_path / "token"
+    token.write_text("upstream-token\n")
+    upstream = SimpleNamespace(tls_port=server.server_address[1])
+    setup = Setup(tmp_path, tls, upstream, token, "", token, 1024, None, "")  # type: ignore[arg-type]
+    try:
+        endpoint = start_haproxy(setup, client_tls=True)
+        try:
+            status, body = http_get(endpoint.base_url + "/api/v1/pods", {"Authorization": "Bearer client-key"},
+                                    tls.ca)
+        finally:
+            endpoint.stop()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (status, body) == (200, b"{}")
+    assert seen[-1]["authorization"] == "Bearer upstream-token"
+    assert seen[-1]["host"] == f"127.0.0.1:{upstream.tls_port}"
+
+
+@NEEDS_TOOLS
+@NEEDS_HAPROXY
+@pytest.mark.parametrize("client_tls", [False, True])
+def test_haproxy_proxies_a_get_and_a_watch_to_the_upstream(tmp_path: Path, client_tls: bool):
+    setup = _setup(tmp_path, watch_events_per_second=200)
+    plan = Plan(get_warmup_s=1, get_duration_s=1, list_fetches=1, watch_streams=(5,), watch_warmup_s=0.2,
+                watch_window_s=0.5)
+    try:
+        endpoint = start_haproxy(setup, client_tls)
+        try:
+            got = http_get(endpoint.base_url + SMALL_PATH, {}, setup.tls.ca)
+            watched = watch_fanout(endpoint, plan, setup, streams=5)
+        finally:
+            endpoint.stop()
+    finally:
+        setup.upstream.stop()
+    assert got == (200, small_configmap())
+    # 200 events/s over 0.5 s, each to all 5 watches: ~100 events, at least half of them within a second
+    assert watched["events"] >= 50 and watched["latency_p99_ms"] < 1000 and watched["cpu_us_per_event"] is not None
