@@ -5,6 +5,7 @@ curl and taskset, as scripts/bench installs them, and skips without them.
 """
 from __future__ import annotations
 
+import argparse
 import http.server
 import json
 import shutil
@@ -16,9 +17,11 @@ from types import SimpleNamespace
 import pytest
 
 from bench import report, stream_server, watch_client
+from bench.__main__ import run_paired
 from bench.measure import cpu_seconds, process_tree, rss_bytes
 from bench.processes import http_get
 from bench.targets import (
+    TARGETS,
     VARIANTS,
     Setup,
     baseline_targets,
@@ -94,6 +97,26 @@ def test_report_takes_medians_and_ratios_and_draws(tmp_path: Path):
     pytest.importorskip("matplotlib")
     report.chart(run, summary, tmp_path / "ratios.png")
     assert (tmp_path / "ratios.png").stat().st_size > 0
+
+
+def test_the_median_interval_takes_the_order_statistics_that_cover_95_percent():
+    assert report.median_interval([1.0, 2, 3, 4, 5]) is None  # even (min, max) covers only 94%
+    assert report.median_interval([6.0, 1, 5, 2, 4, 3]) == (1, 6)  # 97%
+    assert report.median_interval([float(value) for value in range(1, 11)]) == (2, 9)  # 98%; (3, 8) only 89%
+
+
+def test_paired_rounds_give_per_round_ratios_to_the_first_fastproxy_target():
+    cells = []
+    for round_number, (ours, nginx) in enumerate([(1000, 500), (2000, 1000), (600, 200)]):
+        for target, rate in (("nginx", nginx), ("fastproxy", ours)):
+            cells.append({**_cell(target, rate, 1.0), "round": round_number})
+    cells[0]["metrics"]["window"]["foreign_cpu_util"] = 0.5  # a noisy window spoils its round
+    result = report.paired(cells, ["nginx", "fastproxy"])["get"]
+    assert result["reference"] == "fastproxy" and result["rounds"] == 3
+    assert result["ratios"]["requests_per_s"]["nginx"] == {"per_round": [2.0, 2.0, 3.0], "median": 2.0,
+                                                            "interval": None, "noisy_rounds": 1}
+    assert result["windows"]["foreign_cpu_util_max"] == 0.5
+    assert report.ratio(report.summarize(cells), "get", "requests_per_s", "nginx", {"get": result}) == 2.0
 
 
 def test_a_baseline_runs_fastproxy_and_each_variant_asked_for_as_of_the_revision(tmp_path: Path):
@@ -235,3 +258,22 @@ def test_haproxy_proxies_a_get_and_a_watch_to_the_upstream(tmp_path: Path, clien
     assert got == (200, small_configmap())
     # 200 events/s over 0.5 s, each to all 5 watches: ~100 events, at least half of them within a second
     assert watched["events"] >= 50 and watched["latency_p99_ms"] < 1000 and watched["cpu_us_per_event"] is not None
+
+
+@NEEDS_TOOLS
+def test_paired_rounds_measure_targets_started_at_once_in_alternating_order(tmp_path: Path):
+    setup = _setup(tmp_path, watch_events_per_second=100)
+    plan = Plan(get_warmup_s=1, get_duration_s=5, list_fetches=1, watch_streams=(), watch_warmup_s=0,
+                watch_window_s=0, round_s=1)
+    args = argparse.Namespace(targets=[target for target in TARGETS if target.name in ("fastproxy", "nginx")],
+                              rounds=2, tls=False)
+    try:
+        cells = run_paired(setup, args, plan, [("get", small_get)], {})
+    finally:
+        setup.upstream.stop()
+    assert [(cell["case"], cell["round"], cell["target"]) for cell in cells] == [
+        ("get", 0, "fastproxy"), ("get", 0, "nginx"), ("get", 1, "nginx"), ("get", 1, "fastproxy")]
+    windows = [cell["metrics"]["window"] for cell in cells]
+    assert all(0.5 < window["elapsed_s"] < 3 and window["idle_targets_cpu_util"] >= 0 for window in windows)
+    ratios = report.paired(cells, ["fastproxy", "nginx"])["get"]["ratios"]["requests_per_s"]["nginx"]
+    assert len(ratios["per_round"]) == 2 and ratios["median"] > 0
