@@ -146,6 +146,8 @@ def paired(cells: list[dict], targets: list[str]) -> dict:
                     ratios.setdefault(metric.key, {})[peer] = {
                         "per_round": per_round, "median": statistics.median(per_round),
                         "interval": median_interval(per_round), "noisy_rounds": noisy}
+        if not ratios:  # the reference alone (the management cases without a baseline)
+            continue
         windows = [measured["window"] for by_target in by_round.values() for measured in by_target.values()]
         result[case] = {
             "reference": reference,

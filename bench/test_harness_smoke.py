@@ -257,7 +257,9 @@ def test_haproxy_proxies_a_get_and_a_watch_to_the_upstream(tmp_path: Path, clien
         setup.upstream.stop()
     assert got == (200, small_configmap())
     # 200 events/s over 0.5 s, each to all 5 watches: ~100 events, at least half of them within a second
-    assert watched["events"] >= 50 and watched["latency_p99_ms"] < 1000 and watched["cpu_us_per_event"] is not None
+    assert watched["events"] >= 50 and watched["cpu_us_per_event"] is not None
+    # each event sent on at once (`option http-no-delay`), not held back for a fuller packet for ~200 ms
+    assert watched["latency_p99_ms"] < 100
 
 
 @NEEDS_TOOLS
