@@ -6,7 +6,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-HEADLINE_PEERS = ("kubectl-proxy", "nginx", "direct")
+HEADLINE_PEERS = ("kubectl-proxy", "nginx", "haproxy", "direct")
 NOISY_FOREIGN_CPU = 0.10  # other tenants used more than a tenth of a core during the window
 NOISY_STEAL = 0.05
 LOAD_BOUND_LOAD_CPU = 0.95  # the load core was saturated while the proxy's core was not

@@ -223,7 +223,7 @@ def test_haproxy_sends_the_upstream_its_own_host_and_token_not_the_clients(tmp_p
     token = tmp_path / "token"
     token.write_text("upstream-token\n")
     upstream = SimpleNamespace(tls_port=server.server_address[1])
-    setup = Setup(tmp_path, tls, upstream, token, "", token, 1024, None, "")  # type: ignore[arg-type]
+    setup = Setup(tmp_path, tls, upstream, token, "", token, 1024, None, "")  # the recorder stands in for the upstream
     try:
         endpoint = start_haproxy(setup, client_tls=True)
         try:
