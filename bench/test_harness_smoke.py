@@ -1,7 +1,7 @@
-"""Self-test of the bench harness: `.venv/bin/pytest bench/test_harness_smoke.py` (under 10 s).
+"""Self-test of the bench harness: `.venv/bin/pytest bench/test_harness_smoke.py` (under a minute).
 
-Not collected by the default test run (testpaths = tests). The end-to-end test needs nginx, wrk,
-curl and taskset, as scripts/bench installs them, and skips without them.
+Not collected by the default test run (testpaths = tests). The end-to-end tests need nginx, wrk,
+curl and taskset, and the haproxy ones haproxy, as scripts/bench installs them; they skip without them.
 """
 from __future__ import annotations
 
