@@ -159,7 +159,7 @@ def one_line(metrics: dict) -> str:
     shown = {key: value for key, value in metrics.items() if key != "window" and value is not None}
     window = metrics["window"]
     shown |= {"proxy_cpu": window["proxy_cpu_util"], "load_cpu": window["load_cpu_util"],
-              "foreign_cpu": window["foreign_cpu_util"]}
+              "foreign_cpu": window["foreign_cpu_util"], "foreign_on_proxy_core": window["foreign_proxy_core_util"]}
     return "  ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
                      for key, value in shown.items())
 
@@ -235,8 +235,9 @@ def paired_window(setup: Setup, plan: Plan, measure: Callable, endpoints: dict[s
     except WorkloadFailed as problem:
         say(f"    failed: {problem}")
         return {**cell, "error": str(problem)}
-    metrics["window"]["idle_targets_cpu_util"] = (sum(map(cpu_seconds, idle)) - idle_before) / (
-        time.monotonic() - started)
+    window = metrics["window"]
+    window["idle_targets_cpu_util"] = (sum(map(cpu_seconds, idle)) - idle_before) / (time.monotonic() - started)
+    window["foreign_proxy_core_util"] = max(0.0, window["foreign_proxy_core_util"] - window["idle_targets_cpu_util"])
     say("    " + one_line(metrics))
     return {**cell, "metrics": metrics, "noisy": report.is_noisy(metrics["window"])}
 

@@ -157,6 +157,8 @@ def paired(cells: list[dict], targets: list[str]) -> dict:
                 "foreign_cpu_util_median": statistics.median(window["foreign_cpu_util"] for window in windows),
                 "foreign_cpu_util_max": max(window["foreign_cpu_util"] for window in windows),
                 "steal_util_max": max(window["steal_util"] for window in windows),
+                "foreign_proxy_core_util_median": statistics.median(window["foreign_proxy_core_util"] for window in windows),
+                "foreign_proxy_core_util_max": max(window["foreign_proxy_core_util"] for window in windows),
                 "idle_targets_cpu_util_median": statistics.median(
                     window.get("idle_targets_cpu_util", 0.0) for window in windows),
             },
@@ -228,10 +230,13 @@ def markdown(run: dict, summary: dict) -> str:
         "(direct has no proxy process). `n/a` the target does not support this case (kubectl proxy serves plain "
         "HTTP only).",
     ]
-    foreign = sorted(cell["metrics"]["window"]["foreign_cpu_util"] for cell in run["cells"] if "metrics" in cell)
-    if foreign:
+    windows = [cell["metrics"]["window"] for cell in run["cells"] if "metrics" in cell]
+    if windows:
+        foreign = sorted(window["foreign_cpu_util"] for window in windows)
+        on_proxy_core = sorted(window["foreign_proxy_core_util"] for window in windows)
         lines += ["", f"Other processes on the machine used a median {statistics.median(foreign):.0%} of a core "
-                      f"(at most {foreign[-1]:.0%}) during the measured windows."]
+                      f"(at most {foreign[-1]:.0%}) during the measured windows; on the proxy's core, a median "
+                      f"{statistics.median(on_proxy_core):.0%} (at most {on_proxy_core[-1]:.0%})."]
     lines += paired_section(run)
     notes = [f"- **{target} unavailable**: {reason.splitlines()[0]}" for target, reason in run["unavailable"].items()]
     for case, by_target in summary.items():
@@ -256,7 +261,9 @@ def paired_section(run: dict) -> list[str]:
             "", f"## Paired rounds: {case_title(case)}", "",
             f"{result['rounds']} rounds; ratios {result['reference']} / peer, per round. Over the windows other "
             f"processes used a median {windows['foreign_cpu_util_median']:.0%} of a core (at most "
-            f"{windows['foreign_cpu_util_max']:.0%}), steal at most {windows['steal_util_max']:.0%}, and the idle "
+            f"{windows['foreign_cpu_util_max']:.0%}), on the proxy's core a median "
+            f"{windows['foreign_proxy_core_util_median']:.0%} (at most {windows['foreign_proxy_core_util_max']:.0%}), "
+            f"steal at most {windows['steal_util_max']:.0%}, and the idle "
             f"targets a median {windows['idle_targets_cpu_util_median']:.1%} of the proxy core.",
             "",
             "| metric | better | ratio | median | 95% interval | noisy rounds | per round |",

@@ -10,7 +10,9 @@ import http.server
 import json
 import shutil
 import ssl
+import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,8 +20,8 @@ import pytest
 
 from bench import report, stream_server, watch_client
 from bench.__main__ import run_paired
-from bench.measure import cpu_seconds, process_tree, rss_bytes
-from bench.processes import http_get
+from bench.measure import Window, cpu_seconds, process_tree, rss_bytes
+from bench.processes import LOAD_CPU, PROXY_CPU, Process, http_get
 from bench.targets import (
     TARGETS,
     VARIANTS,
@@ -77,9 +79,27 @@ def test_process_readings_cover_this_process():
     assert cpu_seconds(os.getpid()) > 0 and rss_bytes(os.getpid()) > 0
 
 
+def test_a_window_counts_what_else_ran_on_the_proxy_core(tmp_path: Path):
+    """Two windows over the same second, one taking a busy loop on the proxy core as its proxy, one a
+    sleeper: the busy loop's CPU is the proxy's in the first and foreign in the second."""
+    busy = Process("busy", [sys.executable, "-c", "while True: pass"], PROXY_CPU, tmp_path)
+    sleeper = Process("sleeper", ["sleep", "5"], PROXY_CPU, tmp_path)
+    try:
+        time.sleep(0.2)
+        with Window(busy.pid, LOAD_CPU, PROXY_CPU) as as_proxy, Window(sleeper.pid, LOAD_CPU, PROXY_CPU) as beside:
+            time.sleep(1)
+    finally:
+        busy.stop()
+        sleeper.stop()
+    ours, other = as_proxy.summary(), beside.summary()
+    assert ours["proxy_cpu_util"] > 0.2 and other["proxy_cpu_util"] < 0.05
+    assert other["foreign_proxy_core_util"] - ours["foreign_proxy_core_util"] == pytest.approx(
+        ours["proxy_cpu_util"], abs=0.1)
+
+
 def _cell(target: str, requests_per_s: float, cpu_s: float) -> dict:
     window = {"elapsed_s": 1.0, "proxy_cpu_s": cpu_s, "proxy_cpu_util": cpu_s, "load_cpu_util": 0.5,
-              "foreign_cpu_util": 0.0, "steal_util": 0.0}
+              "foreign_cpu_util": 0.0, "steal_util": 0.0, "foreign_proxy_core_util": 0.0}
     metrics = {"requests": requests_per_s, "requests_per_s": requests_per_s, "latency_p50_ms": 1.0,
                "latency_p99_ms": 2.0, "errors": 0, "requests_per_cpu_s": requests_per_s / cpu_s, "window": window}
     return {"repetition": 0, "case": "get", "target": target, "metrics": metrics}

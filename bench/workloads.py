@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .measure import Window, rss_bytes
-from .processes import LOAD_CPU
+from .processes import LOAD_CPU, PROXY_CPU
 from .targets import MANAGEMENT_USER, MANAGEMENT_USERS, Endpoint, Setup
 from .upstream import LIST_PATH, SMALL_PATH, WATCH_PATH, WATCH_SAME_PATH
 
@@ -48,7 +48,7 @@ def _pinned(argv: list[str]) -> list[str]:
 
 
 def _window(endpoint: Endpoint) -> Window:
-    return Window(endpoint.process.pid if endpoint.process else None, LOAD_CPU)
+    return Window(endpoint.process.pid if endpoint.process else None, LOAD_CPU, PROXY_CPU)
 
 
 WRK_DURATION_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
