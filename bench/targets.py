@@ -220,7 +220,7 @@ def start_haproxy(setup: Setup, client_tls: bool) -> Endpoint:
     maxconn = min(HAPROXY_MAXCONN, (setup.max_open_files - 64) // 2)
     # `option http-no-delay`: without it HAProxy holds back the partial packets of an unfinished answer
     # on a plain client connection, and watch events waited: p99 delivery 177-183 ms at 100 plain watches
-    # (6-10 ms with it), 247-257 ms at 1,000 (53-64 ms), in paired runs here, for 10-20% more CPU per event.
+    # (6-10 ms with it), 247-257 ms at 1,000 (53-64 ms), in alternating runs here, for 10-20% more CPU per event.
     config = prefix / "haproxy.cfg"
     config.write_text(f"""global
     nbthread 1

@@ -1,4 +1,4 @@
-"""Self-test of the bench harness: `.venv/bin/pytest bench/test_harness_smoke.py` (under a minute).
+"""Self-test of the bench harness: `.venv/bin/pytest bench/test_harness_smoke.py` (about a minute).
 
 Not collected by the default test run (testpaths = tests). The end-to-end tests need nginx, wrk,
 curl and taskset, and the haproxy ones haproxy, as scripts/bench installs them; they skip without them.
