@@ -83,9 +83,10 @@ class Window:
     machine-wide busy time minus our tree's CPU is what other tenants of the machine used.
     """
 
-    def __init__(self, proxy_pid: int | None, load_cpu: int) -> None:
+    def __init__(self, proxy_pid: int | None, load_cpu: int, proxy_core: int) -> None:
         self.proxy_pid = proxy_pid
         self.load_cpu = load_cpu
+        self.proxy_core = proxy_core
 
     def read(self) -> Reading:
         return Reading(
@@ -106,12 +107,18 @@ class Window:
         start, end = self.start, self.end
         elapsed = end.at - start.at
         foreign = (end.machine["cpu"] - start.machine["cpu"]) - (end.ours_cpu_s - start.ours_cpu_s)
-        load_cpu = f"cpu{self.load_cpu}"
+        load_cpu, proxy_core = f"cpu{self.load_cpu}", f"cpu{self.proxy_core}"
+        proxy_cpu_s = end.proxy_cpu_s - start.proxy_cpu_s
         return {
             "elapsed_s": elapsed,
-            "proxy_cpu_s": end.proxy_cpu_s - start.proxy_cpu_s,
-            "proxy_cpu_util": (end.proxy_cpu_s - start.proxy_cpu_s) / elapsed,
+            "proxy_cpu_s": proxy_cpu_s,
+            "proxy_cpu_util": proxy_cpu_s / elapsed,
             "load_cpu_util": (end.machine[load_cpu] - start.machine[load_cpu]) / elapsed,
             "foreign_cpu_util": max(0.0, foreign) / elapsed,
             "steal_util": (end.machine["cpu_steal"] - start.machine["cpu_steal"]) / elapsed,
+            # Busy time of the proxy's core that was not the proxy's: other tenants there (or, in paired
+            # rounds, the idle targets, which the harness subtracts), and interrupt work the kernel
+            # does not charge to the proxy.
+            "foreign_proxy_core_util": max(0.0, (end.machine[proxy_core] - start.machine[proxy_core]) - proxy_cpu_s)
+            / elapsed,
         }

@@ -1,15 +1,18 @@
 """Medians over repetitions, fastproxy's ratios against its peers, and the Markdown, JSON and PNG outputs."""
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-HEADLINE_PEERS = ("kubectl-proxy", "nginx", "direct")
+HEADLINE_PEERS = ("kubectl-proxy", "nginx", "haproxy", "direct")
 NOISY_FOREIGN_CPU = 0.10  # other tenants used more than a tenth of a core during the window
 NOISY_STEAL = 0.05
 LOAD_BOUND_LOAD_CPU = 0.95  # the load core was saturated while the proxy's core was not
 LOAD_BOUND_PROXY_CPU = 0.90
+PAIRED_FAMILIES = ("get", "management")  # measured in paired rounds unless --in-turn
+CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,72 @@ def summarize(cells: list[dict]) -> dict:
     return summary
 
 
-def ratio(summary: dict, case: str, metric: str, peer: str) -> float | None:
+def median_interval(values: list[float]) -> tuple[float, float] | None:
+    """A distribution-free CONFIDENCE interval of the median: the order statistics x(k) and x(n+1-k)
+    with the largest k whose coverage, 1 - 2 P(Binomial(n, 1/2) < k), is at least CONFIDENCE; None
+    when even the extremes fall short (fewer than 6 values)."""
+    ordered, interval, below = sorted(values), None, 0.0
+    for k in range(1, len(ordered) // 2 + 1):
+        below += math.comb(len(ordered), k - 1) / 2 ** len(ordered)
+        if 1 - 2 * below < CONFIDENCE:
+            break
+        interval = (ordered[k - 1], ordered[-k])
+    return interval
+
+
+def paired(cells: list[dict], targets: list[str]) -> dict:
+    """The paired rounds' ratios, reference / peer per round, the reference being the first fastproxy target:
+    {case: {"reference", "rounds", "ratios": {metric: {peer: {"per_round", "median", "interval", "noisy_rounds"}}},
+    "windows": {foreign and idle-target CPU, steal}}}."""
+    rounds: dict = {}
+    for cell in cells:
+        if cell.get("round") is not None and "metrics" in cell:
+            rounds.setdefault(cell["case"], {}).setdefault(cell["round"], {})[cell["target"]] = cell["metrics"]
+    result = {}
+    for case, by_round in rounds.items():
+        present = {target for measured in by_round.values() for target in measured}
+        reference = next((target for target in targets if target in present and target.startswith("fastproxy")), None)
+        if reference is None:
+            continue
+        ratios: dict = {}
+        for metric in METRICS[family(case)]:
+            for peer in (target for target in targets if target in present and target != reference):
+                per_round, noisy = [], 0
+                for measured in by_round.values():
+                    ours, theirs = (measured.get(name, {}).get(metric.key) for name in (reference, peer))
+                    if ours and theirs:
+                        per_round.append(ours / theirs)
+                        noisy += is_noisy(measured[reference]["window"]) or is_noisy(measured[peer]["window"])
+                if per_round:
+                    ratios.setdefault(metric.key, {})[peer] = {
+                        "per_round": per_round, "median": statistics.median(per_round),
+                        "interval": median_interval(per_round), "noisy_rounds": noisy}
+        if not ratios:  # the reference alone (the management cases without a baseline)
+            continue
+        windows = [measured["window"] for by_target in by_round.values() for measured in by_target.values()]
+        result[case] = {
+            "reference": reference,
+            "rounds": len(by_round),
+            "ratios": ratios,
+            "windows": {
+                "foreign_cpu_util_median": statistics.median(window["foreign_cpu_util"] for window in windows),
+                "foreign_cpu_util_max": max(window["foreign_cpu_util"] for window in windows),
+                "steal_util_max": max(window["steal_util"] for window in windows),
+                "foreign_proxy_core_util_median": statistics.median(window["foreign_proxy_core_util"] for window in windows),
+                "foreign_proxy_core_util_max": max(window["foreign_proxy_core_util"] for window in windows),
+                "idle_targets_cpu_util_median": statistics.median(
+                    window.get("idle_targets_cpu_util", 0.0) for window in windows),
+            },
+        }
+    return result
+
+
+def ratio(summary: dict, case: str, metric: str, peer: str, rounds: dict | None = None) -> float | None:
+    """fastproxy / peer: the median of the paired rounds' ratios where fastproxy was their reference,
+    else the ratio of the medians."""
+    paired_case = (rounds or {}).get(case)
+    if paired_case and paired_case["reference"] == "fastproxy":
+        return paired_case["ratios"].get(metric, {}).get(peer, {}).get("median")
     ours = summary[case].get("fastproxy", {}).get("medians", {}).get(metric)
     theirs = summary[case].get(peer, {}).get("medians", {}).get(metric)
     return ours / theirs if ours and theirs else None
@@ -134,14 +202,18 @@ def markdown(run: dict, summary: dict) -> str:
                     text += "*" if entry["noisy_runs"] else ""
                     text += "‡" if metric.throughput and entry["load_bound_runs"] else ""
                 values.append(text)
-            ratios = [ratio(summary, case, metric.key, peer) for peer in peers]
+            ratios = [ratio(summary, case, metric.key, peer, run.get("paired")) for peer in peers]
             rows.append([case_title(case), metric.label, "↑" if metric.higher_is_better else "↓", *values,
                          *(f"{value:.2f}×" if value else "–" for value in ratios)])
 
     lines = [
         f"# fastproxy benchmark, {run['started_utc']}",
         "",
-        f"`{run['command']}`: {run['repeat']} repetition(s), medians shown; each target started fresh per "
+        f"`{run['command']}`: " + (
+            f"the small GET and management cases in {run['rounds']} paired rounds (all targets started at once, "
+            f"{run['plan']['round_s']:g} s windows in alternating order; medians of the per-round values, and of "
+            "the per-round ratios, intervals below); the rest in " if run.get("rounds") else "")
+        + f"{run['repeat']} repetition(s), medians shown, each target started fresh per "
         "measurement, targets interleaved. Proxy pinned to CPU 0; upstream (nginx + stream server) and "
         f"load generators on CPU 1. The LIST answer is {run['list_mb']:g} MB; watches share "
         f"{run['watch_events_per_second_offered']:,.0f} events/s. "
@@ -152,16 +224,20 @@ def markdown(run: dict, summary: dict) -> str:
         "|" + "---|" * len(header),
         *("| " + " | ".join(row) + " |" for row in rows),
         "",
-        f"`*` at least one repetition was noisy (other processes used over {NOISY_FOREIGN_CPU:.0%} of a core, or "
+        f"`*` at least one repetition or round was noisy (other processes used over {NOISY_FOREIGN_CPU:.0%} of a core, or "
         f"steal over {NOISY_STEAL:.0%}). `‡` the load CPU saturated before the proxy's core: that throughput "
         "is a floor, and the per-CPU-second figure is the fair comparison. `–` not measured or not meaningful "
         "(direct has no proxy process). `n/a` the target does not support this case (kubectl proxy serves plain "
         "HTTP only).",
     ]
-    foreign = sorted(cell["metrics"]["window"]["foreign_cpu_util"] for cell in run["cells"] if "metrics" in cell)
-    if foreign:
+    windows = [cell["metrics"]["window"] for cell in run["cells"] if "metrics" in cell]
+    if windows:
+        foreign = sorted(window["foreign_cpu_util"] for window in windows)
+        on_proxy_core = sorted(window["foreign_proxy_core_util"] for window in windows)
         lines += ["", f"Other processes on the machine used a median {statistics.median(foreign):.0%} of a core "
-                      f"(at most {foreign[-1]:.0%}) during the measured windows."]
+                      f"(at most {foreign[-1]:.0%}) during the measured windows; on the proxy's core, a median "
+                      f"{statistics.median(on_proxy_core):.0%} (at most {on_proxy_core[-1]:.0%})."]
+    lines += paired_section(run)
     notes = [f"- **{target} unavailable**: {reason.splitlines()[0]}" for target, reason in run["unavailable"].items()]
     for case, by_target in summary.items():
         for target, entry in by_target.items():
@@ -176,6 +252,35 @@ def markdown(run: dict, summary: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_section(run: dict) -> list[str]:
+    """Per paired case: each ratio's median over the rounds, its 95% interval and the rounds themselves."""
+    lines = []
+    for case, result in run.get("paired", {}).items():
+        windows = result["windows"]
+        lines += [
+            "", f"## Paired rounds: {case_title(case)}", "",
+            f"{result['rounds']} rounds; ratios {result['reference']} / peer, per round. Over the windows other "
+            f"processes used a median {windows['foreign_cpu_util_median']:.0%} of a core (at most "
+            f"{windows['foreign_cpu_util_max']:.0%}), on the proxy's core a median "
+            f"{windows['foreign_proxy_core_util_median']:.0%} (at most {windows['foreign_proxy_core_util_max']:.0%}), "
+            f"steal at most {windows['steal_util_max']:.0%}, and the idle "
+            f"targets a median {windows['idle_targets_cpu_util_median']:.1%} of the proxy core.",
+            "",
+            "| metric | better | ratio | median | 95% interval | noisy rounds | per round |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for metric in METRICS[family(case)]:
+            for peer, entry in result["ratios"].get(metric.key, {}).items():
+                interval = entry["interval"]
+                lines.append(
+                    f"| {metric.label} | {'↑' if metric.higher_is_better else '↓'} | {result['reference']} / {peer} | "
+                    f"{entry['median']:.2f}× | "
+                    + (f"{interval[0]:.2f}–{interval[1]:.2f}×" if interval else "– (under 6 rounds)")
+                    + f" | {entry['noisy_rounds']}/{len(entry['per_round'])} | "
+                    + " ".join(f"{value:.2f}" for value in entry["per_round"]) + " |")
+    return lines
+
+
 def chart(run: dict, summary: dict, path: Path) -> None:
     """One panel per peer: fastproxy's advantage on every metric, oriented so that right of 1 is better."""
     import matplotlib
@@ -188,7 +293,7 @@ def chart(run: dict, summary: dict, path: Path) -> None:
     rows = [(case, metric) for case in summary for metric in METRICS[family(case)]]
     advantages = {
         peer: [
-            (value if metric.higher_is_better else 1 / value) if (value := ratio(summary, case, metric.key, peer))
+            (value if metric.higher_is_better else 1 / value) if (value := ratio(summary, case, metric.key, peer, run.get("paired")))
             else None
             for case, metric in rows
         ]

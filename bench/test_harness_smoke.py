@@ -1,20 +1,39 @@
-"""Self-test of the bench harness: `.venv/bin/pytest bench/test_harness_smoke.py` (under 10 s).
+"""Self-test of the bench harness: `.venv/bin/pytest bench/test_harness_smoke.py` (about a minute).
 
-Not collected by the default test run (testpaths = tests). The end-to-end test needs nginx, wrk,
-curl and taskset, as scripts/bench installs them, and skips without them.
+Not collected by the default test run (testpaths = tests). The end-to-end tests need nginx, wrk,
+curl and taskset, and the haproxy ones haproxy, as scripts/bench installs them; they skip without them.
 """
 from __future__ import annotations
 
+import argparse
+import http.server
 import json
 import shutil
+import ssl
+import sys
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from bench import report, stream_server, watch_client
-from bench.measure import cpu_seconds, process_tree, rss_bytes
-from bench.targets import VARIANTS, Setup, baseline_targets, start_bare_forwarder, start_direct, start_fastproxy, start_nginx_proxy
-from bench.upstream import Upstream, make_tls_files
+from bench.__main__ import run_paired
+from bench.measure import Window, cpu_seconds, process_tree, rss_bytes
+from bench.processes import LOAD_CPU, PROXY_CPU, Process, http_get
+from bench.targets import (
+    TARGETS,
+    VARIANTS,
+    Setup,
+    baseline_targets,
+    start_bare_forwarder,
+    start_direct,
+    start_fastproxy,
+    start_haproxy,
+    start_nginx_proxy,
+)
+from bench.upstream import SMALL_PATH, Upstream, make_tls_files, small_configmap
 from bench.workloads import Plan, chunked_list, parse_wrk, small_get, watch_fanout, watch_same
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8080/
@@ -60,9 +79,27 @@ def test_process_readings_cover_this_process():
     assert cpu_seconds(os.getpid()) > 0 and rss_bytes(os.getpid()) > 0
 
 
+def test_a_window_counts_what_else_ran_on_the_proxy_core(tmp_path: Path):
+    """Two windows over the same second, one taking a busy loop on the proxy core as its proxy, one a
+    sleeper: the busy loop's CPU is the proxy's in the first and foreign in the second."""
+    busy = Process("busy", [sys.executable, "-c", "while True: pass"], PROXY_CPU, tmp_path)
+    sleeper = Process("sleeper", ["sleep", "5"], PROXY_CPU, tmp_path)
+    try:
+        time.sleep(0.2)
+        with Window(busy.pid, LOAD_CPU, PROXY_CPU) as as_proxy, Window(sleeper.pid, LOAD_CPU, PROXY_CPU) as beside:
+            time.sleep(1)
+    finally:
+        busy.stop()
+        sleeper.stop()
+    ours, other = as_proxy.summary(), beside.summary()
+    assert ours["proxy_cpu_util"] > 0.2 and other["proxy_cpu_util"] < 0.05
+    assert other["foreign_proxy_core_util"] - ours["foreign_proxy_core_util"] == pytest.approx(
+        ours["proxy_cpu_util"], abs=0.1)
+
+
 def _cell(target: str, requests_per_s: float, cpu_s: float) -> dict:
     window = {"elapsed_s": 1.0, "proxy_cpu_s": cpu_s, "proxy_cpu_util": cpu_s, "load_cpu_util": 0.5,
-              "foreign_cpu_util": 0.0, "steal_util": 0.0}
+              "foreign_cpu_util": 0.0, "steal_util": 0.0, "foreign_proxy_core_util": 0.0}
     metrics = {"requests": requests_per_s, "requests_per_s": requests_per_s, "latency_p50_ms": 1.0,
                "latency_p99_ms": 2.0, "errors": 0, "requests_per_cpu_s": requests_per_s / cpu_s, "window": window}
     return {"repetition": 0, "case": "get", "target": target, "metrics": metrics}
@@ -80,6 +117,26 @@ def test_report_takes_medians_and_ratios_and_draws(tmp_path: Path):
     pytest.importorskip("matplotlib")
     report.chart(run, summary, tmp_path / "ratios.png")
     assert (tmp_path / "ratios.png").stat().st_size > 0
+
+
+def test_the_median_interval_takes_the_order_statistics_that_cover_95_percent():
+    assert report.median_interval([1.0, 2, 3, 4, 5]) is None  # even (min, max) covers only 94%
+    assert report.median_interval([6.0, 1, 5, 2, 4, 3]) == (1, 6)  # 97%
+    assert report.median_interval([float(value) for value in range(1, 11)]) == (2, 9)  # 98%; (3, 8) only 89%
+
+
+def test_paired_rounds_give_per_round_ratios_to_the_first_fastproxy_target():
+    cells = []
+    for round_number, (ours, nginx) in enumerate([(1000, 500), (2000, 1000), (600, 200)]):
+        for target, rate in (("nginx", nginx), ("fastproxy", ours)):
+            cells.append({**_cell(target, rate, 1.0), "round": round_number})
+    cells[0]["metrics"]["window"]["foreign_cpu_util"] = 0.5  # a noisy window spoils its round
+    result = report.paired(cells, ["nginx", "fastproxy"])["get"]
+    assert result["reference"] == "fastproxy" and result["rounds"] == 3
+    assert result["ratios"]["requests_per_s"]["nginx"] == {"per_round": [2.0, 2.0, 3.0], "median": 2.0,
+                                                            "interval": None, "noisy_rounds": 1}
+    assert result["windows"]["foreign_cpu_util_max"] == 0.5
+    assert report.ratio(report.summarize(cells), "get", "requests_per_s", "nginx", {"get": result}) == 2.0
 
 
 def test_a_baseline_runs_fastproxy_and_each_variant_asked_for_as_of_the_revision(tmp_path: Path):
@@ -153,3 +210,92 @@ def test_every_workload_runs_through_fastproxy_nginx_the_bare_forwarder_and_dire
         assert watched["cpu_us_per_event"] is not None and watched["kib_per_watch"] is not None
     finally:
         upstream.stop()
+
+
+NEEDS_HAPROXY = pytest.mark.skipif(not all(map(shutil.which, ("haproxy", "taskset"))),
+                                   reason="needs haproxy and taskset (scripts/bench and scripts/test install haproxy)")
+
+
+@NEEDS_HAPROXY
+def test_haproxy_sends_the_upstream_its_own_host_and_token_not_the_clients(tmp_path: Path):
+    """Like nginx's config: the client's Authorization replaced by the upstream token, Host by the upstream's."""
+    tls = make_tls_files(tmp_path)
+    seen: list[dict[str, str]] = []  # header names lowercased: HAProxy sends them so
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            seen.append({name.lower(): value for name, value in self.headers.items()})
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = tmp_path / "token"
+    token.write_text("upstream-token\n")
+    upstream = SimpleNamespace(tls_port=server.server_address[1])
+    setup = Setup(tmp_path, tls, upstream, token, "", token, 1024, None, "")  # the recorder stands in for the upstream
+    try:
+        endpoint = start_haproxy(setup, client_tls=True)
+        try:
+            status, body = http_get(endpoint.base_url + "/api/v1/pods", {"Authorization": "Bearer client-key"},
+                                    tls.ca)
+        finally:
+            endpoint.stop()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (status, body) == (200, b"{}")
+    assert seen[-1]["authorization"] == "Bearer upstream-token"
+    assert seen[-1]["host"] == f"127.0.0.1:{upstream.tls_port}"
+
+
+@NEEDS_TOOLS
+@NEEDS_HAPROXY
+@pytest.mark.parametrize("client_tls", [False, True])
+def test_haproxy_proxies_a_get_and_a_watch_to_the_upstream(tmp_path: Path, client_tls: bool):
+    setup = _setup(tmp_path, watch_events_per_second=200)
+    plan = Plan(get_warmup_s=1, get_duration_s=1, list_fetches=1, watch_streams=(5,), watch_warmup_s=0.2,
+                watch_window_s=0.5)
+    try:
+        endpoint = start_haproxy(setup, client_tls)
+        try:
+            got = http_get(endpoint.base_url + SMALL_PATH, {}, setup.tls.ca)
+            watched = watch_fanout(endpoint, plan, setup, streams=5)
+        finally:
+            endpoint.stop()
+    finally:
+        setup.upstream.stop()
+    assert got == (200, small_configmap())
+    # 200 events/s over 0.5 s, each to all 5 watches: ~100 events, at least half of them within a second
+    assert watched["events"] >= 50 and watched["cpu_us_per_event"] is not None
+    # each event sent on at once (`option http-no-delay`), not held back for a fuller packet for ~200 ms
+    assert watched["latency_p99_ms"] < 100
+
+
+@NEEDS_TOOLS
+def test_paired_rounds_measure_targets_started_at_once_in_alternating_order(tmp_path: Path):
+    setup = _setup(tmp_path, watch_events_per_second=100)
+    plan = Plan(get_warmup_s=1, get_duration_s=5, list_fetches=1, watch_streams=(), watch_warmup_s=0,
+                watch_window_s=0, round_s=1)
+    args = argparse.Namespace(targets=[target for target in TARGETS if target.name in ("fastproxy", "nginx")],
+                              rounds=2, tls=False)
+    try:
+        cells = run_paired(setup, args, plan, [("get", small_get)], {})
+    finally:
+        setup.upstream.stop()
+    assert [(cell["case"], cell["round"], cell["target"]) for cell in cells] == [
+        ("get", 0, "fastproxy"), ("get", 0, "nginx"), ("get", 1, "nginx"), ("get", 1, "fastproxy")]
+    windows = [cell["metrics"]["window"] for cell in cells]
+    assert all(0.5 < window["elapsed_s"] < 3 and window["idle_targets_cpu_util"] >= 0 for window in windows)
+    ratios = report.paired(cells, ["fastproxy", "nginx"])["get"]["ratios"]["requests_per_s"]["nginx"]
+    assert len(ratios["per_round"]) == 2 and ratios["median"] > 0

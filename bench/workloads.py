@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .measure import Window, rss_bytes
-from .processes import LOAD_CPU
+from .processes import LOAD_CPU, PROXY_CPU
 from .targets import MANAGEMENT_USER, MANAGEMENT_USERS, Endpoint, Setup
 from .upstream import LIST_PATH, SMALL_PATH, WATCH_PATH, WATCH_SAME_PATH
 
@@ -32,9 +32,10 @@ class Plan:
     watch_warmup_s: float
     watch_window_s: float
     watch_same: tuple[tuple[int, int], ...] = ()  # (clients, resources)
+    round_s: float = 1  # one window of a paired round (the small GET and management cases)
 
 
-FULL_PLAN = Plan(2, 10, 10, (100, 1_000, 10_000), 2, 10, ((1_000, 1), (9_000, 1), (9_000, 100)))
+FULL_PLAN = Plan(2, 10, 10, (100, 1_000, 10_000), 2, 10, ((1_000, 1), (9_000, 1), (9_000, 100)), round_s=3)
 QUICK_PLAN = Plan(1, 2, 3, (100, 1_000), 1, 2, ((100, 1), (1_000, 1), (1_000, 10)))
 
 
@@ -47,7 +48,7 @@ def _pinned(argv: list[str]) -> list[str]:
 
 
 def _window(endpoint: Endpoint) -> Window:
-    return Window(endpoint.process.pid if endpoint.process else None, LOAD_CPU)
+    return Window(endpoint.process.pid if endpoint.process else None, LOAD_CPU, PROXY_CPU)
 
 
 WRK_DURATION_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -83,7 +84,8 @@ def _wrk(endpoint: Endpoint, duration_s: float, url: str | None = None, script: 
 
 
 def small_get(endpoint: Endpoint, plan: Plan, _setup: Setup) -> dict:
-    _wrk(endpoint, plan.get_warmup_s)  # fills connection pools; not counted
+    if plan.get_warmup_s:  # fills connection pools; not counted (paired rounds warm up once)
+        _wrk(endpoint, plan.get_warmup_s)
     with _window(endpoint) as window:
         result = _wrk(endpoint, plan.get_duration_s)
     measured = window.summary()
@@ -97,7 +99,8 @@ def _management_url(endpoint: Endpoint, rest: str) -> str:
 
 
 def _requests_per_cpu(endpoint: Endpoint, plan: Plan, url: str, script: Path | None = None) -> dict:
-    _wrk(endpoint, plan.get_warmup_s, url, script)
+    if plan.get_warmup_s:
+        _wrk(endpoint, plan.get_warmup_s, url, script)
     with _window(endpoint) as window:
         result = _wrk(endpoint, plan.get_duration_s, url, script)
     measured = window.summary()
