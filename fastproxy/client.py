@@ -145,6 +145,9 @@ class ClientConnection(asyncio.Protocol):
         if self.parsing_head:
             if not self.began_in_feed:
                 self.head_size += len(data)  # bytes the parser holds for a head not finished yet
+            elif self.active is None:
+                # Set only for a head left unfinished: one parsed within a single read never waits.
+                self.set_deadline(AWAITING_HEAD, self.limits.header_timeout)
             if self.head_size > self.limits.max_header_bytes:
                 self._refuse_stream(431, "request header fields too large")
 
@@ -159,8 +162,6 @@ class ClientConnection(asyncio.Protocol):
         self.began_in_feed = True
         self.head_size = 0
         self.url = b""  # self.headers is a fresh list since the last head (or the connection) began
-        if self.active is None:
-            self.set_deadline(AWAITING_HEAD, self.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -178,7 +179,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.parsing_head = False
-        self.clear_deadline(AWAITING_HEAD)
+        if self.active is None:
+            self.deadline = 0.0  # an idle or head deadline: while an exchange is active, the deadline is its own
         parser = self.parser
         version = parser.get_http_version()
         head = RequestHead(parser.get_method(), self.url, _VERSIONS.get(version) or version.encode(),
