@@ -44,15 +44,6 @@ class StaticKeys:
             self.by_digest[key.key_sha256] = (key.key_sha256, Identity(
                 user=key.user, groups=key.groups, source=key.name, impersonation=lines))
 
-    def resolve(self, token: bytes) -> Identity | None:
-        # Keys are found by their digest, so lookup timing says nothing about a stored key;
-        # the final comparison is constant-time all the same. (key_digest, inlined for bytes.)
-        digest = hashlib.sha256(token).digest()
-        found = self.by_digest.get(digest)
-        if found is not None and hmac.compare_digest(found[0], digest):
-            return found[1]
-        return None
-
 
 class RevokedTokens:
     """Token ids revoked in the state store or listed in the revocation file."""
@@ -199,9 +190,13 @@ class Authenticator:
     def authenticate(self, credential: bytes, cluster: str | None) -> Identity:
         """The identity `credential` (a key or token) stands for on `cluster` (None: the gateway's
         own API, where a token for any of the clusters is accepted); StatusError 401 if none."""
-        identity = self.static.resolve(credential)
-        if identity is not None:
-            return identity
+        # The static keys (StaticKeys.resolve, inlined: it runs for every request). Keys are found by
+        # their digest, so lookup timing says nothing about a stored key; the final comparison is
+        # constant-time all the same.
+        digest = hashlib.sha256(credential).digest()
+        found = self.static.by_digest.get(digest)
+        if found is not None and hmac.compare_digest(found[0], digest):
+            return found[1]
         if self.store is not None:
             identity = self.store.resolve(credential, time.time())
             if identity is not None:
