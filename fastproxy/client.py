@@ -237,8 +237,9 @@ class ClientConnection(asyncio.Protocol):
             nxt.start()
         elif self.parsing_head:
             self.set_deadline(AWAITING_HEAD, self.limits.header_timeout)
-        else:
-            self.set_deadline(IDLE, self.limits.idle_timeout)
+        else:  # set_deadline, inlined: every keep-alive response ends here
+            self.deadline_kind = IDLE
+            self.deadline = self.gateway.loop.time() + self.limits.idle_timeout
 
     def _refuse_stream(self, code: int, message: str) -> None:
         """The byte stream itself is bad: answer after the responses already owed, then close."""
