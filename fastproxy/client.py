@@ -25,6 +25,12 @@ log = logging.getLogger("fastproxy.client")
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}  # the parser's version strings as the heads carry them
 
 
+def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """The bytes of a request head's target and fields as parsed (what the parser holds of a field
+    not finished yet is not counted)."""
+    return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
+
+
 class Router(Protocol):
     """What a connection needs of the gateway: a responder for each request head."""
 
@@ -40,7 +46,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "gateway", "transport", "gate", "parser", "client_ip", "url", "headers", "head_size",
         "parsing_head", "began_in_feed", "receiving", "active", "queue", "upgraded", "broken",
-        "deadline", "deadline_kind", "write_paused", "tls", "limits",
+        "deadline", "deadline_kind", "write_paused", "tls", "limits", "big_read",
     )
 
     def __init__(self, gateway: Router):
@@ -55,6 +61,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_size = 0
         self.parsing_head = False
         self.began_in_feed = False
+        self.big_read = False
         self.receiving: Responder | None = None  # the exchange whose request is being parsed
         self.active: Responder | None = None     # the exchange whose response is being written
         self.queue: list[Responder] = []  # pipelined requests; a list is 600 bytes smaller than a deque
@@ -125,6 +132,9 @@ class ClientConnection(asyncio.Protocol):
         if self.broken:
             return
         self.began_in_feed = False
+        # A head parsed within one read no larger than the limit is within the limit: only the
+        # others are measured. A read's header fields are held unmeasured at most once.
+        self.big_read = len(data) > self.limits.max_header_bytes
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -145,6 +155,11 @@ class ClientConnection(asyncio.Protocol):
         if self.parsing_head:
             if not self.began_in_feed:
                 self.head_size += len(data)  # bytes the parser holds for a head not finished yet
+            else:
+                self.head_size = _head_size(self.url, self.headers)
+                if self.active is None:
+                    # Set only for a head left unfinished: one parsed within a single read never waits.
+                    self.set_deadline(AWAITING_HEAD, self.limits.header_timeout)
             if self.head_size > self.limits.max_header_bytes:
                 self._refuse_stream(431, "request header fields too large")
 
@@ -157,14 +172,10 @@ class ClientConnection(asyncio.Protocol):
             raise ConnectionAbortedError("the connection is closing")
         self.parsing_head = True
         self.began_in_feed = True
-        self.head_size = 0
         self.url = b""  # self.headers is a fresh list since the last head (or the connection) began
-        if self.active is None:
-            self.set_deadline(AWAITING_HEAD, self.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self.head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.parsing_head:
@@ -172,13 +183,14 @@ class ClientConnection(asyncio.Protocol):
             # next request's headers (that would let one request smuggle headers into another).
             return
         self.headers.append((name, value))
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.limits.max_header_bytes:
-            raise StatusError(431, "request header fields too large")
 
     def on_headers_complete(self) -> None:
         self.parsing_head = False
-        self.clear_deadline(AWAITING_HEAD)
+        if (self.big_read or not self.began_in_feed) and (
+                _head_size(self.url, self.headers) > self.limits.max_header_bytes):
+            raise StatusError(431, "request header fields too large")
+        if self.active is None:
+            self.deadline = 0.0  # an idle or head deadline: while an exchange is active, the deadline is its own
         parser = self.parser
         version = parser.get_http_version()
         head = RequestHead(parser.get_method(), self.url, _VERSIONS.get(version) or version.encode(),
@@ -225,8 +237,9 @@ class ClientConnection(asyncio.Protocol):
             nxt.start()
         elif self.parsing_head:
             self.set_deadline(AWAITING_HEAD, self.limits.header_timeout)
-        else:
-            self.set_deadline(IDLE, self.limits.idle_timeout)
+        else:  # set_deadline, inlined: every keep-alive response ends here
+            self.deadline_kind = IDLE
+            self.deadline = self.gateway.loop.time() + self.limits.idle_timeout
 
     def _refuse_stream(self, code: int, message: str) -> None:
         """The byte stream itself is bad: answer after the responses already owed, then close."""

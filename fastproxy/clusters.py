@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import ssl
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .config import ClusterConfig
 from .upstream import Pool, PoolStats, ResumingContext
@@ -84,13 +84,11 @@ class ClusterRegistry:
         self.loop = loop
         self._by_name: dict[str, Upstream] = {}
         self.names = self._by_name.keys()  # a live view: `name in registry.names` costs no call
+        self.get: Callable[[str], Upstream | None] = self._by_name.get  # the dict's own: no Python call
         self._retired: list[Pool] = []
         self.stats: dict[str, PoolStats] = {}  # cluster name -> its pools' dial counts, replacements included
         for cluster in clusters:
             self.put(cluster)
-
-    def get(self, name: str) -> Upstream | None:
-        return self._by_name.get(name)
 
     def __iter__(self) -> Iterator[Upstream]:
         return iter(self._by_name.values())

@@ -165,6 +165,8 @@ _RESPONSE_HOP_BY_HOP_LINE = re.compile(
     re.IGNORECASE)
 _FRAMING_LINE = re.compile(b"\r\n(?:content-length|transfer-encoding):", re.IGNORECASE)
 _CONNECTION_OPTIONS = frozenset((b"keep-alive", b"close"))
+# Connection values as nearly every server writes them after the colon: known to name no header.
+_PLAIN_CONNECTION_VALUES = frozenset((b" keep-alive", b" close", b"keep-alive", b"close"))
 
 
 def response_headers(raw: bytes) -> Headers:
@@ -188,7 +190,8 @@ def relay_response_head(raw: bytes, *, keep_alive: bool) -> bytes:
         if len(pieces) > 1:
             relayed = b"".join(pieces[::3])
             for at in range(1, len(pieces), 3):
-                if pieces[at] is not None and _names_headers(pieces[at + 1]):
+                if (pieces[at] is not None and pieces[at + 1] not in _PLAIN_CONNECTION_VALUES
+                        and _names_headers(pieces[at + 1])):
                     relayed = None
                     break
         if relayed is not None:

@@ -201,7 +201,7 @@ def forwarding_plan(ctx: RequestContext, found: hdrs.ClientHeaders, kept: hdrs.H
             framing=framing, upgrade=upgrade),
         found.chunked,                                   # chunked
         upgrade is not None,                             # upgrade
-        is_long_running(where.query),                    # long_running
+        where.query != "" and is_long_running(where.query),  # long_running
         found.expect_continue and version == b"1.1",     # expect_continue
         nested,
     )

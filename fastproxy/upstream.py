@@ -149,8 +149,11 @@ class UpstreamConnection(asyncio.Protocol):
             exchange.bytes_out += len(data)
         else:
             self._head_data(exchange, data)
-        if self.complete and self.exchange is exchange:
-            self._finish(exchange)
+        if self.complete and self.exchange is exchange:  # the response ended
+            reusable = self.keep_alive and exchange.request_done and not exchange.upgrade
+            self.exchange = None
+            self._reset()
+            exchange.upstream_complete(self, reusable)
 
     def _head_data(self, exchange: UpstreamExchange, data: bytes) -> None:
         buffer = self.head_buffer + data if self.head_buffer else data
@@ -195,12 +198,6 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 body = memoryview(buffer)[body_start:]
         exchange.upstream_head(self, body)
-
-    def _finish(self, exchange: UpstreamExchange) -> None:
-        reusable = self.keep_alive and exchange.request_done and not exchange.upgrade
-        self.exchange = None
-        self._reset()
-        exchange.upstream_complete(self, reusable)
 
     # --- parser callbacks --------------------------------------------------------------------
 

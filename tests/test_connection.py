@@ -9,6 +9,7 @@ import pytest
 
 from fastproxy.client import ClientConnection
 from fastproxy.config import parse_config
+from fastproxy.exchange import AWAITING_HEAD, IDLE
 from fastproxy.gateway import Gateway
 from fastproxy.local import LocalResponder
 from fastproxy.routing import MANAGEMENT
@@ -212,3 +213,46 @@ def test_nothing_pipelined_after_a_closing_response_is_served_or_answered(setup,
     got = answers(loop, conn, transport, first + b"GET /kubernetes/management/once HTTP/1.1\r\nHost: g\r\n\r\n")
     assert len(got) == 1 and got[0]["headers"]["connection"] == "close" and transport.closed
     assert StreamEvents.heads == [] and [e[0] for e in recorder.events] == ["start", "finish"]
+
+
+def _get(path: bytes, big: int = 0) -> bytes:
+    return b"GET " + path + b" HTTP/1.1\r\nHost: g\r\nX-Big: " + b"a" * big + b"\r\n\r\n"
+
+
+def _pieces(data: bytes, size: int) -> list[bytes]:
+    return [data[at:at + size] for at in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("size", [1 << 20, 30000, 1000])
+def test_a_head_over_the_limit_is_431_in_one_read_or_many(setup, size):
+    loop, connect, _ = setup
+    conn, transport = connect()
+    [answer] = answers(loop, conn, transport, *_pieces(_get(b"/healthz", 70000), size))
+    assert '"code":431' in answer["body"].decode() and transport.closed
+
+
+@pytest.mark.parametrize("size", [30000, 1000])
+def test_a_head_under_the_limit_split_across_reads_is_served(setup, size):
+    loop, connect, _ = setup
+    conn, transport = connect()
+    [answer] = answers(loop, conn, transport, *_pieces(_get(b"/healthz", 60000), size))
+    assert answer["body"][:2] == b"ok" and not transport.closed
+
+
+def test_heads_under_the_limit_in_a_read_over_it_are_served(setup):
+    loop, connect, _ = setup
+    conn, transport = connect()
+    got = answers(loop, conn, transport, _get(b"/healthz", 40000) + _get(b"/healthz", 40000))
+    assert [a["body"][:2] for a in got] == [b"ok", b"ok"] and not transport.closed
+
+
+def test_the_head_deadline_guards_only_a_head_left_unfinished(setup):
+    loop, connect, _ = setup
+    conn, transport = connect()
+    answers(loop, conn, transport, _get(b"/healthz"))
+    assert conn.deadline_kind == IDLE and conn.deadline > 0
+    before = loop.time()
+    answers(loop, conn, transport, b"GET /healthz HTTP/1.1\r\nHo")
+    assert conn.deadline_kind == AWAITING_HEAD and conn.deadline >= before + 5
+    answers(loop, conn, transport, b"st: g\r\n\r\n")
+    assert conn.deadline_kind == IDLE

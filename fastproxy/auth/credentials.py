@@ -36,6 +36,9 @@ class StaticKeys:
 
     def __init__(self, config: Config):
         self.by_digest: dict[bytes, tuple[bytes, Identity]] = {}
+        # Keys that verified, by Python's own (randomly keyed) hash of the key: at most one entry a
+        # key, gone with this object when a reload replaces the keys.
+        self.verified: dict[int, tuple[bytes, Identity]] = {}
         for i, key in enumerate(config.access_keys):
             try:
                 lines = identity_header_lines(key.user, key.groups)
@@ -43,15 +46,6 @@ class StaticKeys:
                 raise ConfigError(f"access_keys[{i}]: {error}") from None
             self.by_digest[key.key_sha256] = (key.key_sha256, Identity(
                 user=key.user, groups=key.groups, source=key.name, impersonation=lines))
-
-    def resolve(self, token: bytes) -> Identity | None:
-        # Keys are found by their digest, so lookup timing says nothing about a stored key;
-        # the final comparison is constant-time all the same. (key_digest, inlined for bytes.)
-        digest = hashlib.sha256(token).digest()
-        found = self.by_digest.get(digest)
-        if found is not None and hmac.compare_digest(found[0], digest):
-            return found[1]
-        return None
 
 
 class RevokedTokens:
@@ -199,9 +193,18 @@ class Authenticator:
     def authenticate(self, credential: bytes, cluster: str | None) -> Identity:
         """The identity `credential` (a key or token) stands for on `cluster` (None: the gateway's
         own API, where a token for any of the clusters is accepted); StatusError 401 if none."""
-        identity = self.static.resolve(credential)
-        if identity is not None:
-            return identity
+        # The static keys. Keys are found by their digest, or once verified by their hash (keyed
+        # at random when Python starts), so lookup timing says nothing about a stored key; the final
+        # comparison is constant-time all the same. A verified key skips the SHA-256.
+        static = self.static
+        found = static.verified.get(hash(credential))
+        if found is not None and hmac.compare_digest(found[0], credential):
+            return found[1]
+        digest = hashlib.sha256(credential).digest()
+        found = static.by_digest.get(digest)
+        if found is not None and hmac.compare_digest(found[0], digest):
+            static.verified[hash(credential)] = (credential, found[1])
+            return found[1]
         if self.store is not None:
             identity = self.store.resolve(credential, time.time())
             if identity is not None:

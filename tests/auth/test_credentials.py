@@ -198,3 +198,32 @@ def test_unusable_sources_fail_at_start_naming_the_key(tmp_path, setup, tokens, 
         tokens = {key: str(tmp_path / value) for key, value in tokens.items()}
     with pytest.raises(ConfigError, match=f"^{message}"):
         Authenticator(make_config(tmp_path, state=tokens is None, tokens=tokens))
+
+
+def test_a_verified_static_key_is_found_again_without_its_digest(tmp_path, monkeypatch):
+    authenticator = Authenticator(make_config(tmp_path, state=False))
+    digests = []
+    real = hashlib.sha256
+    monkeypatch.setattr(credentials.hashlib, "sha256", lambda data: digests.append(data) or real(data))
+    first = authenticator.authenticate(STATIC.encode(), "prod")
+    again = authenticator.authenticate(STATIC.encode(), "prod")
+    assert first is again and first.user == "static-user" and digests == [STATIC.encode()]
+    assert "invalid access key" in refusal(authenticator, b"not-" + STATIC.encode())
+    assert len(authenticator.static.verified) == 1  # refused keys are not kept
+
+
+def test_a_verified_entry_answers_only_for_its_own_key(tmp_path):
+    authenticator = Authenticator(make_config(tmp_path, state=False))
+    identity = authenticator.authenticate(STATIC.encode(), "prod")
+    # As if another key's hash collided with the verified one's: the comparison still tells them apart.
+    authenticator.static.verified[hash(b"another-key")] = (STATIC.encode(), identity)
+    assert "invalid access key" in refusal(authenticator, b"another-key")
+
+
+def test_a_static_key_removed_by_a_reload_is_refused_though_it_was_verified(tmp_path):
+    authenticator = Authenticator(make_config(tmp_path, state=False))
+    assert authenticator.authenticate(STATIC.encode(), "prod").user == "static-user"
+    without = parse_config({"clusters": [{"name": "prod", "server": "https://10.0.0.1:6443",
+                                          "token_file": str(tmp_path / "token")}]})
+    authenticator.static = credentials.StaticKeys(without)  # as Gateway.reload does
+    assert "invalid access key" in refusal(authenticator, STATIC.encode())
