@@ -70,22 +70,40 @@ class TLSSocketTransport(asyncio.Transport):
             self._write_ready()
         if not self._reading:
             return  # paused or closed since this call was scheduled
-        read, pending = self._read, self._pending
-        chunks = []
-        total = 0
-        eof = False
         try:
-            while total < READ_BUDGET:
+            data = self._read(RECORD)
+        except _WAIT:
+            return
+        except ssl.SSLEOFError:
+            data = b""  # closed without close_notify: what ends an unframed response
+        except (OSError, ssl.SSLError) as exc:
+            self._fatal(exc)
+            return
+        if 0 < len(data) < RECORD and not self._closed:
+            # A short record (nearly every watch event) usually ends a burst, and a read of RECORD
+            # bytes takes all of a record's plaintext, so none waits decrypted behind it: handed
+            # on as read, and the socket's readiness says if more came.
+            try:
+                self._protocol.data_received(data)
+            except Exception as exc:
+                self._protocol_failed(exc, "data_received")
+            return
+        self._read_on(data)
+
+    def _read_on(self, first: bytes) -> None:
+        """After a full record (more may be queued: read on, up to READ_BUDGET) or the end (b"")."""
+        read, pending = self._read, self._pending
+        chunks = [first] if first else []
+        total = len(first)
+        eof = not first
+        try:
+            while not eof and total < READ_BUDGET and len(chunks[-1]) == RECORD:
                 data = read(RECORD)
                 if not data:
                     eof = True  # close_notify
                     break
                 chunks.append(data)
                 total += len(data)
-                # A short record with nothing decrypted behind it usually ends a burst; asking
-                # again would cost an exception, and the socket's readiness says if more came.
-                if len(data) < RECORD and not pending():
-                    break
         except _WAIT:
             pass
         except ssl.SSLEOFError:
@@ -94,11 +112,7 @@ class TLSSocketTransport(asyncio.Transport):
             self._deliver(chunks)
             self._fatal(exc)
             return
-        if chunks and not self._closed:  # _deliver, inlined: it runs for every read
-            try:
-                self._protocol.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-            except Exception as exc:
-                self._protocol_failed(exc, "data_received")
+        self._deliver(chunks)
         if self._closing:
             return
         if eof:

@@ -177,6 +177,25 @@ def test_peer_close_is_an_eof_then_a_clean_loss(tls_files):
     run(tls_files, serve, scenario)
 
 
+def test_a_burst_of_short_records_then_the_peers_close_arrives_in_order(tls_files):
+    # One record per write, as a watch's events come: each read takes one, and the socket's
+    # readiness must bring the next ones, then the close behind them.
+    records = [b"event %04d\n" % number for number in range(500)]
+
+    async def serve(reader, writer):
+        for record in records:
+            writer.write(record)
+        await writer.drain()
+        writer.close()
+
+    async def scenario(port):
+        client = await connect(port, tls_files)
+        assert await asyncio.wait_for(client.lost, 10) is None
+        assert bytes(client.data) == b"".join(records)
+        assert client.events == ["eof", "lost"]
+    run(tls_files, serve, scenario)
+
+
 def test_close_sends_everything_buffered_first_and_does_not_wait_for_the_peer(tls_files):
     payload = os.urandom(4 * 1024 * 1024)
     received = []
