@@ -460,6 +460,26 @@ def _stamp(wall: float) -> bytes:
 _HEADER_INITIALS = frozenset(b"UuXxIi")
 
 
+def _noted_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | None, bytes | None,
+                                                                tuple[tuple[bytes, bytes], ...]]:
+    """User-Agent, X-Forwarded-For, X-Real-Ip and the Impersonate-* headers (names lower-cased),
+    as headers.scan_client_headers notes them, for a request whose handler made no such scan."""
+    user_agent = forwarded = real_ip = None
+    impersonation: tuple[tuple[bytes, bytes], ...] = ()
+    for name, value in headers:
+        if name and name[0] in _HEADER_INITIALS:
+            lowered = name.lower()
+            if lowered == b"user-agent":
+                user_agent = value
+            elif lowered == b"x-forwarded-for":
+                forwarded = value if forwarded is None else forwarded + b", " + value
+            elif lowered == b"x-real-ip":
+                real_ip = value
+            elif lowered.startswith(b"impersonate-"):
+                impersonation += ((lowered, value),)
+    return user_agent, forwarded, real_ip, impersonation
+
+
 class AuditObserver:
     """The audit log as a batched request observer (context.BatchObserver): `start_batch`,
     `finish_batch`, and for the gateway `tick` (once a second), `record_bodies` and `close`.
@@ -506,7 +526,9 @@ class AuditObserver:
 
         One loop, with no Python call per request on its usual path: in this interpreter a call
         costs about as much as making both events of a request seen before (whose fields are
-        cached as its _Shape), so the header scan and the timestamps are written out here."""
+        cached as its _Shape), so the timestamps are written out here; the headers it reads come
+        from the handler's own scan of them (RequestContext.found), scanned here only for the
+        requests no handler scanned."""
         pieces: list[bytes] = []  # of lines, joined once for the whole batch
         extend = pieces.extend
         count = 0
@@ -517,19 +539,12 @@ class AuditObserver:
                 if id(ctx) in requests:  # begun already, for record_bodies
                     continue
                 head = ctx.head
-                user_agent = forwarded = real_ip = None
-                impersonation: tuple[tuple[bytes, bytes], ...] = ()
-                for field_name, value in head.headers:
-                    if field_name and field_name[0] in _HEADER_INITIALS:
-                        lowered = field_name.lower()
-                        if lowered == b"user-agent":
-                            user_agent = value
-                        elif lowered == b"x-forwarded-for":
-                            forwarded = value if forwarded is None else forwarded + b"," + value
-                        elif lowered == b"x-real-ip":
-                            real_ip = value
-                        elif lowered.startswith(b"impersonate-"):
-                            impersonation += ((lowered, value),)
+                found = ctx.found
+                if found is not None:  # what the handler's scan of the headers found
+                    user_agent, forwarded, real_ip = found.user_agent, found.forwarded_for, found.real_ip
+                    impersonation = () if found.impersonation is None else tuple(found.impersonation)
+                else:
+                    user_agent, forwarded, real_ip, impersonation = _noted_headers(head.headers)
                 # All the events depend on (the shape holds the identity, whose id is in the key).
                 key = (id(ctx.identity), head.method, head.target, head.client_ip, head.upgrade, user_agent,
                        forwarded, real_ip, impersonation)

@@ -249,7 +249,7 @@ class Metrics:
         if method != b"GET" and method != b"HEAD":
             raise StatusError(405, f"the method {method.decode('latin-1')} is not allowed on {METRICS_PATH}")
         if not self.config.metrics.open:
-            found = hdrs.scan_client_headers(ctx.head.headers)
+            found = ctx.found = hdrs.scan_client_headers(ctx.head.headers)
             identity = ctx.identity = self.authenticator.authenticate(hdrs.bearer_credential(found, None), None)
             if not may_scrape(identity):
                 raise StatusError(403, f'forbidden: User "{identity.user}" cannot get path "{METRICS_PATH}"')
