@@ -144,7 +144,8 @@ class RotatingFile:
             self._open()
         total = sum(map(len, lines))
         if self.size + total <= self.max_bytes and total <= MAX_WRITE:
-            self._append(b"".join(lines))  # the usual batch: one write, no rotation
+            # The usual batch: one write, no rotation; one queue entry (a batch's lines) written as it is.
+            self._append(lines[0] if len(lines) == 1 else b"".join(lines))
             return
         part: list[bytes] = []
         part_size = 0
