@@ -447,6 +447,14 @@ _MILLIS = [b".%03d" % n for n in range(1000)]
 _MICROS = [b"%03dZ" % n for n in range(1000)]
 
 
+def _stamp_pieces(base: int, micros: int) -> tuple[bytes, bytes, bytes]:
+    """The pieces of the timestamp `micros` microseconds after the whole second `base`."""
+    whole, micros = divmod(micros, 1000000)
+    whole += base
+    second = _second if _second[0] == whole else _new_second(whole)
+    return second[1], _MILLIS[micros // 1000], _MICROS[micros % 1000]
+
+
 def _stamp(wall: float) -> bytes:
     """An RFC 3339 UTC timestamp with microseconds (truncated: never 1000000), from one int() of
     the time in microseconds and integer arithmetic (cheaper than an int() of each part)."""
@@ -535,6 +543,11 @@ class AuditObserver:
         extend = pieces.extend
         count = 0
         wall = time.time() - time.monotonic()  # + a monotonic time: that time on the wall clock
+        # The whole second the batch's first request began in, and `offset` + a monotonic time:
+        # the seconds since then, exact to well under a microsecond (a difference of close floats).
+        base = int(wall + begun[0].started) if begun else 0
+        offset = wall - base
+        date = (_second if _second[0] == base else _new_second(base))[1]
         requests, shapes = self.requests, self._shapes
         for ctx in begun:
             try:
@@ -555,20 +568,17 @@ class AuditObserver:
                 if rule is None:
                     continue
                 audit_id = ctx.id_line[ID_AT:-2] or self._ids.new_id()
-                micros = int((wall + ctx.started) * 1e6)  # requestReceivedTimestamp, as _stamp makes it
-                whole = micros // 1000000
-                micros -= whole * 1000000
-                second = _second if _second[0] == whole else _new_second(whole)
-                received = (second[1], _MILLIS[micros // 1000], _MICROS[micros % 1000])
+                # requestReceivedTimestamp: microseconds into the batch's second, small-integer arithmetic.
+                micros = int((offset + ctx.started) * 1e6)
+                received = ((date, _MILLIS[micros // 1000], _MICROS[micros % 1000]) if 0 <= micros < 1000000
+                            else _stamp_pieces(base, micros))
                 if ctx.ended and not rule.omit_stages and not shape.long_running and ctx.status in _COMPLETE:
                     # Finished as usual already: both events now, as pieces, and no state.
-                    micros = int((wall + ctx.ended) * 1e6)
-                    whole = micros // 1000000
-                    micros -= whole * 1000000
-                    second = _second if _second[0] == whole else _new_second(whole)
+                    micros = int((offset + ctx.ended) * 1e6)
                     extend((shape.before_id, audit_id, shape.after_id, *received, b'"', _RECEIVED, *received, b'"}\n',
                             shape.before_id, audit_id, shape.after_id, *received, b'"', _COMPLETE[ctx.status],
-                            second[1], _MILLIS[micros // 1000], _MICROS[micros % 1000], b'"}\n'))
+                            *((date, _MILLIS[micros // 1000], _MICROS[micros % 1000]) if 0 <= micros < 1000000
+                              else _stamp_pieces(base, micros)), b'"}\n'))
                     count += 2
                     continue
                 state = _Request(ctx, rule, b"".join(received),
