@@ -20,6 +20,7 @@ import collections
 import gzip
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
@@ -342,7 +343,9 @@ class BackgroundWriter:
         self.last_error = ""
         self._sleeping = False
         self._closing = False
-        self._wake = threading.Event()
+        # Rung (one item) to wake the thread: a C queue, where a threading.Event's wait and set
+        # run its Condition's Python code at every wake-up, which come at each batch of lines.
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -361,7 +364,7 @@ class BackgroundWriter:
         self.queued_bytes += len(line)
         if self._sleeping:
             self._sleeping = False
-            self._wake.set()
+            self._wake.put(None)
         return True
 
     def put_run(self, pieces: list[bytes], lines: int) -> None:
@@ -383,13 +386,13 @@ class BackgroundWriter:
             self.queued_bytes += len(part)
         if self._sleeping:
             self._sleeping = False
-            self._wake.set()
+            self._wake.put(None)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every line queued so far is written or dropped (False: timed out)."""
         target = self.queued_bytes
         deadline = time.monotonic() + timeout
-        self._wake.set()
+        self._wake.put(None)
         while self.done_bytes < target:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 return False
@@ -400,7 +403,7 @@ class BackgroundWriter:
         """Write what is queued, stop the thread and close the sink; later lines are dropped."""
         self.max_lines = 0
         self._closing = True
-        self._wake.set()
+        self._wake.put(None)
         self._thread.join(timeout)
 
     # --- the writer thread -----------------------------------------------------------------------
@@ -439,9 +442,11 @@ class BackgroundWriter:
                 return
             self._sleeping = True
             if not self.queue:  # a line that came before the flag was set is taken now
-                self._wake.wait(1.0)
+                try:
+                    self._wake.get(timeout=1.0)
+                except queue.Empty:
+                    pass
             self._sleeping = False
-            self._wake.clear()
 
     def _take(self) -> tuple[list[bytes], int, int]:
         """What is queued, at most MAX_BATCH entries (the producer may append meanwhile): the
