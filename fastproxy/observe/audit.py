@@ -509,8 +509,10 @@ class AuditObserver:
         self._put_run = self.writer.put_run
         # The default policy (every request at Metadata) needs no rule matching.
         self.catch_all = self.policy.rules[0] if self.policy == DEFAULT_POLICY else None
-        self.requests: dict[int, _Request] = {}     # id(ctx) -> logged requests in flight
-        self.long_running: dict[int, _Request] = {}  # those of them still owed a ResponseStarted
+        # The logged requests in flight, by their context (hashed by identity: no id() call, which
+        # raises an audit hook event each time); and those still owed a ResponseStarted.
+        self.requests: dict[RequestContext, _Request] = {}
+        self.long_running: dict[RequestContext, _Request] = {}
         self._ids = RequestIds()  # for requests without a request id (no access log)
         self._shapes: dict[tuple, _Shape] = {}
         self.failures = 0            # events that could not be made (a bug: logged once a minute)
@@ -551,7 +553,7 @@ class AuditObserver:
         requests, shapes = self.requests, self._shapes
         for ctx in begun:
             try:
-                if id(ctx) in requests:  # begun already, for record_bodies
+                if ctx in requests:  # begun already, for record_bodies
                     continue
                 head = ctx.head
                 found = ctx.found
@@ -589,9 +591,9 @@ class AuditObserver:
                 if ctx.ended:
                     count += self._end(state, wall, pieces)
                     continue
-                requests[id(ctx)] = state
+                requests[ctx] = state
                 if shape.long_running:
-                    self.long_running[id(ctx)] = state
+                    self.long_running[ctx] = state
             except Exception:  # noqa: BLE001 - the audit log must never break a request
                 self._failed("start")
         self._put_run(pieces, count)
@@ -603,7 +605,7 @@ class AuditObserver:
         wall = time.time() - time.monotonic()
         end = self._end
         count = 0
-        for state in filter(None, map(self.requests.pop, map(id, done), repeat(None))):
+        for state in filter(None, map(self.requests.pop, done, repeat(None))):
             count += end(state, wall, lines)
         self._put_run(lines, count)
 
@@ -613,7 +615,7 @@ class AuditObserver:
         count = 0
         try:
             if state.long_running:
-                self.long_running.pop(id(ctx), None)
+                self.long_running.pop(ctx, None)
                 if not state.started_sent and ctx.first_byte:
                     lines.append(self._started(state, wall + ctx.first_byte))
                     count += 1
@@ -630,7 +632,7 @@ class AuditObserver:
                                    _stamp(wall + ctx.ended), b'"}\n')))
             return count + 1
         except Exception:  # noqa: BLE001 - the audit log must never break a request
-            self.long_running.pop(id(ctx), None)
+            self.long_running.pop(ctx, None)
             self._failed("finish")
             return count
 
@@ -724,10 +726,10 @@ class AuditObserver:
         """Give the request's and response's objects (JSON or YAML bytes, or decoded) for its last
         event, before the response is finished: kept at levels Request (the request's) and
         RequestResponse (both), redacted, and left out with an annotation beyond max_object_bytes."""
-        state = self.requests.get(id(ctx))
+        state = self.requests.get(ctx)
         if state is None and not ctx.ended:  # its start not handed over yet: taken now
             self.start_batch([ctx])
-            state = self.requests.get(id(ctx))
+            state = self.requests.get(ctx)
         if state is None or state.rule.level < REQUEST:
             return
         try:
