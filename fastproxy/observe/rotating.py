@@ -41,6 +41,7 @@ DROP_REPORT_EVERY = 60.0   # seconds between warnings about dropped lines
 MAX_WRITE = 1 << 19        # bytes joined for one write call at most: below malloc's mmap threshold
 RUN_PIECES = 1024          # pieces of a run joined into one queue entry (see put_run)
 MAX_BATCH = 8192           # queue entries taken at once
+FEW_ENTRIES = 4            # queue entries written one by one rather than joined (an observer's batch is one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,9 +145,10 @@ class RotatingFile:
         if self.fd is None:
             self._open()
         total = sum(map(len, lines))
-        if self.size + total <= self.max_bytes and total <= MAX_WRITE:
-            # The usual batch: one write, no rotation; one queue entry (a batch's lines) written as it is.
-            self._append(lines[0] if len(lines) == 1 else b"".join(lines))
+        if self.size + total <= self.max_bytes and len(lines) <= FEW_ENTRIES:
+            # The usual batch, no rotation: a write per queue entry (each whole lines), not a copy of all.
+            for entry in lines:
+                self._append(entry)
             return
         part: list[bytes] = []
         part_size = 0
