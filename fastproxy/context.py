@@ -18,6 +18,7 @@ from .auth.requestinfo import RequestInfo, request_info
 
 if TYPE_CHECKING:
     from .auth.identity import Identity
+    from .headers import ClientHeaders
     from .routing import Route
 
 
@@ -41,7 +42,7 @@ class RequestContext:
 
     __slots__ = (
         "head", "started", "route", "identity", "status", "bytes_in", "bytes_out",
-        "first_byte", "ended", "message", "id_line", "_info",
+        "first_byte", "ended", "message", "id_line", "found", "_info",
     )
 
     def __init__(self, head: RequestHead, started: float):
@@ -57,6 +58,7 @@ class RequestContext:
         self.ended = 0.0                # time.monotonic() when the response ended or the client left
         self.message = ""               # why the gateway refused or failed it
         self.id_line = b""              # while a log records requests: "X-Request-Id: ID\r\n" (RequestIds)
+        self.found: ClientHeaders | None = None  # the handler's scan of the headers, for the audit log
         self._info: RequestInfo | None = None
 
     @property

@@ -26,8 +26,10 @@ _GATEWAY_OWNED = frozenset((b"authorization", b"host", b"content-length", b"x-fo
 # Requests that carry no body unless they say so: no Content-Length: 0 is added for them.
 NO_BODY_METHODS = frozenset((b"GET", b"HEAD", b"DELETE", b"OPTIONS"))
 _WEBSOCKET_PROTOCOL = b"sec-websocket-protocol"
+# Copied, and noted for the audit log (its userAgent and sourceIPs), which then need not scan again.
+_NOTED = frozenset((b"user-agent", b"x-real-ip"))
 # Every header the scan acts on, so that the many it only copies cost one set lookup.
-_INSPECTED = _HOP_BY_HOP | _GATEWAY_OWNED | {_WEBSOCKET_PROTOCOL}
+_INSPECTED = _HOP_BY_HOP | _GATEWAY_OWNED | _NOTED | {_WEBSOCKET_PROTOCOL}
 UPGRADE_PROTOCOLS = frozenset((b"spdy/3.1", b"websocket"))
 # How browsers, which cannot set Authorization on a WebSocket, send a bearer token instead.
 BEARER_SUBPROTOCOL_PREFIX = b"base64url.bearer.authorization.k8s.io."
@@ -42,6 +44,8 @@ class ClientHeaders:
     bearer_subprotocol: bytes | None = None  # the base64url token from Sec-WebSocket-Protocol
     impersonation: Headers | None = None     # Impersonate-* headers, names lower-cased
     forwarded_for: bytes | None = None
+    user_agent: bytes | None = None
+    real_ip: bytes | None = None
     upgrade: bytes | None = None
     content_length: int | None = None
     chunked: bool = False
@@ -69,7 +73,10 @@ def scan_client_headers(headers: Headers) -> ClientHeaders:
     for name, value in headers:
         lname = name.lower()
         if lname in _INSPECTED:
-            if lname == _WEBSOCKET_PROTOCOL:
+            if lname == b"user-agent":  # first: nearly every request has one
+                found.user_agent = value
+                kept.append((name, value))
+            elif lname == _WEBSOCKET_PROTOCOL:
                 value = _take_bearer_subprotocol(found, value)
                 if value:
                     kept.append((name, value))
@@ -99,6 +106,9 @@ def scan_client_headers(headers: Headers) -> ClientHeaders:
                 if value.strip().lower() != b"100-continue":
                     raise StatusError(417, "only 'Expect: 100-continue' is supported", close=True)
                 found.expect_continue = True
+            elif lname == b"x-real-ip":
+                found.real_ip = value
+                kept.append((name, value))
             continue
         if lname.startswith(b"impersonate-"):
             impersonation.append((lname, value))

@@ -85,7 +85,7 @@ class ClusterProxy:
     def plan(self, ctx: RequestContext) -> ProxyPlan:
         """Decide what goes to the cluster, or raise StatusError. No I/O; fills in ctx.identity."""
         head, where = ctx.head, ctx.route
-        found = hdrs.scan_client_headers(head.headers)
+        found = ctx.found = hdrs.scan_client_headers(head.headers)
         upgrade = requested_upgrade(head, found) if head.upgrade else None
         identity = ctx.identity = self.authenticator.authenticate(hdrs.bearer_credential(found, upgrade), where.cluster)
         if identity.scope is not None:

@@ -144,7 +144,7 @@ class VirtualClusterProxy(ClusterProxy):
     def plan(self, ctx: RequestContext) -> ProxyPlan:
         """As ClusterProxy.plan, for the request target VirtualCluster; the host review comes after."""
         head, where = ctx.head, ctx.route
-        found = hdrs.scan_client_headers(head.headers)
+        found = ctx.found = hdrs.scan_client_headers(head.headers)
         upgrade = requested_upgrade(head, found)
         identity = ctx.identity = self.authenticator.authenticate(hdrs.bearer_credential(found, upgrade), where.cluster)
         cluster, namespace, name = where.cluster, where.namespace, where.virtual_cluster

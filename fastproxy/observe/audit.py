@@ -447,10 +447,20 @@ _MILLIS = [b".%03d" % n for n in range(1000)]
 _MICROS = [b"%03dZ" % n for n in range(1000)]
 
 
+def _stamp_pieces(base: int, micros: int) -> tuple[bytes, bytes, bytes]:
+    """The pieces of the timestamp `micros` microseconds after the whole second `base`."""
+    whole, micros = divmod(micros, 1000000)
+    whole += base
+    second = _second if _second[0] == whole else _new_second(whole)
+    return second[1], _MILLIS[micros // 1000], _MICROS[micros % 1000]
+
+
 def _stamp(wall: float) -> bytes:
-    """An RFC 3339 UTC timestamp with microseconds (truncated: never 1000000)."""
-    whole = int(wall)
-    micros = int((wall - whole) * 1e6)
+    """An RFC 3339 UTC timestamp with microseconds (truncated: never 1000000), from one int() of
+    the time in microseconds and integer arithmetic (cheaper than an int() of each part)."""
+    micros = int(wall * 1e6)
+    whole = micros // 1000000
+    micros -= whole * 1000000
     second = _second if _second[0] == whole else _new_second(whole)
     return b"".join((second[1], _MILLIS[micros // 1000], _MICROS[micros % 1000]))
 
@@ -458,6 +468,26 @@ def _stamp(wall: float) -> bytes:
 # First bytes of the request header names the observer reads: User-Agent, X-Forwarded-For,
 # X-Real-Ip, Impersonate-* (any case).
 _HEADER_INITIALS = frozenset(b"UuXxIi")
+
+
+def _noted_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | None, bytes | None,
+                                                                tuple[tuple[bytes, bytes], ...]]:
+    """User-Agent, X-Forwarded-For, X-Real-Ip and the Impersonate-* headers (names lower-cased),
+    as headers.scan_client_headers notes them, for a request whose handler made no such scan."""
+    user_agent = forwarded = real_ip = None
+    impersonation: tuple[tuple[bytes, bytes], ...] = ()
+    for name, value in headers:
+        if name and name[0] in _HEADER_INITIALS:
+            lowered = name.lower()
+            if lowered == b"user-agent":
+                user_agent = value
+            elif lowered == b"x-forwarded-for":
+                forwarded = value if forwarded is None else forwarded + b", " + value
+            elif lowered == b"x-real-ip":
+                real_ip = value
+            elif lowered.startswith(b"impersonate-"):
+                impersonation += ((lowered, value),)
+    return user_agent, forwarded, real_ip, impersonation
 
 
 class AuditObserver:
@@ -479,8 +509,10 @@ class AuditObserver:
         self._put_run = self.writer.put_run
         # The default policy (every request at Metadata) needs no rule matching.
         self.catch_all = self.policy.rules[0] if self.policy == DEFAULT_POLICY else None
-        self.requests: dict[int, _Request] = {}     # id(ctx) -> logged requests in flight
-        self.long_running: dict[int, _Request] = {}  # those of them still owed a ResponseStarted
+        # The logged requests in flight, by their context (hashed by identity: no id() call, which
+        # raises an audit hook event each time); and those still owed a ResponseStarted.
+        self.requests: dict[RequestContext, _Request] = {}
+        self.long_running: dict[RequestContext, _Request] = {}
         self._ids = RequestIds()  # for requests without a request id (no access log)
         self._shapes: dict[tuple, _Shape] = {}
         self.failures = 0            # events that could not be made (a bug: logged once a minute)
@@ -506,30 +538,30 @@ class AuditObserver:
 
         One loop, with no Python call per request on its usual path: in this interpreter a call
         costs about as much as making both events of a request seen before (whose fields are
-        cached as its _Shape), so the header scan and the timestamps are written out here."""
+        cached as its _Shape), so the timestamps are written out here; the headers it reads come
+        from the handler's own scan of them (RequestContext.found), scanned here only for the
+        requests no handler scanned."""
         pieces: list[bytes] = []  # of lines, joined once for the whole batch
         extend = pieces.extend
         count = 0
         wall = time.time() - time.monotonic()  # + a monotonic time: that time on the wall clock
+        # The whole second the batch's first request began in, and `offset` + a monotonic time:
+        # the seconds since then, exact to well under a microsecond (a difference of close floats).
+        base = int(wall + begun[0].started) if begun else 0
+        offset = wall - base
+        date = (_second if _second[0] == base else _new_second(base))[1]
         requests, shapes = self.requests, self._shapes
         for ctx in begun:
             try:
-                if id(ctx) in requests:  # begun already, for record_bodies
+                if ctx in requests:  # begun already, for record_bodies
                     continue
                 head = ctx.head
-                user_agent = forwarded = real_ip = None
-                impersonation: tuple[tuple[bytes, bytes], ...] = ()
-                for field_name, value in head.headers:
-                    if field_name and field_name[0] in _HEADER_INITIALS:
-                        lowered = field_name.lower()
-                        if lowered == b"user-agent":
-                            user_agent = value
-                        elif lowered == b"x-forwarded-for":
-                            forwarded = value if forwarded is None else forwarded + b"," + value
-                        elif lowered == b"x-real-ip":
-                            real_ip = value
-                        elif lowered.startswith(b"impersonate-"):
-                            impersonation += ((lowered, value),)
+                found = ctx.found
+                if found is not None:  # what the handler's scan of the headers found
+                    user_agent, forwarded, real_ip = found.user_agent, found.forwarded_for, found.real_ip
+                    impersonation = () if found.impersonation is None else tuple(found.impersonation)
+                else:
+                    user_agent, forwarded, real_ip, impersonation = _noted_headers(head.headers)
                 # All the events depend on (the shape holds the identity, whose id is in the key).
                 key = (id(ctx.identity), head.method, head.target, head.client_ip, head.upgrade, user_agent,
                        forwarded, real_ip, impersonation)
@@ -538,20 +570,17 @@ class AuditObserver:
                 if rule is None:
                     continue
                 audit_id = ctx.id_line[ID_AT:-2] or self._ids.new_id()
-                at = wall + ctx.started  # requestReceivedTimestamp, as _stamp makes it
-                whole = int(at)
-                micros = int((at - whole) * 1e6)
-                second = _second if _second[0] == whole else _new_second(whole)
-                received = (second[1], _MILLIS[micros // 1000], _MICROS[micros % 1000])
+                # requestReceivedTimestamp: microseconds into the batch's second, small-integer arithmetic.
+                micros = int((offset + ctx.started) * 1e6)
+                received = ((date, _MILLIS[micros // 1000], _MICROS[micros % 1000]) if 0 <= micros < 1000000
+                            else _stamp_pieces(base, micros))
                 if ctx.ended and not rule.omit_stages and not shape.long_running and ctx.status in _COMPLETE:
                     # Finished as usual already: both events now, as pieces, and no state.
-                    at = wall + ctx.ended
-                    whole = int(at)
-                    micros = int((at - whole) * 1e6)
-                    second = _second if _second[0] == whole else _new_second(whole)
+                    micros = int((offset + ctx.ended) * 1e6)
                     extend((shape.before_id, audit_id, shape.after_id, *received, b'"', _RECEIVED, *received, b'"}\n',
                             shape.before_id, audit_id, shape.after_id, *received, b'"', _COMPLETE[ctx.status],
-                            second[1], _MILLIS[micros // 1000], _MICROS[micros % 1000], b'"}\n'))
+                            *((date, _MILLIS[micros // 1000], _MICROS[micros % 1000]) if 0 <= micros < 1000000
+                              else _stamp_pieces(base, micros)), b'"}\n'))
                     count += 2
                     continue
                 state = _Request(ctx, rule, b"".join(received),
@@ -562,9 +591,9 @@ class AuditObserver:
                 if ctx.ended:
                     count += self._end(state, wall, pieces)
                     continue
-                requests[id(ctx)] = state
+                requests[ctx] = state
                 if shape.long_running:
-                    self.long_running[id(ctx)] = state
+                    self.long_running[ctx] = state
             except Exception:  # noqa: BLE001 - the audit log must never break a request
                 self._failed("start")
         self._put_run(pieces, count)
@@ -576,7 +605,7 @@ class AuditObserver:
         wall = time.time() - time.monotonic()
         end = self._end
         count = 0
-        for state in filter(None, map(self.requests.pop, map(id, done), repeat(None))):
+        for state in filter(None, map(self.requests.pop, done, repeat(None))):
             count += end(state, wall, lines)
         self._put_run(lines, count)
 
@@ -586,7 +615,7 @@ class AuditObserver:
         count = 0
         try:
             if state.long_running:
-                self.long_running.pop(id(ctx), None)
+                self.long_running.pop(ctx, None)
                 if not state.started_sent and ctx.first_byte:
                     lines.append(self._started(state, wall + ctx.first_byte))
                     count += 1
@@ -603,7 +632,7 @@ class AuditObserver:
                                    _stamp(wall + ctx.ended), b'"}\n')))
             return count + 1
         except Exception:  # noqa: BLE001 - the audit log must never break a request
-            self.long_running.pop(id(ctx), None)
+            self.long_running.pop(ctx, None)
             self._failed("finish")
             return count
 
@@ -697,10 +726,10 @@ class AuditObserver:
         """Give the request's and response's objects (JSON or YAML bytes, or decoded) for its last
         event, before the response is finished: kept at levels Request (the request's) and
         RequestResponse (both), redacted, and left out with an annotation beyond max_object_bytes."""
-        state = self.requests.get(id(ctx))
+        state = self.requests.get(ctx)
         if state is None and not ctx.ended:  # its start not handed over yet: taken now
             self.start_batch([ctx])
-            state = self.requests.get(id(ctx))
+            state = self.requests.get(ctx)
         if state is None or state.rule.level < REQUEST:
             return
         try:

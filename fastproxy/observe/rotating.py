@@ -20,6 +20,7 @@ import collections
 import gzip
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
@@ -40,6 +41,7 @@ DROP_REPORT_EVERY = 60.0   # seconds between warnings about dropped lines
 MAX_WRITE = 1 << 19        # bytes joined for one write call at most: below malloc's mmap threshold
 RUN_PIECES = 1024          # pieces of a run joined into one queue entry (see put_run)
 MAX_BATCH = 8192           # queue entries taken at once
+FEW_ENTRIES = 4            # queue entries written one by one rather than joined (an observer's batch is one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +145,10 @@ class RotatingFile:
         if self.fd is None:
             self._open()
         total = sum(map(len, lines))
-        if self.size + total <= self.max_bytes and total <= MAX_WRITE:
-            self._append(b"".join(lines))  # the usual batch: one write, no rotation
+        if self.size + total <= self.max_bytes and len(lines) <= FEW_ENTRIES:
+            # The usual batch, no rotation: a write per queue entry (each whole lines), not a copy of all.
+            for entry in lines:
+                self._append(entry)
             return
         part: list[bytes] = []
         part_size = 0
@@ -341,7 +345,9 @@ class BackgroundWriter:
         self.last_error = ""
         self._sleeping = False
         self._closing = False
-        self._wake = threading.Event()
+        # Rung (one item) to wake the thread: a C queue, where a threading.Event's wait and set
+        # run its Condition's Python code at every wake-up, which come at each batch of lines.
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -360,7 +366,7 @@ class BackgroundWriter:
         self.queued_bytes += len(line)
         if self._sleeping:
             self._sleeping = False
-            self._wake.set()
+            self._wake.put(None)
         return True
 
     def put_run(self, pieces: list[bytes], lines: int) -> None:
@@ -382,13 +388,13 @@ class BackgroundWriter:
             self.queued_bytes += len(part)
         if self._sleeping:
             self._sleeping = False
-            self._wake.set()
+            self._wake.put(None)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every line queued so far is written or dropped (False: timed out)."""
         target = self.queued_bytes
         deadline = time.monotonic() + timeout
-        self._wake.set()
+        self._wake.put(None)
         while self.done_bytes < target:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 return False
@@ -399,7 +405,7 @@ class BackgroundWriter:
         """Write what is queued, stop the thread and close the sink; later lines are dropped."""
         self.max_lines = 0
         self._closing = True
-        self._wake.set()
+        self._wake.put(None)
         self._thread.join(timeout)
 
     # --- the writer thread -----------------------------------------------------------------------
@@ -438,9 +444,11 @@ class BackgroundWriter:
                 return
             self._sleeping = True
             if not self.queue:  # a line that came before the flag was set is taken now
-                self._wake.wait(1.0)
+                try:
+                    self._wake.get(timeout=1.0)
+                except queue.Empty:
+                    pass
             self._sleeping = False
-            self._wake.clear()
 
     def _take(self) -> tuple[list[bytes], int, int]:
         """What is queued, at most MAX_BATCH entries (the producer may append meanwhile): the

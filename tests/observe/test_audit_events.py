@@ -105,6 +105,27 @@ def test_a_get_field_by_field(log):
     assert received["stageTimestamp"] == received["requestReceivedTimestamp"] <= complete["stageTimestamp"]
 
 
+def test_timestamps_of_a_batch_across_seconds(log):
+    """One batch, its requests begun and ended in several whole seconds (before, in and after the
+    first one's): every stamp is its monotonic time on the wall clock, to the microsecond."""
+    now = time.monotonic()
+    wall_offset = time.time() - now
+    batch = []
+    for started, ended in ((0.0, 0.2), (-1.3, 0.4), (0.6, 2.7), (1.05, 1.999999)):
+        ctx = context(f"{CLUSTER}/api/v1/pods")
+        ctx.started, ctx.status, ctx.ended = now + started, 200, now + ended
+        batch.append(ctx)
+    log.observer.start_batch(batch)
+    events = log.events()
+    assert len(events) == 8
+    for ctx, (received, complete) in zip(batch, zip(events[::2], events[1::2])):
+        assert abs(wall(received["requestReceivedTimestamp"]) - (wall_offset + ctx.started)) < 0.002
+        assert abs(wall(complete["stageTimestamp"]) - (wall_offset + ctx.ended)) < 0.002
+        assert received["stageTimestamp"] == received["requestReceivedTimestamp"] == complete["requestReceivedTimestamp"]
+        for stamp in (received["stageTimestamp"], complete["stageTimestamp"]):
+            assert STAMP.match(stamp)
+
+
 def test_the_request_id_is_the_audit_id(log):
     """With a request id (the access log's, sent as X-Request-Id) the events carry it as auditID."""
     ctx = context(f"{CLUSTER}/api/v1/pods")

@@ -111,3 +111,14 @@ def test_the_management_api(audited, client):
     complete = last_request(audited, response)[-1]
     assert complete["requestURI"] == "/version" and complete["verb"] == "get" and "objectRef" not in complete
     assert complete["annotations"] == {"fastproxy/requestTarget": "Management", "fastproxy/accessKey": "alice-key"}
+
+
+def test_the_headers_of_a_proxied_request_as_the_proxy_scanned_them(audited, client):
+    """userAgent and sourceIPs come from the proxy's own pass over the headers (RequestContext.found)."""
+    headers = {**AUTH, "X-Forwarded-For": "10.0.0.1, 10.0.0.2", "x-real-ip": "10.0.0.3", "User-Agent": "scanned/2"}
+    client.request("GET", f"{BASE}/api/v1/namespaces/dev/pods/web", headers)
+    response = client.response()
+    assert response.status == 200
+    for event in last_request(audited, response):
+        assert event["sourceIPs"] == ["10.0.0.1", "10.0.0.2", "10.0.0.3", "127.0.0.1"]
+        assert event["userAgent"] == "scanned/2"
