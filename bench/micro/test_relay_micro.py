@@ -29,7 +29,9 @@ class Clock:
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    gateway = Gateway(gateway_config(tmp_path_factory.mktemp("relay"), KEY), Clock())
+    # Each watch on its own upstream stream: what is measured is relaying one, not a shared stream.
+    config = gateway_config(tmp_path_factory.mktemp("relay"), KEY, server={"share_watches": False})
+    gateway = Gateway(config, Clock())
     client = ClientConnection(gateway)
     client.connection_made(NullTransport())
     upstream = gateway.clusters.get("prod")
