@@ -93,6 +93,16 @@ def tune_collector() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
+def refreeze_collector() -> None:
+    """After a reload: what the old configuration left is frozen with the rest, where no
+    collection would free it; thaw everything, let one full collection take what is garbage now,
+    freeze what remains. Only in a worker whose collector was tuned (something is frozen)."""
+    if gc.get_freeze_count():
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
+
 def raise_file_limit() -> None:
     """Every watch holds two sockets; the default soft limit of 1024 is far too low."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -203,6 +213,7 @@ class Worker:
             if removed:  # their watches end in turn, as in a drain; other requests finish
                 self._end_gradually(self._watches(lambda conn: _proxied_cluster(conn) in removed))
             log.info("reloaded %s (%d clusters; %s removed)", config.path, len(config.clusters), ", ".join(removed) or "none")
+            refreeze_collector()
         self.reporter.reloaded()
 
     def _watches(self, which: Callable[[ClientConnection], bool] = lambda conn: True) -> list[ClientConnection]:
